@@ -1,0 +1,312 @@
+"""Typed run configuration: YAML presets, user overrides, validation.
+
+A config is a tree of dataclasses. ``load_config`` starts from a preset
+(``presets/<name>.yaml``), applies a user YAML file and ``key=value`` overrides,
+and validates every key and value, so a typo or an out-of-range value fails
+before any compute is spent, with a message naming the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from idto3d.errors import ConfigError
+
+
+def _opt(default: Any = dataclasses.MISSING, *, choices: tuple | None = None, ge: float | None = None,
+         gt: float | None = None, le: float | None = None, help: str = "", **kw: Any) -> Any:
+    """A dataclass field carrying its validation rules in metadata."""
+    meta = {"choices": choices, "ge": ge, "gt": gt, "le": le, "help": help}
+    if default is dataclasses.MISSING:
+        return field(metadata=meta, **kw)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class CameraConfig:
+    """Orbit-camera sampling ranges (degrees; radius in normalised head units).
+
+    The paper follows Fantasia3D for training cameras (elevation -10..45, full azimuth);
+    the radius/fov pair keeps the whole head (which fits in [-0.85, 0.85]^3) in frame.
+    """
+
+    elevation_deg: tuple[float, float] = _opt((-10.0, 45.0), ge=-89.0, le=89.0)
+    azimuth_deg: tuple[float, float] = _opt((-180.0, 180.0), ge=-360.0, le=360.0)
+    radius: tuple[float, float] = _opt((2.8, 3.2), gt=1.5, help="must keep the camera outside the head")
+    fov_deg: tuple[float, float] = _opt((35.0, 45.0), gt=0.0, le=120.0)
+
+
+@dataclass
+class RenderConfig:
+    resolution: int = _opt(128, ge=16, le=4096, help="square render size in pixels")
+    backend: str = _opt("auto", choices=("auto", "torch", "nvdiffrast"))
+    camera: CameraConfig = field(default_factory=CameraConfig)
+
+
+@dataclass
+class EncodingConfig:
+    """Positional encoding of tet-grid vertices.
+
+    ``hash`` is the paper's Instant-NGP hash grid (tinycudann on CUDA when importable);
+    ``dense`` is a multi-resolution dense feature volume, several times cheaper on CPU.
+    """
+
+    kind: str = _opt("dense", choices=("hash", "dense"))
+    n_levels: int = _opt(4, ge=1, le=32)
+    n_features_per_level: int = _opt(8, ge=1, le=64)
+    log2_hashmap_size: int = _opt(19, ge=8, le=24)
+    base_resolution: int = _opt(16, ge=2)
+    max_resolution: int = _opt(128, ge=2)
+
+
+@dataclass
+class FieldConfig:
+    """The expression-conditioned transformer that predicts SDF and deformation."""
+
+    d_model: int = _opt(32, ge=4, le=1024)
+    n_layers: int = _opt(2, ge=1, le=16)
+    n_heads: int = _opt(2, ge=1, le=32)
+    latent_dim: int = _opt(32, ge=1, le=1024, help="size of each expression's latent code (paper: 32)")
+    deform_scale: float = _opt(0.5, ge=0.0, le=1.0, help="max vertex offset as a fraction of a grid cell")
+
+
+@dataclass
+class TemplateConfig:
+    """Initialisation: regress the field's SDF to a head template mesh."""
+
+    path: str | None = _opt(None, help="mesh file (OBJ/PLY/...) +Y up facing +Z; null = built-in head")
+    build_resolution: int = _opt(96, ge=16, le=512, help="tet grid used to mesh the built-in template")
+    iterations: int = _opt(500, ge=0)
+    lr: float = _opt(3e-3, gt=0.0)
+    points_per_step: int = _opt(20000, ge=100)
+    surface_fraction: float = _opt(0.7, ge=0.0, le=1.0)
+
+
+@dataclass
+class GeometryConfig:
+    grid_resolution: int = _opt(48, ge=4, le=512, help="tet grid cubes per axis (paper: 256)")
+    grid_scale: float = _opt(1.0, gt=0.0, help="the grid covers [-scale, scale]^3")
+    encoding: EncodingConfig = field(default_factory=EncodingConfig)
+    field: FieldConfig = field(default_factory=FieldConfig)
+    iterations: int = _opt(600, ge=0, help="SDS iterations (paper: 6000)")
+    lr: float = _opt(1e-4, gt=0.0)
+    laplacian_weight: float = _opt(5000.0, ge=0.0)
+
+
+@dataclass
+class Config:
+    preset: str = "preview"
+    seed: int = 0
+    device: str = _opt("auto", choices=("auto", "cpu", "cuda"))
+    expressions: list[str] = field(default_factory=lambda: ["neutral"])
+    render: RenderConfig = field(default_factory=RenderConfig)
+    template: TemplateConfig = field(default_factory=TemplateConfig)
+    geometry: GeometryConfig = field(default_factory=GeometryConfig)
+
+
+def available_presets() -> list[str]:
+    files = resources.files("idto3d").joinpath("presets").iterdir()
+    return sorted(p.name[: -len(".yaml")] for p in files if p.name.endswith(".yaml"))
+
+
+def _read_yaml_text(text: str, source: str) -> dict:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        where = ""
+        mark = getattr(exc, "problem_mark", None)
+        if mark is not None:
+            where = f" at line {mark.line + 1}, column {mark.column + 1}"
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{source}: malformed YAML{where}: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of keys to values at the top level, "
+                          f"got {type(data).__name__}")
+    return data
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}") from None
+    return _read_yaml_text(text, str(path))
+
+
+def preset_dict(name: str) -> dict:
+    presets = available_presets()
+    if name not in presets:
+        hint = difflib.get_close_matches(name, presets, n=1)
+        did = f" (did you mean '{hint[0]}'?)" if hint else ""
+        raise ConfigError(f"unknown preset '{name}'{did}; allowed values: {', '.join(presets)}")
+    text = resources.files("idto3d").joinpath("presets", f"{name}.yaml").read_text(encoding="utf-8")
+    return _read_yaml_text(text, f"preset '{name}'")
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def parse_override(item: str) -> dict:
+    """``"geometry.grid_resolution=64"`` -> ``{"geometry": {"grid_resolution": 64}}`` (value parsed as YAML)."""
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' must look like key.subkey=value")
+    key, raw = item.split("=", 1)
+    value = _read_yaml_text(f"v: {raw}" if raw.strip() else "v: null", f"override '{item}'")["v"]
+    out: dict = {}
+    node = out
+    parts = key.strip().split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+    node[parts[-1]] = value
+    return out
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
+
+
+def _check_scalar(path: str, value: Any, tp: Any, meta: dict) -> Any:
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+    elif tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        value = float(value)
+    elif tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {value!r}")
+    choices = meta.get("choices")
+    if choices and value not in choices:
+        raise ConfigError(f"{path}: invalid value {value!r}; allowed values: {', '.join(map(str, choices))}")
+    for key, ok, word in (("ge", lambda a, b: a >= b, ">="), ("gt", lambda a, b: a > b, ">"),
+                          ("le", lambda a, b: a <= b, "<=")):
+        bound = meta.get(key)
+        if bound is not None and isinstance(value, (int, float)) and not ok(value, bound):
+            help_ = f" ({meta['help']})" if meta.get("help") else ""
+            raise ConfigError(f"{path}: {value!r} is out of range; it must be {word} {bound}{help_}")
+    return value
+
+
+def _convert(path: str, value: Any, tp: Any, meta: dict) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping of keys, got {value!r}")
+        return _build(tp, value, path)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _convert(path, value, args[0], meta)
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{path}: expected a list of {len(args)} values like [lo, hi], got {value!r}")
+        out = tuple(_check_scalar(f"{path}[{i}]", v, a, meta) for i, (v, a) in enumerate(zip(value, args)))
+        if len(out) == 2 and out[0] > out[1]:
+            raise ConfigError(f"{path}: range {list(value)} has lo > hi")
+        return out
+    if origin is list:
+        (arg,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        return [_check_scalar(f"{path}[{i}]", v, arg, meta) for i, v in enumerate(value)]
+    return _check_scalar(path, value, tp, meta)
+
+
+def _build(cls: type, data: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if key not in fields:
+            hint = difflib.get_close_matches(str(key), list(fields), n=1)
+            did = f" (did you mean '{hint[0]}'?)" if hint else ""
+            raise ConfigError(f"unknown config key '{path}'{did}; allowed keys here: {', '.join(fields)}")
+        kwargs[key] = _convert(path, value, hints[key], dict(fields[key].metadata))
+    obj = cls(**kwargs)
+    # Defaults are validated too, so a bad preset file cannot slip through.
+    for name, f in fields.items():
+        if name not in kwargs and f.metadata:
+            _convert(f"{prefix}.{name}" if prefix else name, getattr(obj, name), hints[name], dict(f.metadata))
+    return obj
+
+
+def config_from_dict(data: dict) -> Config:
+    cfg = _build(Config, data)
+    _cross_checks(cfg)
+    return cfg
+
+
+def _cross_checks(cfg: Config) -> None:
+    if not cfg.expressions:
+        raise ConfigError("expressions: at least one expression is needed")
+    if len(set(cfg.expressions)) != len(cfg.expressions):
+        raise ConfigError(f"expressions: duplicates in {cfg.expressions}")
+    enc = cfg.geometry.encoding
+    if enc.max_resolution < enc.base_resolution:
+        raise ConfigError("geometry.encoding.max_resolution must be >= geometry.encoding.base_resolution")
+    fc = cfg.geometry.field
+    if fc.d_model % fc.n_heads:
+        raise ConfigError(f"geometry.field.d_model ({fc.d_model}) must be divisible by "
+                          f"geometry.field.n_heads ({fc.n_heads})")
+
+
+def load_config(preset: str | None = None, file: str | Path | None = None,
+                overrides: list[str] | None = None) -> Config:
+    """Resolve preset -> user YAML -> ``key=value`` overrides into a validated ``Config``.
+
+    A user file may name its base with a top-level ``preset:`` key; an explicit
+    ``preset`` argument wins over it.
+    """
+    user = read_yaml(file) if file is not None else {}
+    name = preset or user.get("preset") or "preview"
+    data = _deep_merge(preset_dict(name), user)
+    for item in overrides or []:
+        data = _deep_merge(data, parse_override(item))
+    data["preset"] = name
+    return config_from_dict(data)
+
+
+def config_to_dict(cfg: Any) -> dict:
+    def conv(v: Any) -> Any:
+        if isinstance(v, tuple):
+            return list(v)
+        if isinstance(v, dict):
+            return {k: conv(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [conv(x) for x in v]
+        return v
+
+    return conv(dataclasses.asdict(cfg))
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
