@@ -1,6 +1,5 @@
 """The command line: help everywhere, a version, and bad input as one clear line (exit 2)."""
 
-import click
 import pytest
 import typer
 from typer.testing import CliRunner
@@ -11,9 +10,9 @@ from idto3d.cli import app
 runner = CliRunner()
 
 
-def _all_command_paths(cmd: click.Command, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+def _all_command_paths(cmd, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
     paths = [prefix]
-    if isinstance(cmd, click.Group):
+    if hasattr(cmd, "commands"):  # a group (typer vendors its own click)
         for name, sub in cmd.commands.items():
             paths += _all_command_paths(sub, prefix + (name,))
     return paths

@@ -21,6 +21,10 @@ def atomic_write(path: str | Path, write: Callable[[Path], Any]) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
+    # mkstemp creates 0600; outputs should get the usual permissions.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp_path, 0o666 & ~umask)
     try:
         write(tmp_path)
         os.replace(tmp_path, path)

@@ -62,10 +62,10 @@ class EncodingConfig:
 
     kind: str = _opt("dense", choices=("hash", "dense"))
     n_levels: int = _opt(4, ge=1, le=32)
-    n_features_per_level: int = _opt(8, ge=1, le=64)
+    n_features_per_level: int = _opt(4, ge=1, le=64)
     log2_hashmap_size: int = _opt(19, ge=8, le=24)
     base_resolution: int = _opt(16, ge=2)
-    max_resolution: int = _opt(128, ge=2)
+    max_resolution: int = _opt(64, ge=2)
 
 
 @dataclass

@@ -88,7 +88,7 @@ def fit_field_to_mesh(field_: ExpressionField, template: Mesh, cfg: TemplateConf
         loss.backward()
         opt.step()
         sched.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
         if on_step is not None:
             on_step(step, losses[-1])
     diag = bbox_diagonal(template)
