@@ -86,3 +86,16 @@ def test_empty_template_is_refused(tmp_path):
     obj.write_text("# nothing here\n")
     _assert_clean_error(runner.invoke(app, ["template", "--mesh", str(obj), "-o", str(tmp_path / "t.obj")]),
                         "empty")
+
+
+def test_bench_render_json_has_every_case_with_ratios():
+    import json
+
+    result = runner.invoke(app, ["bench", "render", "--quick", "--json", "--repeats", "1"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    assert {r["stage"] for r in rows} == {"render", "geometry"}
+    assert any(r["backend"] == "torch" for r in rows)
+    for r in rows:
+        assert r["ms"] > 0 and r["ratio"] > 0
+    assert min(r["ratio"] for r in rows if r["stage"] == "render") == 1.0

@@ -98,3 +98,12 @@ def test_sdf_regression_to_the_shipped_template_is_within_one_percent_of_the_bbo
           f"in {report.seconds:.1f}s")
     assert all(r < 0.01 for r in report.chamfer_relative), report.chamfer_relative
     assert report.losses[-1] < report.losses[0] / 10
+
+
+def test_a_field_with_no_surface_gives_an_empty_mesh_that_still_backpropagates():
+    field = _small_field(n_expressions=1)
+    with torch.no_grad():
+        field.head.bias[0] = 1.0  # everything outside: no surface
+    mesh = field(0)
+    assert mesh.faces.shape[0] == 0
+    mesh.vertices.sum().backward()  # must not raise

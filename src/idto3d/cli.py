@@ -117,11 +117,16 @@ def fit_template_cmd(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the fitted meshes and report.")] = Path(
         "runs/template_fit"),
     preset: PresetOpt = None, config: ConfigOpt = None, set_: SetOpt = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace a run made with a different config.")] = False,
 ) -> None:
-    """Regress the expression-conditioned DMTet field to the template (the geometry stage's initialisation)."""
+    """Regress the expression-conditioned DMTet field to the template (the geometry stage's initialisation).
+
+    Re-running the same command on a finished folder reuses its result.
+    """
     from idto3d.pipeline.init_geometry import run_template_fit
 
-    report = run_template_fit(out, preset=preset, config_file=config, overrides=set_, console=console)
+    report = run_template_fit(out, preset=preset, config_file=config, overrides=set_, console=console,
+                              overwrite=overwrite)
     rel = ", ".join(f"{r * 100:.3f}%" for r in report.chamfer_relative)
     console.print(f"Chamfer to template / bbox diagonal: {rel}  ({report.seconds:.1f} s) -> {out}")
 

@@ -106,7 +106,6 @@ class GeometryConfig:
 class Config:
     preset: str = "preview"
     seed: int = 0
-    device: str = _opt("auto", choices=("auto", "cpu", "cuda"))
     expressions: list[str] = field(default_factory=lambda: ["neutral"])
     render: RenderConfig = field(default_factory=RenderConfig)
     template: TemplateConfig = field(default_factory=TemplateConfig)

@@ -130,10 +130,9 @@ class ExpressionField(nn.Module):
         # fraction of the memory (the sign, which picks them, has no gradient).
         sdf = self.grid_sdf(expression)
         signs = (sdf[self.tets] < 0).sum(dim=1)
-        crossing = self.tets[(signs > 0) & (signs < 4)]
-        if crossing.shape[0] == 0:
-            return marching_tets(self.grid_vertices, sdf, self.tets)
-        active = torch.unique(crossing)
+        # May be empty (no surface yet): the query then runs on zero points, which
+        # keeps the empty mesh connected to the parameters so backward() still works.
+        active = torch.unique(self.tets[(signs > 0) & (signs < 4)])
         sdf_act, raw = self.query(self.grid_vertices[active], expression)
         offset = self.deform_scale * self.edge_length * torch.tanh(raw)
         sdf = sdf.index_put((active,), sdf_act)

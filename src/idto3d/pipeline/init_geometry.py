@@ -30,18 +30,25 @@ def write_run_config(run_dir: Path, cfg: Config, overwrite: bool = False) -> Non
     path = run_dir / "config.yaml"
     text = dump_config(cfg)
     if path.exists() and not overwrite and path.read_text(encoding="utf-8") != text:
-        raise IdtoError(f"{run_dir} holds a run with a different config; choose another --out "
-                        f"or remove {path} to start over")
+        raise IdtoError(f"{run_dir} holds a run with a different config; choose another --out, "
+                        f"or pass --overwrite to start over there")
     atomic_write_text(path, text)
 
 
 def run_template_fit(run_dir: str | Path, preset: str | None = None, config_file: str | Path | None = None,
                      overrides: list[str] | None = None, console: Console | None = None,
-                     show_progress: bool = True) -> FitReport:
-    """Fit the field to the template, save ``init.pt``, per-expression meshes and a JSON report."""
+                     show_progress: bool = True, overwrite: bool = False) -> FitReport:
+    """Fit the field to the template, save ``init.pt``, per-expression meshes and a JSON report.
+
+    Re-running on a finished folder with the same config returns the stored report
+    without recomputing; a different config is refused unless ``overwrite``.
+    """
     run_dir = Path(run_dir)
     cfg = load_config(preset, config_file, overrides)
-    write_run_config(run_dir, cfg)
+    write_run_config(run_dir, cfg, overwrite=overwrite)
+    done = run_dir / "geometry" / "init_report.json"
+    if done.exists() and not overwrite:
+        return FitReport(**json.loads(done.read_text(encoding="utf-8")))
     template = resolve_template(cfg)
     torch.manual_seed(cfg.seed)
     field = build_field(cfg.geometry, n_expressions=len(cfg.expressions), seed=cfg.seed)
@@ -58,5 +65,5 @@ def save_fitted(run_dir: Path, cfg: Config, field: ExpressionField, report: FitR
     with torch.no_grad():
         for i, name in enumerate(cfg.expressions):
             save_mesh(field(i).detach(), geo / f"init_{name}.ply")
-    summary = {k: v for k, v in report.__dict__.items() if k != "losses"}
-    atomic_write_text(geo / "init_report.json", json.dumps(summary, indent=2))
+    # Written last: its presence marks the step as finished.
+    atomic_write_text(geo / "init_report.json", json.dumps(report.__dict__, indent=2))
