@@ -107,3 +107,15 @@ def test_a_field_with_no_surface_gives_an_empty_mesh_that_still_backpropagates()
     mesh = field(0)
     assert mesh.faces.shape[0] == 0
     mesh.vertices.sum().backward()  # must not raise
+
+
+def test_normal_map_loss_backpropagates_through_render_and_marching_tets_to_the_code():
+    """The geometry stage's path: field(e) -> mesh -> camera-space normal map -> loss -> k_exp."""
+    from idto3d.render import orbit_camera, render_normal_map
+
+    field = _small_field(n_expressions=2)
+    _fit_radius(field, 0, 0.5, steps=60)
+    image = render_normal_map(field(0), orbit_camera(10.0, 30.0, 3.0, 40.0), 64).image
+    (image - 0.5).square().mean().backward()
+    assert field.codes.grad[0].abs().sum() > 0
+    assert field.codes.grad[1].abs().sum() == 0
