@@ -99,3 +99,16 @@ def test_bench_render_json_has_every_case_with_ratios():
     for r in rows:
         assert r["ms"] > 0 and r["ratio"] > 0
     assert min(r["ratio"] for r in rows if r["stage"] == "render") == 1.0
+
+
+def test_fit_template_with_a_missing_user_template_is_one_clear_line(tmp_path):
+    result = runner.invoke(app, ["fit-template", "-o", str(tmp_path / "run"), "--set",
+                                 f"template.path={tmp_path / 'flame.obj'}"])
+    _assert_clean_error(result, "flame.obj")
+    assert not (tmp_path / "run").exists(), "a refused template must not create the run folder"
+
+
+def test_fit_template_with_zero_grid_resolution_is_one_clear_line(tmp_path):
+    result = runner.invoke(app, ["fit-template", "-o", str(tmp_path / "run"), "--set", "geometry.grid_resolution=0"])
+    _assert_clean_error(result, "geometry.grid_resolution")
+    assert not (tmp_path / "run").exists(), "a refused config must not create the run folder"

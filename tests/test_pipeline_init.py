@@ -16,7 +16,7 @@ def test_run_folder_holds_config_meshes_and_report(tmp_path):
     report = run_template_fit(tmp_path, overrides=FAST, show_progress=False)
     cfg = yaml.safe_load((tmp_path / "config.yaml").read_text())
     assert cfg["expressions"] == ["neutral", "smile"] and cfg["geometry"]["grid_resolution"] == 16
-    for name in ("init.pt", "init_neutral.ply", "init_smile.ply", "init_report.json"):
+    for name in ("init.pt", "init_neutral.ply", "init_smile.ply", "init_report.json", "init_preview.png"):
         assert (tmp_path / "geometry" / name).stat().st_size > 0
     stored = json.loads((tmp_path / "geometry" / "init_report.json").read_text())
     assert stored["chamfer"] == report.chamfer and len(report.losses) == 5

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 from rich.console import Console
 
@@ -17,6 +18,7 @@ from idto3d.geometry.template import build_head_template, load_template
 from idto3d.geometry.template_fit import FitReport, fit_field_to_mesh
 from idto3d.pipeline.progress import progress_bar
 from idto3d.render.mesh import Mesh
+from idto3d.render.preview import normal_turntable, save_png
 
 
 def resolve_template(cfg: Config) -> Mesh:
@@ -45,11 +47,13 @@ def run_template_fit(run_dir: str | Path, preset: str | None = None, config_file
     """
     run_dir = Path(run_dir)
     cfg = load_config(preset, config_file, overrides)
+    # The template is checked before anything is written, so fixing a bad path and
+    # re-running is not mistaken for a different run.
+    template = resolve_template(cfg)
     write_run_config(run_dir, cfg, overwrite=overwrite)
     done = run_dir / "geometry" / "init_report.json"
     if done.exists() and not overwrite:
         return FitReport(**json.loads(done.read_text(encoding="utf-8")))
-    template = resolve_template(cfg)
     torch.manual_seed(cfg.seed)
     field = build_field(cfg.geometry, n_expressions=len(cfg.expressions), seed=cfg.seed)
     with progress_bar("SDF regression", cfg.template.iterations, console, enabled=show_progress) as update:
@@ -62,8 +66,13 @@ def run_template_fit(run_dir: str | Path, preset: str | None = None, config_file
 def save_fitted(run_dir: Path, cfg: Config, field: ExpressionField, report: FitReport) -> None:
     geo = run_dir / "geometry"
     atomic_torch_save(geo / "init.pt", {"field": field.state_dict(), "expressions": cfg.expressions})
+    strips = []
     with torch.no_grad():
         for i, name in enumerate(cfg.expressions):
-            save_mesh(field(i).detach(), geo / f"init_{name}.ply")
+            mesh = field(i).detach()
+            save_mesh(mesh, geo / f"init_{name}.ply")
+            strips.append(normal_turntable(mesh, n_views=4, resolution=192))
+    # One row per expression (front, side, back, side): what the SDS stage starts from.
+    save_png(np.concatenate(strips, axis=0), geo / "init_preview.png")
     # Written last: its presence marks the step as finished.
     atomic_write_text(geo / "init_report.json", json.dumps(report.__dict__, indent=2))
