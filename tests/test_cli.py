@@ -112,3 +112,11 @@ def test_fit_template_with_zero_grid_resolution_is_one_clear_line(tmp_path):
     result = runner.invoke(app, ["fit-template", "-o", str(tmp_path / "run"), "--set", "geometry.grid_resolution=0"])
     _assert_clean_error(result, "geometry.grid_resolution")
     assert not (tmp_path / "run").exists(), "a refused config must not create the run folder"
+
+
+def test_fit_template_warns_when_an_expression_has_no_surface(tmp_path):
+    # Zero iterations: the untrained field outputs SDF 0 everywhere, so there is no surface.
+    result = runner.invoke(app, ["fit-template", "-o", str(tmp_path / "run"), "--set", "template.iterations=0",
+                                 "--set", "geometry.grid_resolution=16", "--set", "template.build_resolution=32"])
+    assert result.exit_code == 0, result.output
+    assert "no surface yet" in result.output

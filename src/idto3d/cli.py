@@ -127,6 +127,10 @@ def fit_template_cmd(
 
     report = run_template_fit(out, preset=preset, config_file=config, overrides=set_, console=console,
                               overwrite=overwrite)
+    empty = [i for i, c in enumerate(report.chamfer) if c == float("inf")]
+    if empty:
+        console.print(f"[yellow]warning:[/] expression(s) {empty} have no surface yet; "
+                      "raise template.iterations (the preview preset uses 400)")
     rel = ", ".join(f"{r * 100:.3f}%" for r in report.chamfer_relative)
     console.print(f"Chamfer to template / bbox diagonal: {rel}  ({report.seconds:.1f} s) -> {out}")
 
