@@ -103,6 +103,46 @@ class GeometryConfig:
 
 
 @dataclass
+class IdentityConfig:
+    """Photos -> face crops -> identity embedding (paper section 3.2)."""
+
+    backend: str = _opt("dlib", choices=("dlib", "arcface"),
+                        help="dlib: 128-D, ships in a PyPI package; arcface: 512-D, the paper's, needs an insightface pack")
+    insightface_pack: str | None = _opt(None, help="folder with det_10g.onnx (SCRFD) and w600k_r50.onnx (ArcFace)")
+
+
+@dataclass
+class AdapterConfig:
+    """LoRA and decoupled cross-attention sizes (paper section B)."""
+
+    self_attn_rank: int = _opt(16, ge=1, le=1024, help="LoRA hidden size on self-attention Q/K/V (paper: 16)")
+    cross_attn_rank: int = _opt(32, ge=1, le=1024, help="LoRA hidden size on cross-attention (paper: 32)")
+    id_tokens: int = _opt(4, ge=1, le=64, help="tokens the ID projection makes (IP-Adapter FaceID: 4)")
+    exp_tokens: int = _opt(4, ge=1, le=64, help="tokens the expression projection makes")
+
+
+@dataclass
+class GuidanceConfig:
+    """Score distillation with a prior (paper section B)."""
+
+    guidance_scale: float = _opt(10.0, ge=0.0, help="classifier-free guidance weight (paper: 10)")
+    lambda_id: float = _opt(1.0, ge=0.0, help="weight of the ID cross-attention branch (eq. 4)")
+    lambda_exp: float = _opt(1.0, ge=0.0, help="weight of the expression cross-attention branch (eq. 4)")
+
+
+@dataclass
+class PriorConfig:
+    """The two 2D priors: where their weights live and how they guide."""
+
+    base_model: str = _opt("SG161222/Realistic_Vision_V4.0_noVAE",
+                           help="SD1.5-architecture diffusers folder or hub id")
+    normal: str | None = _opt(None, help="folder or hub id of the fine-tuned normal prior")
+    albedo: str | None = _opt(None, help="folder or hub id of the fine-tuned albedo prior")
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
+
+
+@dataclass
 class Config:
     preset: str = "preview"
     seed: int = 0
@@ -110,6 +150,8 @@ class Config:
     render: RenderConfig = field(default_factory=RenderConfig)
     template: TemplateConfig = field(default_factory=TemplateConfig)
     geometry: GeometryConfig = field(default_factory=GeometryConfig)
+    identity: IdentityConfig = field(default_factory=IdentityConfig)
+    prior: PriorConfig = field(default_factory=PriorConfig)
 
 
 def available_presets() -> list[str]:
@@ -267,6 +309,16 @@ def config_from_dict(data: dict) -> Config:
 def _cross_checks(cfg: Config) -> None:
     if not cfg.expressions:
         raise ConfigError("expressions: at least one expression is needed")
+    if len(set(cfg.expressions)) != len(cfg.expressions):
+        raise ConfigError(f"expressions: duplicates in {cfg.expressions}")
+    # A leaf module of constants; imported here so a typo fails before any compute is spent.
+    from idto3d.priors.expressions import get_expression
+
+    for i, name in enumerate(cfg.expressions):
+        try:
+            cfg.expressions[i] = get_expression(name).name
+        except ValueError as exc:
+            raise ConfigError(f"expressions[{i}]: {exc}") from None
     if len(set(cfg.expressions)) != len(cfg.expressions):
         raise ConfigError(f"expressions: duplicates in {cfg.expressions}")
     enc = cfg.geometry.encoding
