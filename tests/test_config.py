@@ -91,3 +91,14 @@ def test_dumped_config_round_trips():
 
     again = config_from_dict(yaml.safe_load(dump_config(cfg)))
     assert config_to_dict(again) == config_to_dict(cfg)
+
+
+def test_overrides_read_scalars_as_yaml_1_2() -> None:
+    # PyYAML's YAML 1.1 would read 1e-4 as a string and `no` as false; users mean a float and a word.
+    cfg = load_config("preview", overrides=["prior.train.lr=1e-4", "prior.train.mixed_precision=no",
+                                            "prior.guidance.lambda_id=.5"])
+    assert cfg.prior.train.lr == 1e-4 and isinstance(cfg.prior.train.lr, float)
+    assert cfg.prior.train.mixed_precision == "no"
+    assert cfg.prior.guidance.lambda_id == 0.5
+    with pytest.raises(ConfigError, match="expected true or false"):
+        load_config("preview", overrides=["identity.drop_outliers=yes"])

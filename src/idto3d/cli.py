@@ -154,5 +154,171 @@ def bench_render_cmd(
         Console().print(render_table(rows))
 
 
+@app.command("render-dataset")
+@user_errors
+def render_dataset_cmd(
+    scans: Annotated[Path, typer.Argument(help="Scan folder laid out as NPHM: <subject>/<expression>/scan.ply.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the renders and index.jsonl.")],
+    metadata: Annotated[Path, typer.Option("--metadata", help="CSV with columns subject, gender, age, ethnicity.")],
+    views: Annotated[int, typer.Option(help="Random camera poses per scan.")] = 8,
+    resolution: Annotated[int, typer.Option(help="Image size in pixels (square).")] = 512,
+    seed: Annotated[int, typer.Option(help="Seed of the camera poses.")] = 0,
+    identities: Annotated[Path | None, typer.Option(help="Folder of <subject>.safetensors identity files.")] = None,
+    expression_names: Annotated[Path | None, typer.Option(
+        "--expression-names", help="Text file: the expression name of folder index i on line i+1.")] = None,
+    normals_only: Annotated[bool, typer.Option("--normals-only", help="Render normal maps only "
+                                               "(for scans without colour).")] = False,
+    up: Annotated[str, typer.Option(help="The scans' up axis (NPHM/FLAME: +y).")] = "+y",
+    forward: Annotated[str, typer.Option(help="The axis the scans' faces look along (NPHM/FLAME: +z).")] = "+z",
+    preset: PresetOpt = None, config: ConfigOpt = None, set_: SetOpt = None,
+) -> None:
+    """Render head scans to normal maps and albedo images with prompts: the priors' fine-tuning data.
+
+    Camera ranges and the rasteriser come from the config's render section. Re-running skips images
+    already written.
+    """
+    from idto3d.config import load_config
+    from idto3d.priors.render_dataset import build_render_dataset, read_expression_names
+
+    cfg = load_config(preset, config, set_)
+    names = read_expression_names(expression_names) if expression_names is not None else None
+    report = build_render_dataset(scans, out, metadata, views=views, resolution=resolution, seed=seed,
+                                  identities=identities, expression_names=names, normals_only=normals_only,
+                                  up=up, forward=forward, camera=cfg.render.camera, backend=cfg.render.backend,
+                                  console=console)
+    console.print(f"{report.images} images of {report.scans} scans ({report.subjects} subjects): "
+                  f"{report.rendered} rendered, {report.skipped} already there -> {report.index}")
+
+
+@app.command("train-prior")
+@user_errors
+def train_prior_cmd(
+    domain: Annotated[str, typer.Argument(help="Which prior: normal (geometry) or albedo (texture).")],
+    data: Annotated[Path, typer.Option("--data", help="Folder made by 'idto3d render-dataset'.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Prior folder to write (checkpoints, logs, weights).")],
+    base_model: Annotated[str | None, typer.Option("--base-model", help="SD1.5-architecture diffusers folder or "
+                                                   "hub id (default: prior.base_model).")] = None,
+    init: Annotated[Path | None, typer.Option("--init", help="Start from this saved prior's adapters "
+                                              "(e.g. the first fine-tuning stage).")] = None,
+    ip_adapter: Annotated[Path | None, typer.Option("--ip-adapter", help="Initialise the ID branch from an "
+                                                    "ip-adapter-faceid_sd15 checkpoint.")] = None,
+    preset: PresetOpt = None, config: ConfigOpt = None, set_: SetOpt = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last "
+                                         "checkpoint.")] = False,
+) -> None:
+    """Fine-tune a prior on rendered scans (L_simple, paper eq. 5; hyper-parameters in prior.train).
+
+    Runs on a CPU, a GPU, or many GPUs with `accelerate launch -m idto3d.cli train-prior ...`.
+    """
+    from idto3d.config import load_config
+    from idto3d.priors.train import train_prior
+
+    cfg = load_config(preset, config, set_)
+    report = train_prior(domain, data, out, cfg, base_model=base_model, init=init, ip_adapter=ip_adapter,
+                         resume=resume, console=console)
+    loss = "n/a" if report.final_loss is None else f"{report.final_loss:.4g}"
+    console.print(f"trained steps {report.start_step}..{report.steps} on {report.samples} images "
+                  f"({report.trainable_parameters} trainable parameters), final loss {loss}, "
+                  f"{report.seconds:.1f} s -> {out}")
+
+
+@app.command("identity")
+@user_errors
+def identity_cmd(
+    photos: Annotated[list[Path], typer.Argument(help="1-5 photos of one person: files and/or folders.",
+                                                 show_default=False)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Identity file to write (.safetensors).",
+                                      show_default=False)],
+    backend: Annotated[str | None, typer.Option(help="dlib (128-D, offline default) or arcface (512-D, the "
+                                                "paper's; needs --pack).")] = None,
+    pack: Annotated[Path | None, typer.Option(help="insightface model pack folder (e.g. buffalo_l with "
+                                              "det_10g.onnx + w600k_r50.onnx); implies --backend arcface.")] = None,
+    face_index: Annotated[int | None, typer.Option("--face-index", help="Face to use in each photo, by size "
+                                                   "(0 = largest).")] = None,
+    drop_outliers: Annotated[bool, typer.Option("--drop-outliers", help="Leave photos that look like someone "
+                                                "else out of the mean.")] = False,
+    crops: Annotated[Path | None, typer.Option(help="Folder for the aligned crops the model saw "
+                                               "(default: <out stem>_crops/ beside the output).")] = None,
+    preset: PresetOpt = None, config: ConfigOpt = None, set_: SetOpt = None,
+) -> None:
+    """Photos -> face crops -> one identity embedding (mean of per-photo embeddings), with quality flags."""
+    from rich.table import Table
+
+    from idto3d.config import config_from_dict, config_to_dict, load_config
+    from idto3d.identity.extract import compute_identity
+
+    if out.suffix.lower() != ".safetensors":
+        raise IdtoError(f"--out must end in .safetensors, got {out}")
+    data = config_to_dict(load_config(preset, config, set_))
+    ident_cfg = data["identity"]
+    if pack is not None:
+        ident_cfg["insightface_pack"] = str(pack)
+        ident_cfg["backend"] = "arcface" if backend is None else backend
+    elif backend is not None:
+        ident_cfg["backend"] = backend
+    if face_index is not None:
+        ident_cfg["face_index"] = face_index
+    if drop_outliers:
+        ident_cfg["drop_outliers"] = True
+    cfg = config_from_dict(data)
+    ident = compute_identity(photos, out, cfg.identity, crops_dir=crops, console=console)
+
+    table = Table(title=f"identity: {ident.backend} {ident.dim}-D, {int(ident.used.sum())}/{ident.n_photos} "
+                        "photos used")
+    for col in ("#", "photo", "faces", "chosen", "quality", "dist to mean", "dist to others", "used"):
+        table.add_column(col, justify="right" if col in ("#", "faces", "chosen") or col.startswith("dist") else "left")
+    for i, p in enumerate(ident.photos):
+        loo = "-" if p["loo_distance"] is None else f"{p['loo_distance']:.3f}"
+        style = "green" if p["quality"] == "ok" else "yellow"
+        table.add_row(str(i), Path(p["path"]).name, str(p["n_faces"]), str(p["face_index"]),
+                      f"[{style}]{p['quality']}[/]", f"{p['distance_to_mean']:.3f}", loo,
+                      "yes" if p["used"] else "[red]no[/]")
+    Console().print(table)
+    crop_dirs = sorted({str(Path(p["crop"]).parent) for p in ident.photos if p.get("crop")})
+    where = f" (crops: {', '.join(str(out.parent / d) for d in crop_dirs)})" if crop_dirs else ""
+    console.print(f"wrote {out}{where}", highlight=False)
+
+
+@bench_app.command("identity")
+@user_errors
+def bench_identity_cmd(
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable JSON instead of a table.")] = False,
+    repeats: Annotated[int, typer.Option(help="Timed repetitions per step (median reported).")] = 5,
+    pack: Annotated[Path | None, typer.Option(help="Also time the ArcFace path with this insightface pack "
+                                              "folder.")] = None,
+) -> None:
+    """Per-photo CPU ms for detection, alignment and embedding (dlib; ArcFace with --pack), vs PNG decode."""
+    from idto3d.bench import render_table
+    from idto3d.identity.bench import bench_identity
+
+    if repeats <= 0:
+        raise IdtoError("--repeats must be > 0")
+    rows = bench_identity(pack=pack, repeats=repeats)
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+    else:
+        Console().print(render_table(rows))
+
+
+@bench_app.command("guidance")
+@user_errors
+def bench_guidance_cmd(
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable JSON instead of a table.")] = False,
+    repeats: Annotated[int, typer.Option(help="Timed repetitions per tiny case (median reported).")] = 5,
+    quick: Annotated[bool, typer.Option(help="Skip the full-size SD1.5 UNet (tens of seconds per step).")] = False,
+) -> None:
+    """One SDS step (fwd+bwd, CFG) with the tiny prior and with a full-size SD1.5 UNet from config."""
+    from idto3d.bench import render_table
+    from idto3d.priors.bench import bench_guidance
+
+    if repeats <= 0:
+        raise IdtoError("--repeats must be > 0")
+    rows = bench_guidance(repeats=repeats, quick=quick)
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+    else:
+        Console().print(render_table(rows))
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -109,6 +110,18 @@ class IdentityConfig:
     backend: str = _opt("dlib", choices=("dlib", "arcface"),
                         help="dlib: 128-D, ships in a PyPI package; arcface: 512-D, the paper's, needs an insightface pack")
     insightface_pack: str | None = _opt(None, help="folder with det_10g.onnx (SCRFD) and w600k_r50.onnx (ArcFace)")
+    face_index: int | None = _opt(None, ge=0, help="face to use in every photo, by size (0 = largest); "
+                                                   "null = the largest")
+    detect_max_side: int = _opt(1024, ge=64, le=8192, help="photos are downscaled to this longer side for "
+                                                          "dlib detection (crops come from full resolution)")
+    min_face_size: int = _opt(64, ge=0, help="faces with a shorter box side (px) are flagged 'small face'")
+    blur_threshold: float = _opt(3.0, ge=0.0, help="contrast-normalised Laplacian variance of the 112 px crop "
+                                                  "below which a photo is flagged 'blurry'")
+    outlier_threshold: float | None = _opt(None, gt=0.0, help="identity distance above which a photo is an "
+                                                              "outlier; null = the backend's same-person threshold")
+    drop_outliers: bool = _opt(False, help="leave outlier photos out of the mean embedding")
+    scrfd_threshold: float = _opt(0.5, ge=0.0, le=1.0, help="SCRFD detection score threshold (arcface backend)")
+    save_crops: bool = _opt(True, help="write the aligned crops the recogniser saw next to the identity file")
 
 
 @dataclass
@@ -128,6 +141,37 @@ class GuidanceConfig:
     guidance_scale: float = _opt(10.0, ge=0.0, help="classifier-free guidance weight (paper: 10)")
     lambda_id: float = _opt(1.0, ge=0.0, help="weight of the ID cross-attention branch (eq. 4)")
     lambda_exp: float = _opt(1.0, ge=0.0, help="weight of the expression cross-attention branch (eq. 4)")
+    latent_mode: str = _opt("vae", choices=("vae", "downsample"),
+                            help="vae: encode renders with the VAE; downsample: renders (+mask) resized to "
+                                 "latent_size and used as the 4 latent channels (Fantasia3D, cheap on CPU)")
+    latent_size: int = _opt(64, ge=4, le=256, help="latent resolution (SD1.5: 64; vae mode renders at 8x this)")
+    weighting: str = _opt("sds", choices=("sds", "uniform"), help="w(t): sds = 1 - alpha_bar_t; uniform = 1")
+    grad_clip: float = _opt(0.0, ge=0.0, help="clamp each latent gradient element to [-v, v]; 0 = off")
+    nan_policy: str = _opt("raise", choices=("raise", "skip"),
+                           help="a non-finite SDS gradient: raise an error, or skip the step with a warning")
+
+
+@dataclass
+class PriorTrainConfig:
+    """Fine-tuning a prior on rendered scans with L_simple (paper section B, eq. 5).
+
+    ``batch_size`` is per process (GPU); the effective batch is batch_size x gradient_accumulation x
+    processes. ``condition_dropout`` p drops all conditions of a sample with probability p (the
+    classifier-free-guidance branch) and, with probability p each, only its text, only its ID or only
+    its expression, so that every guidance branch has been trained.
+    """
+
+    lr: float = _opt(1e-4, gt=0.0, help="AdamW learning rate (paper: 1e-4)")
+    steps: int = _opt(200000, ge=1, help="optimiser steps (paper: 200k)")
+    batch_size: int = _opt(4, ge=1, help="images per process and micro-step")
+    resolution: int = _opt(512, ge=16, le=2048, help="training image size; a multiple of 8 (the VAE's factor)")
+    checkpoint_every: int = _opt(5000, ge=1, help="steps between checkpoints (accelerate state + prior)")
+    keep_checkpoints: int = _opt(3, ge=1, help="most recent checkpoints kept on disk")
+    condition_dropout: float = _opt(0.05, ge=0.0, le=0.25, help="see the class docstring")
+    gradient_accumulation: int = _opt(1, ge=1, help="micro-steps per optimiser step")
+    mixed_precision: str = _opt("no", choices=("no", "fp16", "bf16"), help="autocast dtype; quote 'no' in YAML")
+    seed: int = _opt(0, help="decides data order, noise, timesteps and dropout")
+    num_workers: int = _opt(0, ge=0, le=64, help="DataLoader worker processes")
 
 
 @dataclass
@@ -140,6 +184,7 @@ class PriorConfig:
     albedo: str | None = _opt(None, help="folder or hub id of the fine-tuned albedo prior")
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
+    train: PriorTrainConfig = field(default_factory=PriorTrainConfig)
 
 
 @dataclass
@@ -154,6 +199,28 @@ class Config:
     prior: PriorConfig = field(default_factory=PriorConfig)
 
 
+class _Yaml12Loader(yaml.SafeLoader):
+    """SafeLoader with YAML 1.2 scalars: ``1e-4`` is a float and only true/false are booleans.
+
+    PyYAML follows YAML 1.1, where ``--set prior.train.lr=1e-4`` would be a string and
+    ``mixed_precision=no`` the boolean false; users write them as YAML 1.2 reads them.
+    """
+
+
+_BOOL, _FLOAT = "tag:yaml.org,2002:bool", "tag:yaml.org,2002:float"
+_Yaml12Loader.yaml_implicit_resolvers = {
+    ch: [(tag, rx) for tag, rx in resolvers if tag not in (_BOOL, _FLOAT)]
+    for ch, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Yaml12Loader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+_Yaml12Loader.add_implicit_resolver(
+    _FLOAT,
+    re.compile(r"^(?:[-+]?(?:[0-9][0-9_]*\.[0-9_]*|\.[0-9_]+)(?:[eE][-+]?[0-9]+)?"
+               r"|[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."),
+)
+
+
 def available_presets() -> list[str]:
     files = resources.files("idto3d").joinpath("presets").iterdir()
     return sorted(p.name[: -len(".yaml")] for p in files if p.name.endswith(".yaml"))
@@ -161,7 +228,7 @@ def available_presets() -> list[str]:
 
 def _read_yaml_text(text: str, source: str) -> dict:
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_Yaml12Loader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
         where = ""
         mark = getattr(exc, "problem_mark", None)

@@ -7,12 +7,31 @@ disgust) complete the set with common FACS combinations. The order is fixed: ``n
 NPHM-style expression folder index ``i`` maps to ``EXPRESSIONS[i]`` by default; that mapping is our
 assumption (the data set's own index order was not available to check) and ``render-dataset`` lets a user
 override it.
+
+``expression_embeddings`` gives the descriptors' CLIP embeddings (the pooled output of a base model's own
+text encoder), cached on disk per text encoder: ``$IDTO3D_CACHE/expressions`` (default
+``~/.cache/idto3d/expressions``), one safetensors file named by a hash of the encoder's config, tokenizer
+vocabulary and weights. torch is imported lazily: ``idto3d.config`` imports this module for names only.
 """
 
 from __future__ import annotations
 
 import difflib
+import hashlib
+import json
+import os
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from idto3d.errors import IdtoError
+
+if TYPE_CHECKING:
+    import torch
+
+
+class ExpressionError(IdtoError, ValueError):
+    """An unknown expression name (a ``ValueError`` too, for callers that catch that)."""
 
 
 @dataclass(frozen=True)
@@ -53,14 +72,86 @@ _BY_NAME = {e.name: e for e in EXPRESSIONS}
 
 
 def get_expression(name: str) -> Expression:
-    """The expression called ``name``; a ``ValueError`` naming the closest valid name otherwise."""
+    """The expression called ``name``; an ``ExpressionError`` naming the closest valid name otherwise."""
     key = name.strip().lower().replace("-", "_").replace(" ", "_")
     if key in _BY_NAME:
         return _BY_NAME[key]
     hint = difflib.get_close_matches(key, EXPRESSION_NAMES, n=1)
     did = f" (did you mean '{hint[0]}'?)" if hint else ""
-    raise ValueError(f"unknown expression '{name}'{did}; known expressions: {', '.join(EXPRESSION_NAMES)}")
+    raise ExpressionError(f"unknown expression '{name}'{did}; known expressions: {', '.join(EXPRESSION_NAMES)}")
 
 
 def expression_index(name: str) -> int:
     return EXPRESSION_NAMES.index(get_expression(name).name)
+
+
+# ---- CLIP embeddings of the descriptors, cached per text encoder ------------------------------------------
+
+_FORMAT = "idto3d.expressions/1"
+
+
+def expression_cache_dir() -> Path:
+    """``$IDTO3D_CACHE/expressions``, or ``~/.cache/idto3d/expressions`` when ``IDTO3D_CACHE`` is unset."""
+    root = os.environ.get("IDTO3D_CACHE")
+    return (Path(root).expanduser() if root else Path.home() / ".cache" / "idto3d") / "expressions"
+
+
+def text_encoder_fingerprint(text_encoder: Any, tokenizer: Any) -> str:
+    """A hash of what decides the embeddings: encoder config (minus paths/versions), vocabulary, weights,
+    descriptors. Hashing the weights costs ~0.5 s for SD1.5's CLIP; it is done once per loaded prior."""
+    import torch
+
+    h = hashlib.blake2b(digest_size=20)
+    cfg = {k: v for k, v in text_encoder.config.to_dict().items()
+           if not k.startswith("_") and k not in ("transformers_version", "name_or_path")}
+    h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
+    h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    h.update(json.dumps([e.descriptor for e in EXPRESSIONS]).encode())
+    for name, t in sorted(text_encoder.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def _compute(text_encoder: Any, tokenizer: Any) -> torch.Tensor:
+    import torch
+
+    ids = tokenizer([e.descriptor for e in EXPRESSIONS], padding="max_length",
+                    max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+    device = next(text_encoder.parameters()).device
+    with torch.no_grad():
+        pooled = text_encoder(ids.to(device)).pooler_output
+    return pooled.float().cpu()
+
+
+def expression_embeddings(text_encoder: Any, tokenizer: Any, cache_dir: str | Path | None = None,
+                          fingerprint: str | None = None) -> torch.Tensor:
+    """CLIP pooled embeddings of all descriptors, ``[len(EXPRESSIONS), D]`` float32 on CPU, in
+    ``EXPRESSIONS`` order; read from the cache when present, computed and cached otherwise."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from idto3d.atomic import atomic_write
+
+    key = fingerprint or text_encoder_fingerprint(text_encoder, tokenizer)
+    path = Path(cache_dir) if cache_dir is not None else expression_cache_dir()
+    path = path / f"{key}.safetensors"
+    names = json.dumps(list(EXPRESSION_NAMES))
+    if path.is_file():
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                if meta.get("format") == _FORMAT and meta.get("names") == names:
+                    return f.get_tensor("embeddings")
+        except Exception:  # a corrupt cache entry is recomputed, never trusted
+            pass
+    emb = _compute(text_encoder, tokenizer)
+    meta = {"format": _FORMAT, "names": names, "fingerprint": key,
+            "model": str(getattr(text_encoder.config, "_name_or_path", ""))}
+    try:
+        atomic_write(path, lambda p: save_file({"embeddings": emb.contiguous()}, str(p), metadata=meta))
+    except OSError:
+        pass  # a read-only cache only costs a recomputation next time
+    return emb

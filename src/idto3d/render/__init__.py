@@ -1,5 +1,6 @@
-"""Cameras, rasteriser backends and normal maps shared by every stage."""
+"""Cameras, rasteriser backends, normal maps and albedo images shared by every stage."""
 
+from idto3d.render.albedo import AlbedoRender, render_albedo, sample_texture
 from idto3d.render.antialias_torch import antialias, edge_topology
 from idto3d.render.backend import (
     NvdiffrastRasterizer,
@@ -15,6 +16,7 @@ from idto3d.render.normals import NormalRender, render_normal_map
 from idto3d.render.rasterize_torch import interpolate, rasterize
 
 __all__ = [
+    "AlbedoRender",
     "Camera",
     "Fragments",
     "Mesh",
@@ -29,7 +31,9 @@ __all__ = [
     "interpolate",
     "orbit_camera",
     "rasterize",
+    "render_albedo",
     "render_normal_map",
     "sample_orbit_cameras",
+    "sample_texture",
     "view_word",
 ]

@@ -1,0 +1,261 @@
+"""Score distillation sampling (paper eq. 6): ``guidance(images, cond, step) -> SDSOutput(loss, grad_norm, t)``.
+
+One step: renders -> latents z (VAE posterior mean, or Fantasia3D's downsampled normals + mask), a timestep
+t from the stage's ``TimestepSchedule``, z_t = sqrt(abar) z + sqrt(1 - abar) eps, a noise prediction eps_hat
+(the prior with classifier-free guidance, or ``OracleGuidance``'s exact score of a known target), and
+g = w(t) (eps_hat - eps). The returned loss is ``0.5 * ||z - (z - g).detach()||^2 / B``, so its gradient
+w.r.t. z is ``g / B`` (the SDS gradient, averaged over the batch) and autograd carries it to the renders.
+
+A non-finite g (NaN/inf renders, or a prior that overflowed in fp16) follows ``GuidanceConfig.nan_policy``:
+``raise`` (default) raises ``NonFiniteGradientError``, as silently dropping steps can hide a diverging run;
+``skip`` warns and returns a zero loss detached from the renders, so the step changes nothing.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from idto3d.config import GuidanceConfig
+from idto3d.errors import IdtoError
+
+
+class NonFiniteGradientError(IdtoError):
+    """The SDS gradient contains NaN or inf."""
+
+
+@dataclass(frozen=True)
+class TimestepSchedule:
+    """Uniform t in ``start`` (on a 1000-step scale); after ``anneal_from`` of the run the range moves
+    linearly toward ``end``, reaching it at the last step."""
+
+    name: str
+    start: tuple[int, int]
+    end: tuple[int, int] | None = None
+    anneal_from: float = 0.5
+
+    def range_at(self, step: int, total_steps: int) -> tuple[int, int]:
+        if self.end is None:
+            return self.start
+        progress = min(max(step / max(total_steps - 1, 1), 0.0), 1.0)
+        if progress <= self.anneal_from:
+            return self.start
+        a = (progress - self.anneal_from) / (1.0 - self.anneal_from)
+        lo = round(self.start[0] + a * (self.end[0] - self.start[0]))
+        hi = round(self.start[1] + a * (self.end[1] - self.start[1]))
+        return lo, hi
+
+    def sample(self, step: int, total_steps: int, generator: torch.Generator | None = None,
+               num_train_timesteps: int = 1000) -> int:
+        lo, hi = self.range_at(step, total_steps)
+        scale = num_train_timesteps / 1000.0
+        lo, hi = round(lo * scale), min(round(hi * scale), num_train_timesteps - 1)
+        return int(torch.randint(lo, hi + 1, (1,), generator=generator).item())
+
+
+# Paper section B: geometry [200, 700] for the first half, then annealed toward [50, 200]; texture diffuse
+# [50, 900], roughness/metallic [50, 500], the photoreal refinement [50, 100].
+SCHEDULES: dict[str, TimestepSchedule] = {
+    "geometry": TimestepSchedule("geometry", (200, 700), (50, 200), anneal_from=0.5),
+    "texture_diffuse": TimestepSchedule("texture_diffuse", (50, 900)),
+    "texture_pbr": TimestepSchedule("texture_pbr", (50, 500)),
+    "refine": TimestepSchedule("refine", (50, 100)),
+}
+
+
+def get_schedule(name: str) -> TimestepSchedule:
+    if name not in SCHEDULES:
+        raise IdtoError(f"unknown timestep schedule '{name}'; known: {', '.join(SCHEDULES)}")
+    return SCHEDULES[name]
+
+
+@dataclass
+class GuidanceCond:
+    """What a render is conditioned on. Sequences hold one entry per image, or one for all."""
+
+    prompts: Sequence[str] | None = None
+    text_embeddings: torch.Tensor | None = None       # [B|1, 77, C], instead of prompts
+    negative_prompt: str = ""
+    negative_text_embeddings: torch.Tensor | None = None  # [1|B, 77, C], instead of negative_prompt
+    id_embedding: torch.Tensor | None = None          # [D] or [B, D]
+    expressions: Sequence[str] | None = None          # expression names, or
+    expression_embeddings: torch.Tensor | None = None  # [B|1, D_clip]
+
+
+@dataclass
+class SDSOutput:
+    loss: torch.Tensor          # scalar; backward() sends the SDS gradient to the renders
+    grad_norm: float            # ||g|| over the batch's latents, after clipping
+    t: int
+    w: float = 0.0
+    latents: torch.Tensor | None = None     # z, differentiable (call retain_grad() to read z.grad)
+    noise: torch.Tensor | None = None       # eps
+    noise_pred: torch.Tensor | None = None  # eps_hat
+
+
+def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
+    if x.shape[-2:] == (size, size):
+        return x
+    down = x.shape[-1] > size or x.shape[-2] > size
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=down)
+
+
+def downsample_latents(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Fantasia3D's trick: renders [B,3|4,H,W] in [0,1] (RGB normals + mask; a missing mask is all ones)
+    resized to ``size`` and mapped to [-1, 1] serve as the 4 latent channels directly."""
+    if images.shape[1] == 3:
+        images = torch.cat([images, torch.ones_like(images[:, :1])], dim=1)
+    if images.shape[1] != 4:
+        raise ValueError(f"downsample latents need [B, 3|4, H, W] renders, got {tuple(images.shape)}")
+    return _resize(images, size) * 2.0 - 1.0
+
+
+def _sd15_alphas_cumprod() -> torch.Tensor:
+    from diffusers import DDPMScheduler
+
+    from idto3d.priors.tiny import sd15_scheduler_config
+
+    return DDPMScheduler(**sd15_scheduler_config()).alphas_cumprod
+
+
+class ScoreDistillation:
+    """The SDS step shared by the prior and the oracle; subclasses supply ``predict_noise``."""
+
+    def __init__(self, config: GuidanceConfig | None, schedule: TimestepSchedule | str, total_steps: int,
+                 alphas_cumprod: torch.Tensor, seed: int = 0) -> None:
+        self.config = config or GuidanceConfig()
+        self.schedule = get_schedule(schedule) if isinstance(schedule, str) else schedule
+        if total_steps < 1:
+            raise ValueError("total_steps must be >= 1")
+        self.total_steps = total_steps
+        self.alphas_cumprod = alphas_cumprod.detach().float().cpu()
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The random state (t and noise draws), for checkpoints that resume bit-identically."""
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.generator.set_state(state["generator"])
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def predict_noise(self, z_t: torch.Tensor, t: int, cond: GuidanceCond) -> torch.Tensor:
+        raise NotImplementedError
+
+    def weight(self, t: int) -> float:
+        return 1.0 - float(self.alphas_cumprod[t]) if self.config.weighting == "sds" else 1.0
+
+    def __call__(self, images: torch.Tensor, cond: GuidanceCond | None, step: int) -> SDSOutput:
+        cond = cond or GuidanceCond()
+        z = self.encode(images)
+        t = self.schedule.sample(step, self.total_steps, self.generator, len(self.alphas_cumprod))
+        abar = float(self.alphas_cumprod[t])
+        noise = torch.randn(z.shape, generator=self.generator).to(z.device, z.dtype)
+        with torch.no_grad():
+            z_t = math.sqrt(abar) * z.detach() + math.sqrt(1.0 - abar) * noise
+            eps_hat = self.predict_noise(z_t, t, cond)
+        w = self.weight(t)
+        grad = w * (eps_hat.float() - noise.float())
+        if not bool(torch.isfinite(grad).all()):
+            msg = (f"SDS gradient is not finite at step {step} (t={t}): the renders hold NaN/inf or the prior "
+                   f"overflowed (fp16?); lower the learning rate, or set prior.guidance.nan_policy=skip")
+            if self.config.nan_policy == "raise":
+                raise NonFiniteGradientError(msg)
+            warnings.warn(msg + "; skipping this step", RuntimeWarning, stacklevel=2)
+            loss = torch.zeros((), device=z.device, requires_grad=True)
+            return SDSOutput(loss, 0.0, t, w, z, noise, eps_hat)
+        if self.config.grad_clip > 0:
+            grad = grad.clamp(-self.config.grad_clip, self.config.grad_clip)
+        target = (z.float() - grad).detach()
+        loss = 0.5 * F.mse_loss(z.float(), target, reduction="sum") / z.shape[0]
+        return SDSOutput(loss, float(grad.norm()), t, w, z, noise, eps_hat)
+
+
+class SDSGuidance(ScoreDistillation):
+    """SDS with a ``Prior`` and classifier-free guidance (scale ``config.guidance_scale``, paper: 10).
+
+    The unconditional half uses the negative prompt and no ID or expression tokens; both halves run in one
+    batched UNet call with per-sample branch weights.
+    """
+
+    def __init__(self, prior: Any, config: GuidanceConfig | None = None,
+                 schedule: TimestepSchedule | str = "geometry", total_steps: int = 1000, seed: int = 0) -> None:
+        super().__init__(config, schedule, total_steps, prior.noise_scheduler.alphas_cumprod, seed)
+        self.prior = prior
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        cfg = self.config
+        if cfg.latent_mode == "downsample":
+            return downsample_latents(images, cfg.latent_size).to(self.prior.dtype)
+        rgb = _resize(images[:, :3], cfg.latent_size * self.prior.vae_scale_factor)
+        return self.prior.encode_images(rgb)
+
+    def _text(self, cond: GuidanceCond, b: int) -> torch.Tensor:
+        if cond.text_embeddings is not None:
+            text = cond.text_embeddings.to(self.prior.device, self.prior.dtype)
+        else:
+            prompts = [cond.prompts] if isinstance(cond.prompts, str) else list(cond.prompts or [""])
+            if len(prompts) not in (1, b):
+                raise ValueError(f"{len(prompts)} prompts for {b} images: give one per image or one for all")
+            text = self.prior.encode_text(prompts)
+        return text.expand(b, -1, -1) if text.shape[0] == 1 else text
+
+    def predict_noise(self, z_t: torch.Tensor, t: int, cond: GuidanceCond) -> torch.Tensor:
+        prior, cfg, b = self.prior, self.config, z_t.shape[0]
+        text = self._text(cond, b)
+        exp = cond.expression_embeddings
+        if exp is None and cond.expressions is not None:
+            exp = prior.encode_expressions(list(cond.expressions))
+        if cfg.guidance_scale == 1.0:
+            return prior.predict_noise(z_t, t, text, cond.id_embedding, exp, cfg.lambda_id, cfg.lambda_exp)
+        if cond.negative_text_embeddings is not None:
+            uncond = cond.negative_text_embeddings.to(prior.device, prior.dtype)
+        else:
+            uncond = prior.encode_text([cond.negative_prompt])
+        uncond = uncond.expand(b, -1, -1) if uncond.shape[0] == 1 else uncond
+        ids = None if cond.id_embedding is None else prior.id_tokens(cond.id_embedding, b)
+        off, on = torch.zeros(b), torch.ones(b)
+        eps = prior.predict_noise_tokens(
+            torch.cat([z_t, z_t]), t, torch.cat([uncond, text]),
+            id_tokens=None if ids is None else torch.cat([ids, ids]),
+            exp_tokens=None if exp is None else torch.cat([prior.exp_tokens(exp, b)] * 2),
+            lambda_id=torch.cat([off, on * cfg.lambda_id]), lambda_exp=torch.cat([off, on * cfg.lambda_exp]))
+        eps_u, eps_c = eps.chunk(2)
+        return eps_u + cfg.guidance_scale * (eps_c - eps_u)
+
+
+class OracleGuidance(ScoreDistillation):
+    """SDS whose noise prediction is the exact score of a known target: eps_hat = (z_t - sqrt(abar) z*) /
+    sqrt(1 - abar). Then g = w(t) sqrt(abar / (1 - abar)) (z - z*), which pulls renders to the target:
+    the whole optimisation loop tested without pretrained weights. Latents come from ``prior``'s VAE in
+    ``vae`` mode, or from ``downsample_latents`` (no model needed)."""
+
+    def __init__(self, target_images: torch.Tensor, config: GuidanceConfig | None = None,
+                 schedule: TimestepSchedule | str = "geometry", total_steps: int = 1000, seed: int = 0,
+                 prior: Any = None) -> None:
+        config = config or GuidanceConfig(latent_mode="downsample")
+        if config.latent_mode == "vae" and prior is None:
+            raise ValueError("OracleGuidance in latent_mode 'vae' needs a prior (for its VAE)")
+        abar = prior.noise_scheduler.alphas_cumprod if prior is not None else _sd15_alphas_cumprod()
+        super().__init__(config, schedule, total_steps, abar, seed)
+        self.prior = prior
+        with torch.no_grad():
+            self.target_latents = self.encode(target_images).detach()
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        if self.config.latent_mode == "downsample":
+            return downsample_latents(images, self.config.latent_size)
+        rgb = _resize(images[:, :3], self.config.latent_size * self.prior.vae_scale_factor)
+        return self.prior.encode_images(rgb)
+
+    def predict_noise(self, z_t: torch.Tensor, t: int, cond: GuidanceCond) -> torch.Tensor:
+        abar = float(self.alphas_cumprod[t])
+        return (z_t - math.sqrt(abar) * self.target_latents.to(z_t)) / math.sqrt(1.0 - abar)
