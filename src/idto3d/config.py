@@ -180,6 +180,8 @@ class PriorConfig:
 
     base_model: str = _opt("SG161222/Realistic_Vision_V4.0_noVAE",
                            help="SD1.5-architecture diffusers folder or hub id")
+    vae: str | None = _opt("stabilityai/sd-vae-ft-mse",
+                           help="separate VAE folder or hub id (\"noVAE\" checkpoints need one); null = the base's")
     normal: str | None = _opt(None, help="folder or hub id of the fine-tuned normal prior")
     albedo: str | None = _opt(None, help="folder or hub id of the fine-tuned albedo prior")
     adapter: AdapterConfig = field(default_factory=AdapterConfig)

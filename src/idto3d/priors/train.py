@@ -283,7 +283,10 @@ def _build(domain: str, base_model: str, init: str | Path | None, ip_adapter: st
             raise TrainError(f"--init {init} is a {prior.spec.domain} prior; fine-tune it as "
                              f"'{prior.spec.domain}' or start a {domain} prior from the base model")
     else:
-        prior = prior_model.build_prior(base_model, domain, id_dim, cfg.prior.adapter)
+        # A local base folder with its own vae/ keeps it; otherwise (hub ids, "noVAE" checkpoints)
+        # prior.vae names the VAE, as IP-Adapter FaceID's example pairs Realistic Vision with sd-vae-ft-mse.
+        vae = None if (Path(base_model) / "vae").is_dir() else cfg.prior.vae
+        prior = prior_model.build_prior(base_model, domain, id_dim, cfg.prior.adapter, vae=vae)
     if ip_adapter is not None:
         prior.load_ip_adapter_faceid(ip_adapter)
     return prior
