@@ -17,14 +17,13 @@ from idto3d.priors.expressions import EXPRESSION_NAMES
 from idto3d.priors.render_dataset import (
     DatasetBuildError,
     age_group,
-    axis_rotation,
     build_render_dataset,
-    load_scan,
     make_prompt,
     read_expression_names,
     read_subject_metadata,
     SubjectInfo,
 )
+from idto3d.priors.scans import axis_rotation, load_scan
 
 RED, GREEN, BLUE = (220, 30, 30), (30, 200, 40), (40, 50, 210)
 

@@ -17,15 +17,8 @@ from idto3d.errors import IdtoError
 from idto3d.priors.dataset import PriorDataError, PriorDataset
 from idto3d.priors.model import build_prior, load_prior, save_prior
 from idto3d.priors.tiny import make_tiny_base_model
-from idto3d.priors.train import (
-    DenoisingObjective,
-    StepBatches,
-    TrainError,
-    denoising_loss,
-    drop_masks,
-    prepare_inputs,
-    train_prior,
-)
+from idto3d.priors.objective import DenoisingObjective, StepBatches, denoising_loss, drop_masks, prepare_inputs
+from idto3d.priors.train import TrainError, train_prior
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_priors_dataset import write_data  # noqa: E402

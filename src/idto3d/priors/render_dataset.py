@@ -2,8 +2,8 @@
 
 Input is laid out as NPHM: ``SCANS/<subject>/<expression>/scan.ply`` (digit folder names, e.g.
 ``017/005/scan.ply``); expression folder ``i`` is ``EXPRESSION_NAMES[i]`` unless a names file
-says otherwise. Each scan is rotated into our head frame (+Y up, facing +Z), centred and scaled by
-its bounding box so its largest extent is ``TEMPLATE_HEIGHT`` (it fits ``[-0.8, 0.8]^3``), and
+says otherwise. Each scan is loaded by ``scans.load_scan`` (rotated into our head frame, +Y up and
+facing +Z, centred and scaled by its bounding box so its largest extent is ``TEMPLATE_HEIGHT``) and
 rendered from random orbit cameras as a camera-space normal map and an albedo image, both on
 white. Every image gets a prompt built from the subject's metadata row and the view word, and a
 line in ``index.jsonl``.
@@ -28,11 +28,10 @@ import torch
 
 from idto3d.atomic import atomic_write_bytes, atomic_write_text
 from idto3d.config import CameraConfig
-from idto3d.errors import IdtoError
 from idto3d.priors.expressions import EXPRESSION_NAMES, get_expression
+from idto3d.priors.scans import DatasetBuildError, axis_rotation, load_scan
 
 DOMAINS = ("normal", "albedo")
-AXES = ("+x", "-x", "+y", "-y", "+z", "-z")
 SCAN_SUFFIXES = (".ply", ".obj", ".glb", ".gltf", ".off")
 MANIFEST_FORMAT = "idto3d.renders/1"
 PROMPT = "A {view} view {what} face portrait of a {age} {ethnicity} {gender} on a white background"
@@ -40,10 +39,6 @@ _DOMAIN_WORDS = {"normal": "normal map", "albedo": "albedo"}
 # Ages (years) at which the prompt's age group changes; NPHM subjects are adults.
 AGE_GROUPS = ((13, "child"), (20, "teenage"), (36, "young"), (56, "middle-aged"), (math.inf, "elderly"))
 _GENDER_WORDS = {"f": "female", "w": "female", "woman": "female", "m": "male", "man": "male"}
-
-
-class DatasetBuildError(IdtoError):
-    """Scans, metadata or identities cannot make a training set."""
 
 
 # --- inputs ---------------------------------------------------------------------------------------
@@ -172,122 +167,6 @@ def make_prompt(view: str, domain: str, info: SubjectInfo) -> str:
         raise DatasetBuildError(f"unknown domain {domain!r}; choose one of {', '.join(DOMAINS)}")
     return PROMPT.format(view=view, what=_DOMAIN_WORDS[domain], age=info.age_group,
                          ethnicity=info.ethnicity, gender=info.gender)
-
-
-# --- scans ----------------------------------------------------------------------------------------
-
-
-@dataclass
-class ScanSurface:
-    """A scan in the head frame: shared positions for the geometry, per-corner colour data for albedo."""
-
-    vertices: torch.Tensor  # [V, 3] merged positions, normalised
-    faces: torch.Tensor  # [F, 3] into vertices
-    attribute_faces: torch.Tensor  # [F, 3] into the colour/uv rows
-    vertex_colors: torch.Tensor | None  # [Va, 3] in [0, 1]
-    uv: torch.Tensor | None  # [Va, 2]
-    texture: torch.Tensor | None  # [Ht, Wt, 3] in [0, 1]
-
-    def to(self, device: torch.device | str) -> "ScanSurface":
-        def mv(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else t.to(device)
-
-        return ScanSurface(mv(self.vertices), mv(self.faces), mv(self.attribute_faces), mv(self.vertex_colors),
-                           mv(self.uv), mv(self.texture))
-
-    @property
-    def has_color(self) -> bool:
-        return self.vertex_colors is not None or self.texture is not None
-
-
-def axis_rotation(up: str = "+y", forward: str = "+z") -> np.ndarray:
-    """The 3x3 rotation taking the scan's ``up`` axis to +Y and its ``forward`` axis to +Z."""
-    for name, value in (("up", up), ("forward", forward)):
-        if value not in AXES:
-            raise DatasetBuildError(f"{name} axis must be one of {', '.join(AXES)}, got {value!r}")
-    vec = {a: np.eye(3)[[0, 0, 1, 1, 2, 2][i]] * (1 if a[0] == "+" else -1) for i, a in enumerate(AXES)}
-    y, z = vec[up], vec[forward]
-    if abs(float(y @ z)) > 0.5:
-        raise DatasetBuildError(f"up ({up}) and forward ({forward}) must be different, perpendicular axes")
-    return np.stack([np.cross(y, z), y, z])  # rows: where new x, y, z come from
-
-
-def _texture_image(visual: object) -> tuple[object | None, np.ndarray]:
-    material = getattr(visual, "material", None)
-    image = getattr(material, "image", None)
-    factor = np.ones(3)
-    if image is None:
-        image = getattr(material, "baseColorTexture", None)
-        base = getattr(material, "baseColorFactor", None)
-        if base is not None:
-            base = np.asarray(base, dtype=np.float64)[:3]
-            factor = base / 255.0 if base.max() > 1.0 else base
-    return image, factor
-
-
-def load_scan(path: str | Path, up: str = "+y", forward: str = "+z", max_texture_size: int = 2048) -> ScanSurface:
-    """Read a scan with its vertex colours or UV texture and normalise it into the head frame."""
-    import trimesh
-    from PIL import Image
-
-    from idto3d.geometry.template import TEMPLATE_HEIGHT
-
-    path = Path(path)
-    try:
-        loaded = trimesh.load(path, process=False)
-    except Exception as exc:  # noqa: BLE001 - every parser failure means the same thing to a user
-        raise DatasetBuildError(f"could not read scan {path}: {str(exc).splitlines()[0][:200] if str(exc) else exc!r}")
-    if isinstance(loaded, trimesh.Scene):
-        parts = [g for g in loaded.dump(concatenate=False) if isinstance(g, trimesh.Trimesh) and len(g.faces)]
-        if not parts:
-            raise DatasetBuildError(f"scan {path} contains no triangle mesh")
-        loaded = parts[0] if len(parts) == 1 else trimesh.util.concatenate(parts)
-    if not isinstance(loaded, trimesh.Trimesh) or len(loaded.faces) == 0:
-        raise DatasetBuildError(f"scan {path} is not a triangle mesh (a point cloud or empty file?)")
-
-    v = np.asarray(loaded.vertices, dtype=np.float64)
-    f = np.asarray(loaded.faces, dtype=np.int64)
-    if not np.isfinite(v).all():
-        raise DatasetBuildError(f"scan {path} has NaN or infinite vertex coordinates")
-
-    colors = uv = texture = None
-    visual = loaded.visual
-    if visual.kind == "texture" and getattr(visual, "uv", None) is not None:
-        image, factor = _texture_image(visual)
-        if image is not None:
-            uv = torch.from_numpy(np.asarray(visual.uv, dtype=np.float32)[:, :2].copy())
-            img = image.convert("RGB")
-            if max(img.size) > max_texture_size:
-                # Box-filtered downsizing doubles as the prefilter bilinear lookups lack.
-                s = max_texture_size / max(img.size)
-                img = img.resize((max(1, round(img.width * s)), max(1, round(img.height * s))), Image.Resampling.BOX)
-            tex = np.asarray(img, dtype=np.float32) / 255.0 * factor.astype(np.float32)
-            texture = torch.from_numpy(np.ascontiguousarray(tex))
-    elif visual.kind in ("vertex", "face"):
-        # Face colours are spread to vertices by trimesh (averaged).
-        colors = torch.from_numpy(np.asarray(visual.vertex_colors, dtype=np.float32)[:, :3] / 255.0)
-
-    # Positions split at UV seams are merged, so smooth normals do not crease there.
-    merged, inverse = np.unique(v, axis=0, return_inverse=True)
-    pos_faces = inverse.reshape(-1)[f]
-    merged = merged @ axis_rotation(up, forward).T
-    lo, hi = merged.min(0), merged.max(0)
-    extent = float((hi - lo).max())
-    if not extent > 0:
-        raise DatasetBuildError(f"scan {path} has zero size")
-    merged = (merged - 0.5 * (lo + hi)) * (TEMPLATE_HEIGHT / extent)
-    # Scans are open at the neck but still enclose a positive volume seen from their centroid
-    # when their faces point outward; flip inward-facing scans so normal maps are not inverted.
-    c = merged.mean(0)
-    a, b, d = (merged[pos_faces[:, i]] - c for i in range(3))
-    if np.einsum("ij,ij->i", a, np.cross(b, d)).sum() < 0:
-        pos_faces, f = pos_faces[:, [0, 2, 1]], f[:, [0, 2, 1]]
-    return ScanSurface(
-        vertices=torch.from_numpy(merged.astype(np.float32)),
-        faces=torch.from_numpy(np.ascontiguousarray(pos_faces)),
-        attribute_faces=torch.from_numpy(np.ascontiguousarray(f)),
-        vertex_colors=colors, uv=uv, texture=texture,
-    )
 
 
 # --- rendering ------------------------------------------------------------------------------------
@@ -478,7 +357,7 @@ def build_render_dataset(
 
 
 __all__ = [
-    "AGE_GROUPS", "DOMAINS", "DatasetBuildError", "RenderDatasetReport", "ScanEntry", "ScanSurface",
-    "SubjectInfo", "age_group", "axis_rotation", "build_render_dataset", "find_scans", "load_scan",
-    "make_prompt", "read_expression_names", "read_subject_metadata", "scan_cameras",
+    "AGE_GROUPS", "DOMAINS", "DatasetBuildError", "RenderDatasetReport", "ScanEntry", "SubjectInfo", "age_group",
+    "build_render_dataset", "find_scans", "make_prompt", "read_expression_names", "read_subject_metadata",
+    "scan_cameras",
 ]
