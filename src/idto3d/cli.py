@@ -135,6 +135,20 @@ def fit_template_cmd(
     console.print(f"Chamfer to template / bbox diagonal: {rel}  ({report.seconds:.1f} s) -> {out}")
 
 
+def _check_repeats(repeats: int) -> None:
+    if repeats <= 0:
+        raise IdtoError("--repeats must be > 0")
+
+
+def _print_rows(rows: list[dict], as_json: bool) -> None:
+    from idto3d.bench import render_table
+
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+    else:
+        Console().print(render_table(rows))
+
+
 @bench_app.command("render")
 @user_errors
 def bench_render_cmd(
@@ -143,15 +157,11 @@ def bench_render_cmd(
     quick: Annotated[bool, typer.Option(help="Small sizes only (smoke test).")] = False,
 ) -> None:
     """Rasterise + normal shading (fwd+bwd) at ~20k/~80k triangles x 256/512, and marching tets + field."""
-    from idto3d.bench import bench_render, render_table
+    from idto3d.bench import bench_render
 
-    if repeats <= 0:
-        raise IdtoError("--repeats must be > 0")
+    _check_repeats(repeats)
     rows = bench_render(repeats=repeats, quick=quick)
-    if as_json:
-        typer.echo(json.dumps(rows, indent=2))
-    else:
-        Console().print(render_table(rows))
+    _print_rows(rows, as_json)
 
 
 @app.command("render-dataset")
@@ -288,16 +298,11 @@ def bench_identity_cmd(
                                               "folder.")] = None,
 ) -> None:
     """Per-photo CPU ms for detection, alignment and embedding (dlib; ArcFace with --pack), vs PNG decode."""
-    from idto3d.bench import render_table
     from idto3d.identity.bench import bench_identity
 
-    if repeats <= 0:
-        raise IdtoError("--repeats must be > 0")
+    _check_repeats(repeats)
     rows = bench_identity(pack=pack, repeats=repeats)
-    if as_json:
-        typer.echo(json.dumps(rows, indent=2))
-    else:
-        Console().print(render_table(rows))
+    _print_rows(rows, as_json)
 
 
 @bench_app.command("guidance")
@@ -308,16 +313,11 @@ def bench_guidance_cmd(
     quick: Annotated[bool, typer.Option(help="Skip the full-size SD1.5 UNet (tens of seconds per step).")] = False,
 ) -> None:
     """One SDS step (fwd+bwd, CFG) with the tiny prior and with a full-size SD1.5 UNet from config."""
-    from idto3d.bench import render_table
     from idto3d.priors.bench import bench_guidance
 
-    if repeats <= 0:
-        raise IdtoError("--repeats must be > 0")
+    _check_repeats(repeats)
     rows = bench_guidance(repeats=repeats, quick=quick)
-    if as_json:
-        typer.echo(json.dumps(rows, indent=2))
-    else:
-        Console().print(render_table(rows))
+    _print_rows(rows, as_json)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -132,8 +132,8 @@ def train_prior(
 ) -> TrainReport:
     """Fine-tune a ``domain`` prior on ``data`` (a ``render-dataset`` folder) into ``out``; see the module doc."""
     try:
-        return _train_prior(domain, data, out, cfg, base_model=base_model, init=init, ip_adapter=ip_adapter,
-                            resume=resume, progress=progress, console=console)
+        return _train_prior(domain, Path(data), Path(out), cfg, base_model=base_model, init=init,
+                            ip_adapter=ip_adapter, resume=resume, progress=progress, console=console)
     finally:
         # accelerate keeps its settings (mixed precision, ...) in process-wide singletons that refuse to
         # change; clear them so a later call in this process (tests, notebooks) may use other settings.
@@ -143,19 +143,9 @@ def train_prior(
         GradientState._reset_state()
 
 
-def _train_prior(
-    domain: str,
-    data: str | Path,
-    out: str | Path,
-    cfg: Config,
-    *,
-    base_model: str | Path | None = None,
-    init: str | Path | None = None,
-    ip_adapter: str | Path | None = None,
-    resume: bool = False,
-    progress: bool = True,
-    console: Any = None,
-) -> TrainReport:
+def _train_prior(domain: str, data: Path, out: Path, cfg: Config, *, base_model: str | Path | None,
+                 init: str | Path | None, ip_adapter: str | Path | None, resume: bool, progress: bool,
+                 console: Any) -> TrainReport:
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
     from torch.utils.data import DataLoader
