@@ -320,5 +320,57 @@ def bench_guidance_cmd(
     _print_rows(rows, as_json)
 
 
+@app.command("generate")
+@user_errors
+def generate_cmd(
+    inputs: Annotated[list[Path], typer.Argument(help="1-5 photos of one person (files/folders), or one identity "
+                                                 ".safetensors file.", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder (re-running the same command resumes it).",
+                                      show_default=False)],
+    normal_prior: Annotated[str | None, typer.Option("--normal-prior", help="Normal prior folder or hub id "
+                                                     "(default: prior.normal).")] = None,
+    prompt: Annotated[str | None, typer.Option("--prompt", help="Subject text of the prompts, e.g. \"a young "
+                                               "woman\" (default: \"a person\").")] = None,
+    expressions: Annotated[str | None, typer.Option("--expressions", help="Comma-separated expressions, e.g. "
+                                                    "neutral,smile,mouth_open.")] = None,
+    preset: PresetOpt = None, config: ConfigOpt = None, set_: SetOpt = None,
+    overwrite: Annotated[bool, typer.Option(help="Start over in a run folder made with another config.")] = False,
+) -> None:
+    """Photos -> identity -> template fit -> geometry SDS -> one mesh per expression in <out>/export/."""
+    from idto3d.config import load_config
+    from idto3d.pipeline.generate import generate
+
+    overrides = list(set_ or [])
+    if expressions is not None:
+        names = [e.strip() for e in expressions.split(",") if e.strip()]
+        if not names:
+            raise IdtoError("--expressions needs at least one name, e.g. neutral,smile")
+        overrides.append(f"expressions=[{', '.join(names)}]")
+    cfg = load_config(preset, config, overrides)
+    result = generate(inputs, out, cfg, normal_prior=normal_prior, prompt=prompt, overwrite=overwrite,
+                      console=console)
+    if result.missing:
+        console.print(f"[yellow]stopped:[/] {result.missing}", highlight=False)
+        return
+    geo = result.geometry
+    console.print(f"geometry: {geo.iterations} iterations ({geo.skipped_steps} skipped), {geo.seconds:.1f} s; "
+                  f"wrote {len(result.exported)} mesh files to {out / 'export'}", highlight=False)
+
+
+@bench_app.command("geometry")
+@user_errors
+def bench_geometry_cmd(
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable JSON instead of a table.")] = False,
+    repeats: Annotated[int, typer.Option(help="Timed iterations per guidance (median reported).")] = 5,
+    quick: Annotated[bool, typer.Option(help="Small grid and render size (smoke test).")] = False,
+) -> None:
+    """Seconds per geometry SDS iteration on CPU, split into field, render, guidance, backward and step."""
+    from idto3d.pipeline.bench_geometry import bench_geometry
+
+    _check_repeats(repeats)
+    rows = bench_geometry(repeats=repeats, quick=quick)
+    _print_rows(rows, as_json)
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()

@@ -86,6 +86,9 @@ class GuidanceCond:
     id_embedding: torch.Tensor | None = None          # [D] or [B, D]
     expressions: Sequence[str] | None = None          # expression names, or
     expression_embeddings: torch.Tensor | None = None  # [B|1, D_clip]
+    # Where each render came from; a prior ignores these, a mesh oracle renders its targets from them.
+    cameras: Any = None                               # render.camera.Camera with B views
+    expression_indices: Sequence[int] | None = None   # the run's expression index per image
 
 
 @dataclass

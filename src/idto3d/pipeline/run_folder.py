@@ -1,0 +1,56 @@
+"""Run-folder steps shared by the stages: config first, start-over on ``overwrite``, the fitted initial field."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+from idto3d.config import Config, dump_config
+from idto3d.errors import IdtoError
+from idto3d.geometry.field import ExpressionField, build_field
+from idto3d.geometry.template_fit import fit_field_to_mesh
+from idto3d.pipeline.init_geometry import resolve_template, save_fitted, write_run_config
+from idto3d.pipeline.progress import progress_bar
+
+# Outputs derived from the config: removed when a run starts over, so no stale checkpoint is resumed.
+DERIVED = ("geometry", "export")
+
+
+def prepare_run(run_dir: str | Path, cfg: Config, overwrite: bool = False) -> Path:
+    """Write ``config.yaml`` (refusing a different config unless ``overwrite``); ``overwrite`` starts over."""
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise IdtoError(f"--out {run_dir} is a file; give a folder for the run")
+    path = run_dir / "config.yaml"
+    # Unchanged config: leave the file alone, so it stays the run's first output.
+    if overwrite or not path.exists() or path.read_text(encoding="utf-8") != dump_config(cfg):
+        write_run_config(run_dir, cfg, overwrite=overwrite)
+    if overwrite:
+        for name in DERIVED:
+            shutil.rmtree(run_dir / name, ignore_errors=True)
+    return run_dir
+
+
+def ensure_init(run_dir: str | Path, cfg: Config, console: Console | None = None,
+                progress: bool = True) -> ExpressionField:
+    """The template-regressed field of this run (``geometry/init.pt``), fitting it first if absent."""
+    run_dir = Path(run_dir)
+    geo = run_dir / "geometry"
+    field = build_field(cfg.geometry, n_expressions=len(cfg.expressions), seed=cfg.seed)
+    if not (geo / "init_report.json").exists() or not (geo / "init.pt").exists():
+        template = resolve_template(cfg)
+        torch.manual_seed(cfg.seed)
+        with progress_bar("SDF regression", cfg.template.iterations, console, enabled=progress) as update:
+            report = fit_field_to_mesh(field, template, cfg.template, seed=cfg.seed,
+                                       on_step=lambda step, loss: update(loss=loss))
+        save_fitted(run_dir, cfg, field, report)
+        return field
+    state = torch.load(geo / "init.pt", map_location="cpu", weights_only=True)
+    if list(state.get("expressions", [])) != list(cfg.expressions):
+        raise IdtoError(f"{geo / 'init.pt'} was fitted for expressions {state.get('expressions')}, not "
+                        f"{cfg.expressions}; pass --overwrite to start over")
+    field.load_state_dict(state["field"])
+    return field
