@@ -103,7 +103,8 @@ class GeometryConfig:
     # The encoding's tables are sparse (each entry sees only the grid vertices around it) and start at
     # +-1e-4, so at the paper's 1e-4 they barely move in a run; Instant-NGP-style grids are trained
     # with a larger rate than the MLP after them, and the template fit already uses 3e-3 for all.
-    encoding_lr_scale: float = _opt(10.0, gt=0.0, help="the encoding tables' lr = lr x this")
+    encoding_lr_scale: float = _opt(10.0, gt=0.0, help="the encoding tables' lr = lr x this; keep lr x this <= ~3e-3: Adam's "
+                                   "first steps move every table entry by about that much")
     laplacian_weight: float = _opt(5000.0, ge=0.0)
     batch_size: int = _opt(1, ge=1, le=64, help="cameras rendered per SDS step (one expression per step)")
     checkpoint_every: int = _opt(100, ge=1, help="iterations between checkpoints (geometry/ckpt.pt)")

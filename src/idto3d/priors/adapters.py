@@ -90,6 +90,12 @@ def _prepare_mask(attn: Any, mask: torch.Tensor | None, seq_len: int, batch: int
     return mask.view(batch, attn.heads, -1, mask.shape[-1])
 
 
+def _lora_qkv(attn: Any, lora: nn.Module, x: torch.Tensor, ctx: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Q from the image features, K and V from the context, each plus its LoRA delta."""
+    return (attn.to_q(x) + lora.to_q_lora(x), attn.to_k(ctx) + lora.to_k_lora(ctx),
+            attn.to_v(ctx) + lora.to_v_lora(ctx))
+
+
 def _finish(attn: Any, out: torch.Tensor, residual: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     out = attn.to_out[1](attn.to_out[0](out))
     if len(shape) == 4:
@@ -131,9 +137,7 @@ class LoRASelfAttnProcessor(nn.Module):
         x, residual, shape = _flatten_input(attn, hidden_states, temb)
         ctx = x if encoder_hidden_states is None else encoder_hidden_states
         mask = _prepare_mask(attn, attention_mask, ctx.shape[1], x.shape[0])
-        q = attn.to_q(x) + self.to_q_lora(x)
-        k = attn.to_k(ctx) + self.to_k_lora(ctx)
-        v = attn.to_v(ctx) + self.to_v_lora(ctx)
+        q, k, v = _lora_qkv(attn, self, x, ctx)
         return _finish(attn, _attend(attn, q, k, v, mask), residual, shape)
 
 
@@ -166,9 +170,7 @@ class DecoupledCrossAttnProcessor(nn.Module):
         if encoder_hidden_states is not None and attn.norm_cross:
             ctx = attn.norm_encoder_hidden_states(ctx)
         mask = _prepare_mask(attn, attention_mask, ctx.shape[1], x.shape[0])
-        q = attn.to_q(x) + self.to_q_lora(x)
-        k = attn.to_k(ctx) + self.to_k_lora(ctx)
-        v = attn.to_v(ctx) + self.to_v_lora(ctx)
+        q, k, v = _lora_qkv(attn, self, x, ctx)
         out = _attend(attn, q, k, v, mask)
         lam_id = self.lambda_id if lambda_id is None else lambda_id
         lam_exp = self.lambda_exp if lambda_exp is None else lambda_exp
