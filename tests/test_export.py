@@ -2,11 +2,6 @@
 
 from __future__ import annotations
 
-import io
-import json
-import shutil
-import subprocess
-from pathlib import Path
 
 import numpy as np
 import pygltflib
@@ -21,9 +16,7 @@ from idto3d.export.maps import MapError
 from idto3d.geometry.template import METRES_PER_UNIT, build_head_template
 from idto3d.render.mesh import Mesh
 
-ROOT = Path(__file__).resolve().parents[1]
-VALIDATOR_SCRIPT = ROOT / "tests" / "tools" / "validate_gltf.mjs"
-VALIDATOR_PKG = ROOT / ".ci" / "node" / "node_modules" / "gltf-validator"
+from gltf_checks import png_texture, validate_glb
 
 
 @pytest.fixture(scope="module")
@@ -119,14 +112,6 @@ def _map_args(maps: PBRMaps):
     return maps.albedo, maps.roughness, maps.metallic, maps.normal
 
 
-def _png(gltf: pygltflib.GLTF2, texture_index: int) -> np.ndarray:
-    image = gltf.images[gltf.textures[texture_index].source]
-    view = gltf.bufferViews[image.bufferView]
-    blob = gltf.binary_blob()
-    assert image.mimeType == "image/png"
-    return np.asarray(Image.open(io.BytesIO(blob[view.byteOffset : view.byteOffset + view.byteLength])))
-
-
 def test_glb_material_in_pygltflib(tmp_path, head_uv):
     maps = random_maps()
     path = write_glb(tmp_path / "smile.glb", head_uv, *_map_args(maps))
@@ -135,9 +120,9 @@ def test_glb_material_in_pygltflib(tmp_path, head_uv):
     assert pbr.baseColorTexture is not None and pbr.metallicRoughnessTexture is not None
     assert gltf.materials[0].normalTexture is not None
     assert set(vars(gltf.meshes[0].primitives[0].attributes)) >= {"POSITION", "NORMAL", "TANGENT", "TEXCOORD_0"}
-    base = _png(gltf, pbr.baseColorTexture.index)
+    base = png_texture(gltf, pbr.baseColorTexture.index)
     np.testing.assert_array_equal(base, np.round(maps.albedo * 255).astype(np.uint8))
-    mr = _png(gltf, pbr.metallicRoughnessTexture.index)
+    mr = png_texture(gltf, pbr.metallicRoughnessTexture.index)
     assert mr.shape == (48, 64, 3)
     np.testing.assert_array_equal(mr[..., 1], np.round(maps.roughness * 255).astype(np.uint8))  # G = roughness
     np.testing.assert_array_equal(mr[..., 2], np.round(maps.metallic * 255).astype(np.uint8))  # B = metallic
@@ -151,22 +136,10 @@ def test_glb_without_normal_map(tmp_path, head_uv):
     assert gltf.meshes[0].primitives[0].attributes.TANGENT is None
 
 
-def _validate(path: Path) -> dict:
-    node = shutil.which("node")
-    if node is None or not VALIDATOR_PKG.is_dir():
-        pytest.skip(
-            "glTF validator not installed: run `npm install --no-save --prefix .ci/node "
-            "gltf-validator@2.0.0-dev.3.10` (needs node + npm; .ci/run does it)"
-        )
-    out = subprocess.run([node, str(VALIDATOR_SCRIPT), str(path)], capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stderr
-    return json.loads(out.stdout)
-
-
 @pytest.mark.parametrize("normal", [True, False])
 def test_glb_passes_khronos_validator(tmp_path, head_uv, normal):
     path = write_glb(tmp_path / "v.glb", head_uv, *_map_args(random_maps(normal=normal)))
-    report = _validate(path)
+    report = validate_glb(path)
     issues = report["issues"]
     assert issues["numErrors"] == 0, issues["messages"]
     assert issues["numWarnings"] == 0, issues["messages"]

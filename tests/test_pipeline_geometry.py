@@ -32,7 +32,8 @@ from priors_fixtures import isolated_cache, tiny_base  # noqa: F401  (fixtures)
 
 FAST = ["template.iterations=100", "template.points_per_step=1000", "template.build_resolution=32",
         "geometry.grid_resolution=16", "render.resolution=64", "prior.guidance.latent_size=8",
-        "geometry.iterations=6", "geometry.checkpoint_every=2", "geometry.preview_every=3"]
+        "geometry.iterations=6", "geometry.checkpoint_every=2", "geometry.preview_every=3",
+        "export.turntable_views=2", "export.turntable_resolution=64", "export.video=false"]
 TWO = FAST + ["expressions=[neutral, smile]"]
 
 
@@ -209,7 +210,11 @@ def test_generate_from_a_photo_end_to_end_with_a_tiny_prior(tmp_path, normal_pri
     assert list((run / "crops").glob("*.png"))
     for name in ("neutral", "smile"):
         for ext in (".ply", ".obj"):
-            assert _load_vertices(run / "export" / f"{name}{ext}").shape[0] > 100
+            assert _load_vertices(run / "geometry" / f"{name}{ext}").shape[0] > 100
+        # No albedo prior: exported with the grey placeholder material, and the run says so.
+        assert (run / "export" / f"{name}.glb").stat().st_size > 0
+        assert (run / "renders" / f"{name}_turntable.png").stat().st_size > 0
+    assert "no albedo prior" in result.output
     log = [json.loads(x) for x in (run / "geometry" / "log.jsonl").read_text().splitlines()]
     assert len(log) == 6 and all(np.isfinite(r["loss"]) and not r["skipped"] for r in log)
 
@@ -264,8 +269,8 @@ def test_a_killed_generate_resumes_to_the_uninterrupted_result(tmp_path, normal_
     done = subprocess.run(_generate_cmd(ident, tmp_path / "full", normal_prior, extra), env=env,
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    a = _load_vertices(killed / "export" / "neutral.ply")
-    b = _load_vertices(tmp_path / "full" / "export" / "neutral.ply")
+    a = _load_vertices(killed / "geometry" / "neutral.ply")
+    b = _load_vertices(tmp_path / "full" / "geometry" / "neutral.ply")
     assert a.shape == b.shape and np.abs(a - b).max() <= 1e-5
 
 

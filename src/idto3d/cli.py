@@ -329,14 +329,18 @@ def generate_cmd(
                                       show_default=False)],
     normal_prior: Annotated[str | None, typer.Option("--normal-prior", help="Normal prior folder or hub id "
                                                      "(default: prior.normal).")] = None,
+    albedo_prior: Annotated[str | None, typer.Option("--albedo-prior", help="Albedo prior folder or hub id "
+                                                     "(default: prior.albedo).")] = None,
     prompt: Annotated[str | None, typer.Option("--prompt", help="Subject text of the prompts, e.g. \"a young "
                                                "woman\" (default: \"a person\").")] = None,
     expressions: Annotated[str | None, typer.Option("--expressions", help="Comma-separated expressions, e.g. "
                                                     "neutral,smile,mouth_open.")] = None,
+    envmaps: Annotated[Path | None, typer.Option("--envmaps", help="Folder of .hdr/.exr environment maps for "
+                                                 "the texture stage (default: procedural skies).")] = None,
     preset: PresetOpt = None, config: ConfigOpt = None, set_: SetOpt = None,
     overwrite: Annotated[bool, typer.Option(help="Start over in a run folder made with another config.")] = False,
 ) -> None:
-    """Photos -> identity -> template fit -> geometry SDS -> one mesh per expression in <out>/export/."""
+    """Photos -> identity -> template fit -> geometry SDS -> texture SDS -> GLB/OBJ + PBR maps and turntables."""
     from idto3d.config import load_config
     from idto3d.pipeline.generate import generate
 
@@ -346,15 +350,25 @@ def generate_cmd(
         if not names:
             raise IdtoError("--expressions needs at least one name, e.g. neutral,smile")
         overrides.append(f"expressions=[{', '.join(names)}]")
+    if envmaps is not None:
+        overrides.append(f"texture.envmaps={json.dumps(str(envmaps))}")
     cfg = load_config(preset, config, overrides)
-    result = generate(inputs, out, cfg, normal_prior=normal_prior, prompt=prompt, overwrite=overwrite,
-                      console=console)
+    result = generate(inputs, out, cfg, normal_prior=normal_prior, albedo_prior=albedo_prior, prompt=prompt,
+                      overwrite=overwrite, console=console)
+    if result.geometry is not None and result.geometry.iterations >= cfg.geometry.iterations:
+        geo = result.geometry
+        console.print(f"geometry: {geo.iterations} iterations ({geo.skipped_steps} skipped), {geo.seconds:.1f} s",
+                      highlight=False)
+    if result.texture is not None and result.texture.iterations >= cfg.texture.iterations:
+        tex = result.texture
+        console.print(f"texture: {tex.iterations} iterations ({tex.skipped_steps} skipped), {tex.seconds:.1f} s",
+                      highlight=False)
+    if result.exported:
+        glbs = sum(p.suffix == ".glb" for p in result.exported)
+        console.print(f"wrote {glbs} GLB heads and {len(result.exported) - glbs} more files to {out / 'export'} "
+                      f"and {out / 'renders'}", highlight=False)
     if result.missing:
-        console.print(f"[yellow]stopped:[/] {result.missing}", highlight=False)
-        return
-    geo = result.geometry
-    console.print(f"geometry: {geo.iterations} iterations ({geo.skipped_steps} skipped), {geo.seconds:.1f} s; "
-                  f"wrote {len(result.exported)} mesh files to {out / 'export'}", highlight=False)
+        console.print(f"[yellow]{'note' if result.exported else 'stopped'}:[/] {result.missing}", highlight=False)
 
 
 @bench_app.command("geometry")
@@ -370,6 +384,20 @@ def bench_geometry_cmd(
     _check_repeats(repeats)
     rows = bench_geometry(repeats=repeats, quick=quick)
     _print_rows(rows, as_json)
+
+
+@bench_app.command("texture")
+@user_errors
+def bench_texture_cmd(
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable JSON instead of a table.")] = False,
+    repeats: Annotated[int, typer.Option(help="Timed iterations per guidance (median reported).")] = 5,
+    quick: Annotated[bool, typer.Option(help="Small mesh, texture and render size (smoke test).")] = False,
+) -> None:
+    """Seconds per texture SDS iteration on CPU, split into field (bake), render/shade, guidance, backward, step."""
+    from idto3d.pipeline.bench_texture import bench_texture
+
+    _check_repeats(repeats)
+    _print_rows(bench_texture(repeats=repeats, quick=quick), as_json)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -113,6 +113,65 @@ class GeometryConfig:
 
 
 @dataclass
+class TextureFieldConfig:
+    """The expression-conditioned transformer that predicts albedo, roughness and metallic."""
+
+    d_model: int = _opt(32, ge=4, le=1024)
+    n_layers: int = _opt(3, ge=1, le=16, help="transformer layers (paper: 3)")
+    n_heads: int = _opt(2, ge=1, le=32)
+    latent_dim: int = _opt(32, ge=1, le=1024, help="size of each expression's latent code (paper: 32)")
+
+
+def _texture_encoding() -> EncodingConfig:
+    return EncodingConfig(kind="dense", n_levels=4, n_features_per_level=4, base_resolution=16, max_resolution=128)
+
+
+@dataclass
+class TextureConfig:
+    """The texture stage (paper sections 3.4, B): SDS on pseudo-albedo renders under random lighting.
+
+    Sub-stages: diffuse only for ``diffuse_fraction`` of the iterations (t in [50, 900]), then albedo +
+    roughness + metallic (t in [50, 500]); with ``refine_model`` the last ``refine_iterations`` are guided by
+    that photorealistic text-to-image model (t in [50, 100]).
+    """
+
+    resolution: int = _opt(256, ge=16, le=4096, help="UV texture size optimised (and exported)")
+    encoding: EncodingConfig = field(default_factory=_texture_encoding)
+    field: TextureFieldConfig = field(default_factory=TextureFieldConfig)
+    iterations: int = _opt(300, ge=0, help="SDS iterations in all sub-stages (paper: 2000 for one expression)")
+    lr: float = _opt(0.01, gt=0.0, help="Adam learning rate (paper: 0.01)")
+    diffuse_fraction: float = _opt(0.8, ge=0.0, le=1.0, help="share of iterations that learn the diffuse "
+                                   "term only (paper: 0.8)")
+    refine_iterations: int = _opt(20, ge=0, help="last iterations guided by refine_model (paper: 20)")
+    refine_model: str | None = _opt(None, help="SD-architecture text-to-image folder or hub id for the "
+                                    "photoreal refinement; null = no refinement")
+    refine_prompt: str = _opt("A {view} view photo of {subject}, studio lighting, photorealistic, detailed skin",
+                              help="prompt of the refinement; {view} and {subject} are filled in")
+    envmaps: str | None = _opt(None, help="folder of .hdr/.exr environment maps (the paper used 60); null = "
+                               "procedural skies")
+    procedural_fraction: float = _opt(0.0, ge=0.0, le=1.0, help="with envmaps set, share of iterations lit "
+                                      "by a procedural sky instead")
+    envmap_height: int = _opt(64, ge=8, le=1024, help="environment maps are resized to this height x 2")
+    random_lighting: bool = _opt(True, help="false = one fixed environment, no rotation (the paper's "
+                                 "figure-11 ablation)")
+    batch_size: int = _opt(1, ge=1, le=64, help="cameras rendered per SDS step (one expression per step)")
+    checkpoint_every: int = _opt(100, ge=1, help="iterations between checkpoints (texture/ckpt.pt)")
+    preview_every: int = _opt(100, ge=1, help="iterations between preview images (texture/progress.png)")
+    max_bad_steps: int = _opt(10, ge=1, help="non-finite steps in a row (skipped) before the run stops")
+
+
+@dataclass
+class ExportConfig:
+    """Render-ready assets and turntables."""
+
+    texture_size: int = _opt(1024, ge=16, le=8192, help="size of the exported PBR maps (baked from the "
+                             "texture field, so it may exceed texture.resolution)")
+    turntable_views: int = _opt(12, ge=1, le=360, help="frames of each expression's turntable")
+    turntable_resolution: int = _opt(256, ge=32, le=2048)
+    video: bool = _opt(True, help="also write an MP4 turntable where ffmpeg (or imageio-ffmpeg) is found")
+
+
+@dataclass
 class IdentityConfig:
     """Photos -> face crops -> identity embedding (paper section 3.2)."""
 
@@ -206,6 +265,8 @@ class Config:
     render: RenderConfig = field(default_factory=RenderConfig)
     template: TemplateConfig = field(default_factory=TemplateConfig)
     geometry: GeometryConfig = field(default_factory=GeometryConfig)
+    texture: TextureConfig = field(default_factory=TextureConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     identity: IdentityConfig = field(default_factory=IdentityConfig)
     prior: PriorConfig = field(default_factory=PriorConfig)
 
@@ -406,6 +467,12 @@ def _cross_checks(cfg: Config) -> None:
     if fc.d_model % fc.n_heads:
         raise ConfigError(f"geometry.field.d_model ({fc.d_model}) must be divisible by "
                           f"geometry.field.n_heads ({fc.n_heads})")
+    tenc, tfc = cfg.texture.encoding, cfg.texture.field
+    if tenc.max_resolution < tenc.base_resolution:
+        raise ConfigError("texture.encoding.max_resolution must be >= texture.encoding.base_resolution")
+    if tfc.d_model % tfc.n_heads:
+        raise ConfigError(f"texture.field.d_model ({tfc.d_model}) must be divisible by "
+                          f"texture.field.n_heads ({tfc.n_heads})")
 
 
 def load_config(preset: str | None = None, file: str | Path | None = None,

@@ -57,6 +57,16 @@ class UVMesh:
             )
         return UVMesh(v[self.vmapping], self.faces, self.uvs, self.vmapping)
 
+    def render_inputs(self, device: torch.device | str = "cpu") -> tuple[Mesh, torch.Tensor, torch.Tensor]:
+        """``(mesh, uv, attribute_faces)`` for ``render_albedo`` / ``render_pbr``: the welded mesh (positions
+        shared across seams, so shading normals stay smooth there) with UVs indexed per seam-split vertex."""
+        n_source = int(self.vmapping.max()) + 1
+        positions = np.zeros((n_source, 3), dtype=np.float32)
+        positions[self.vmapping] = self.vertices
+        faces = torch.from_numpy(self.vmapping[self.faces]).to(device)
+        mesh = Mesh(torch.from_numpy(positions).to(device), faces)
+        return mesh, torch.from_numpy(self.uvs).to(device), torch.from_numpy(self.faces).to(device)
+
 
 def _as_vertices(vertices: np.ndarray | torch.Tensor) -> np.ndarray:
     if isinstance(vertices, torch.Tensor):

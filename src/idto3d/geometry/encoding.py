@@ -350,3 +350,12 @@ def make_encoding(kind: str, prefer_tcnn: bool = True, **kwargs: object) -> nn.M
             f"allowed: {', '.join(sorted(allowed))}"
         )
     return cls(**kwargs)
+
+
+def encoding_from_config(cfg, bound: float) -> nn.Module:  # noqa: ANN001 (an idto3d.config.EncodingConfig)
+    """The encoding an ``EncodingConfig`` describes, covering ``[-bound, bound]^3``."""
+    kwargs: dict = dict(n_levels=cfg.n_levels, n_features_per_level=cfg.n_features_per_level,
+                        base_resolution=cfg.base_resolution, max_resolution=cfg.max_resolution, bound=bound)
+    if cfg.kind == "hash":
+        kwargs["log2_hashmap_size"] = cfg.log2_hashmap_size
+    return make_encoding(cfg.kind, **kwargs)

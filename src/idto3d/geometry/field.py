@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from idto3d.config import GeometryConfig
-from idto3d.geometry.encoding import make_encoding
+from idto3d.geometry.encoding import encoding_from_config
 from idto3d.geometry.marching_tets import marching_tets
 from idto3d.geometry.tetgrid import TetGrid, make_tet_grid
 from idto3d.render.mesh import Mesh
@@ -142,16 +142,10 @@ class ExpressionField(nn.Module):
 
 def build_field(cfg: GeometryConfig, n_expressions: int, seed: int = 0) -> ExpressionField:
     """An ``ExpressionField`` from the geometry config, deterministic under ``seed``."""
-    enc_cfg = cfg.encoding
-    kwargs = dict(n_levels=enc_cfg.n_levels, n_features_per_level=enc_cfg.n_features_per_level,
-                  base_resolution=enc_cfg.base_resolution, max_resolution=enc_cfg.max_resolution,
-                  bound=cfg.grid_scale)
-    if enc_cfg.kind == "hash":
-        kwargs["log2_hashmap_size"] = enc_cfg.log2_hashmap_size
     gen = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        encoding = make_encoding(enc_cfg.kind, **kwargs)
+        encoding = encoding_from_config(cfg.encoding, cfg.grid_scale)
         grid = make_tet_grid(cfg.grid_resolution, cfg.grid_scale)
         fc = cfg.field
         return ExpressionField(grid, encoding, n_expressions, latent_dim=fc.latent_dim, d_model=fc.d_model,
@@ -159,8 +153,8 @@ def build_field(cfg: GeometryConfig, n_expressions: int, seed: int = 0) -> Expre
                                generator=gen)
 
 
-def field_parameter_groups(field: ExpressionField, lr: float, encoding_lr_scale: float = 1.0) -> list[dict]:
-    """Optimizer groups: the encoding's tables may need their own learning rate."""
+def field_parameter_groups(field: nn.Module, lr: float, encoding_lr_scale: float = 1.0) -> list[dict]:
+    """Optimizer groups of a field with an ``encoding``: the encoding's tables may need their own learning rate."""
     enc = list(field.encoding.parameters())
     enc_ids = {id(p) for p in enc}
     rest = [p for p in field.parameters() if id(p) not in enc_ids]

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from rich.console import Console
 
-from idto3d.atomic import atomic_torch_save, atomic_write_text
+from idto3d.atomic import atomic_write_text
 from idto3d.config import Config
 from idto3d.errors import IdtoError
 from idto3d.geometry.field import ExpressionField, field_parameter_groups
@@ -27,6 +27,7 @@ from idto3d.geometry.laplacian import laplacian_loss
 from idto3d.geometry.mesh_io import save_mesh
 from idto3d.pipeline.progress import progress_bar
 from idto3d.pipeline.run_folder import ensure_init, prepare_run
+from idto3d.pipeline.stage_state import StageCounters, StageState
 from idto3d.priors.guidance import GuidanceCond, NonFiniteGradientError, ScoreDistillation
 from idto3d.render.backend import get_rasterizer
 from idto3d.render.camera import Camera, sample_orbit_cameras, view_word
@@ -57,14 +58,14 @@ def render_for_guidance(mesh: Mesh, cameras: Camera, resolution: int, rasterizer
     return torch.cat([out.image, out.mask], dim=-1).permute(0, 3, 1, 2)
 
 
-def _conditioning_key(id_embedding: torch.Tensor | None, subject: str) -> str:
+def conditioning_key(id_embedding: torch.Tensor | None, subject: str) -> str:
     h = hashlib.sha256(subject.encode("utf-8"))
     if id_embedding is not None:
         h.update(id_embedding.detach().float().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
 
 
-def _finite(*tensors: torch.Tensor | None) -> bool:
+def all_finite(*tensors: torch.Tensor | None) -> bool:
     return all(t is None or bool(torch.isfinite(t).all()) for t in tensors)
 
 
@@ -84,7 +85,7 @@ def save_progress(field: ExpressionField, names: list[str], path: Path, resoluti
     save_png(np.concatenate(rows, axis=0), path)
 
 
-def _truncate_log(path: Path, before: int) -> None:
+def truncate_log(path: Path, before: int) -> None:
     """Keep the log lines of iterations before ``before`` (a killed run may have logged past its checkpoint,
     or left half a line)."""
     if not path.exists():
@@ -121,7 +122,7 @@ def run_geometry_stage(run_dir: str | Path, cfg: Config, guidance: ScoreDistilla
     run_dir = prepare_run(run_dir, cfg, overwrite)
     geo = run_dir / "geometry"
     gcfg, names = cfg.geometry, list(cfg.expressions)
-    key = _conditioning_key(id_embedding, subject)
+    key = conditioning_key(id_embedding, subject)
     field = ensure_init(run_dir, cfg, console, progress)
     if (geo / "done.json").exists():
         return _finished(geo, cfg, key, field)
@@ -130,31 +131,22 @@ def run_geometry_stage(run_dir: str | Path, cfg: Config, guidance: ScoreDistilla
     rasterizer = get_rasterizer(cfg.render.backend, device)
     opt = torch.optim.Adam(field_parameter_groups(field, gcfg.lr, gcfg.encoding_lr_scale), lr=gcfg.lr)
     sampler = torch.Generator().manual_seed(cfg.seed)
-    start, skipped, bad_in_row, elapsed = 0, 0, 0, 0.0
     ckpt_path, log_path = geo / "ckpt.pt", geo / "log.jsonl"
+    stage = StageState(field, opt, sampler, {"guidance": guidance}, key)
+    counters = StageCounters()
     if ckpt_path.exists():
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        if state["conditioning"] != key:
-            raise IdtoError(f"{geo} holds a run for a different identity or prompt; pass --overwrite to start "
-                            f"over")
-        field.load_state_dict(state["field"])
-        opt.load_state_dict(state["optimizer"])
-        sampler.set_state(state["sampler"])
-        guidance.load_state_dict(state["guidance"])
-        torch.set_rng_state(state["torch_rng"])
-        start, skipped, bad_in_row, elapsed = (state["iteration"], state["skipped_steps"], state["bad_in_row"],
-                                               state["seconds"])
+        counters = stage.restore(ckpt_path, f"{geo} holds a run for a different identity or prompt; pass "
+                                            f"--overwrite to start over")
     else:
         torch.manual_seed(cfg.seed)
-    _truncate_log(log_path, start)
+    start, skipped, bad_in_row, elapsed = (counters.iteration, counters.skipped_steps, counters.bad_in_row,
+                                           counters.seconds)
+    truncate_log(log_path, start)
     if id_embedding is not None:
         id_embedding = id_embedding.detach().float().to(device)
 
     def checkpoint(iteration: int) -> None:
-        atomic_torch_save(ckpt_path, {
-            "iteration": iteration, "field": field.state_dict(), "optimizer": opt.state_dict(),
-            "sampler": sampler.get_state(), "guidance": guidance.state_dict(), "torch_rng": torch.get_rng_state(),
-            "skipped_steps": skipped, "bad_in_row": bad_in_row, "seconds": elapsed, "conditioning": key})
+        stage.save(ckpt_path, StageCounters(iteration, skipped, bad_in_row, elapsed))
 
     total = gcfg.iterations
     end = total if stop_after is None else min(total, start + max(stop_after, 0))
@@ -187,10 +179,10 @@ def run_geometry_stage(run_dir: str | Path, cfg: Config, guidance: ScoreDistilla
                 lap = laplacian_loss(mesh)
                 loss = out.loss + gcfg.laplacian_weight * lap
                 sds_val, lap_val = float(out.loss.detach()), float(lap.detach())
-                ok = _finite(loss, out.latents, out.noise_pred)
+                ok = all_finite(loss, out.latents, out.noise_pred)
                 if ok:
                     loss.backward()
-                    ok = _finite(*(p.grad for p in field.parameters()))
+                    ok = all_finite(*(p.grad for p in field.parameters()))
             except NonFiniteGradientError:
                 ok = False
             if ok:

@@ -16,7 +16,7 @@ from idto3d.pipeline.init_geometry import resolve_template, save_fitted, write_r
 from idto3d.pipeline.progress import progress_bar
 
 # Outputs derived from the config: removed when a run starts over, so no stale checkpoint is resumed.
-DERIVED = ("geometry", "export")
+DERIVED = ("geometry", "texture", "export", "renders")
 
 
 def prepare_run(run_dir: str | Path, cfg: Config, overwrite: bool = False) -> Path:

@@ -89,6 +89,8 @@ class GuidanceCond:
     # Where each render came from; a prior ignores these, a mesh oracle renders its targets from them.
     cameras: Any = None                               # render.camera.Camera with B views
     expression_indices: Sequence[int] | None = None   # the run's expression index per image
+    lighting: Any = None                              # render.envmap.EnvironmentMap the renders were lit by
+    shading: str | None = None                        # "diffuse" or "pbr": how the renders were shaded
 
 
 @dataclass

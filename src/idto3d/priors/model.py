@@ -29,7 +29,8 @@ from idto3d.priors import adapters as ad
 from idto3d.priors.expressions import expression_embeddings, expression_index
 
 FORMAT = "idto3d.prior/1"
-DOMAINS = ("normal", "albedo")
+# "photo": a base text-to-image model used as is (adapters stay zero and get no tokens): texture refinement.
+DOMAINS = ("normal", "albedo", "photo")
 ID_DIMS = {128: "dlib", 512: "ArcFace"}
 
 
@@ -406,3 +407,13 @@ def load_prior(path_or_id: str | Path, *, device: Any = None, dtype: Any = None,
         raise IdtoError(f"cannot read {weights}: {exc}") from None
     prior.load_adapter_state_dict(state, source=str(weights))
     return prior
+
+
+def load_photo_prior(base_model: str | Path, *, vae: str | None = None, device: Any = None,
+                     dtype: Any = None) -> Prior:
+    """A plain SD-architecture text-to-image model (the texture stage's photoreal refinement) as a ``Prior``.
+
+    Its adapters are freshly built: LoRA up-projections start at zero and the ID/expression branches get no
+    tokens when guidance passes no ID or expression, so it predicts exactly what the base model predicts.
+    """
+    return build_prior(base_model, "photo", id_dim=1, vae=vae, device=device, dtype=dtype)

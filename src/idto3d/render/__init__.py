@@ -19,6 +19,7 @@ from idto3d.render.envmap import (
     random_envmap,
     rotate_y,
     save_hdr,
+    studio_envmap,
 )
 from idto3d.render.fragments import Fragments
 from idto3d.render.mesh import Mesh
@@ -59,5 +60,6 @@ __all__ = [
     "sample_texture",
     "save_hdr",
     "shade_pbr",
+    "studio_envmap",
     "view_word",
 ]

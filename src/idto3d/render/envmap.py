@@ -472,3 +472,42 @@ def random_envmap(
         env = _cached_load(Path(files[int(torch.randint(0, len(files), (), generator=generator))]), height)
     column = int(torch.randint(0, env.width, (), generator=generator))
     return rotate_y(env, column * 360.0 / env.width)
+
+
+def studio_envmap(height: int = 64) -> EnvironmentMap:
+    """The fixed studio HDR every turntable (and evaluation render) is lit with, so renders of
+    different runs, expressions and heads are lit the same way and can be compared.
+
+    No randomness: a neutral grey backdrop (brighter toward the ceiling, a darker floor) and three
+    soft-edged round area lights in the head's frame (it faces +Z): a key (25 deg radius) in front,
+    40 deg toward -X (the viewer's left in the front view) and 30 deg up, 5600 K; a larger, weaker
+    fill in front, 50 deg toward +X and 10 deg up, 6500 K; a rim light behind and 40 deg up, 6000 K.
+    Lights are sized in degrees and scaled to a set irradiance (key 2.5x, fill 1x, rim 1.6x the
+    backdrop's), so the lighting barely changes with ``height``; the key has the highest radiance.
+    """
+    if height < 4:
+        raise EnvMapError(f"studio environment map height must be >= 4, got {height}")
+    H, W = height, 2 * height
+    d = pixel_directions(H, W, torch.float64)
+    y = d[..., 1:2]
+    wall = 0.30 + 0.10 * y.clamp(min=0)  # a soft ceiling gradient above the horizon
+    blend = ((y + 0.05) / 0.1).clamp(0, 1)  # a few degrees of smooth horizon, no aliased step
+    rad = (wall * blend + 0.18 * (1 - blend)).expand(H, W, 3).clone()
+
+    dw = pixel_solid_angles(H, W, torch.float64).unsqueeze(-1)  # [H, 1, 1]
+    backdrop_irradiance = math.pi * 0.35  # a surface facing up, lit by the wall alone
+    min_radius = 1.5 * math.pi / H  # a light narrower than ~1.5 pixels would alias away
+    # (azimuth deg: 0 = +Z, 90 = +X; elevation deg; angular radius deg; kelvin; irradiance / backdrop's)
+    lights = ((-40.0, 30.0, 25.0, 5600.0, 2.5), (50.0, 10.0, 30.0, 6500.0, 1.0),
+              (180.0, 40.0, 22.0, 6000.0, 1.6))
+    for az_deg, el_deg, radius_deg, kelvin, strength in lights:
+        az, el = math.radians(az_deg), math.radians(el_deg)
+        radius = max(math.radians(radius_deg), min_radius)
+        axis = torch.tensor([math.cos(el) * math.sin(az), math.sin(el), math.cos(el) * math.cos(az)],
+                            dtype=torch.float64)
+        ang = torch.acos((d @ axis).clamp(-1, 1)).unsqueeze(-1)
+        w = ((1.3 * radius - ang) / (0.6 * radius)).clamp(0, 1)
+        w = w * w * (3 - 2 * w)  # smoothstep: a softbox's soft edge
+        peak = strength * backdrop_irradiance / max(float((w * dw).sum()), 1e-12)
+        rad = rad + w * peak * blackbody_rgb(kelvin)
+    return EnvironmentMap(rad.to(torch.float32), "studio")

@@ -249,15 +249,19 @@ def _specular_lookup(pre: PrefilteredEnv, dirs: torch.Tensor, roughness: torch.T
 
 def shade_pbr(normals: torch.Tensor, view_dirs: torch.Tensor, albedo: torch.Tensor,
               roughness: torch.Tensor | float, metallic: torch.Tensor | float,
-              env: EnvironmentMap | PrefilteredEnv) -> torch.Tensor:
+              env: EnvironmentMap | PrefilteredEnv, specular: bool = True) -> torch.Tensor:
     """Outgoing linear radiance ``[..., 3]`` of a GGX material under ``env``.
 
     ``normals`` and ``view_dirs`` (surface -> viewer) are world-space ``[..., 3]``, need not be
     unit; ``albedo`` ``[..., 3]``; ``roughness``, ``metallic`` ``[..., 1]`` or numbers, in [0, 1].
-    Differentiable w.r.t. every input except the environment.
+    Differentiable w.r.t. every input except the environment. ``specular=False`` returns the
+    Lambertian term alone, ``albedo * E(n) / pi`` (the texture stage's diffuse-only sub-stage).
     """
     pre = env if isinstance(env, PrefilteredEnv) else prefilter_envmap(env)
     dtype, device = albedo.dtype, albedo.device
+    if not specular:
+        n = F.normalize(normals.to(dtype), dim=-1, eps=1e-12)
+        return albedo * sh9_irradiance(pre.sh.to(device, dtype), n) / math.pi
     rough = torch.as_tensor(roughness, dtype=dtype, device=device).clamp(0, 1)
     metal = torch.as_tensor(metallic, dtype=dtype, device=device).clamp(0, 1)
     n = F.normalize(normals.to(dtype), dim=-1, eps=1e-12)
@@ -266,10 +270,10 @@ def shade_pbr(normals: torch.Tensor, view_dirs: torch.Tensor, albedo: torch.Tens
     reflected = 2 * n_dot_v * n - v
     a, b = env_brdf_approx(n_dot_v.clamp(1e-4, 1), rough.expand(*n_dot_v.shape[:-1], 1))
     f0 = DIELECTRIC_F0 * (1 - metal) + albedo * metal
-    specular = _specular_lookup(pre, reflected, rough) * (f0 * a + b)
+    spec = _specular_lookup(pre, reflected, rough) * (f0 * a + b)
     irradiance = sh9_irradiance(pre.sh.to(device, dtype), n)
     diffuse = (1 - metal) * (1 - (DIELECTRIC_F0 * a + b)) * albedo * irradiance / math.pi
-    return diffuse + specular
+    return diffuse + spec
 
 
 @dataclass
@@ -296,13 +300,15 @@ def render_pbr(
     attribute_faces: torch.Tensor | None = None,
     background: float | torch.Tensor = 1.0,
     rasterizer: Rasterizer | None = None,
+    specular: bool = True,
 ) -> PBRRender:
     """Render ``mesh`` with a GGX material under ``env`` (linear radiance; see ``linear_to_srgb``).
 
     Each material input is a number (constant), per-vertex ``[V, C]`` / ``[B, V, C]``, or, when
     ``uv`` ``[V, 2]`` is given, a texture ``[Ht, Wt, C]`` / ``[B, Ht, Wt, C]`` sampled as in
     ``render_albedo`` (C = 3 for albedo, 1 for roughness and metallic). ``attribute_faces``
-    indexes per-vertex inputs / UVs as in ``render_albedo``.
+    indexes per-vertex inputs / UVs as in ``render_albedo``. ``specular=False``: the diffuse
+    term alone (see ``shade_pbr``).
     """
     H, W = parse_resolution(resolution)
     r = rasterizer if rasterizer is not None else get_rasterizer("auto", mesh.device)
@@ -345,7 +351,7 @@ def render_pbr(
     normals = normals * coverage
     position = r.interpolate(mesh.vertices[None], fragments, mesh.faces)
     view = camera.eye.to(position.dtype)[:, None, None, :] - position
-    rgb = shade_pbr(normals, view, alb, rough, metal, pre) * coverage
+    rgb = shade_pbr(normals, view, alb, rough, metal, pre, specular) * coverage
 
     bg = torch.as_tensor(background, dtype=rgb.dtype, device=rgb.device)
     if bg.dim() > 1 or (bg.dim() == 1 and bg.shape[0] not in (1, 3)):

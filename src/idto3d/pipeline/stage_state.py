@@ -1,0 +1,53 @@
+"""What an SDS stage checkpoints so that a stopped run, started again, ends where an uninterrupted one ends:
+the field, Adam's moments, every random state (sampling, each guidance's, torch's) and the counters."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from idto3d.atomic import atomic_torch_save
+from idto3d.errors import IdtoError
+
+
+@dataclass
+class StageCounters:
+    iteration: int = 0
+    skipped_steps: int = 0
+    bad_in_row: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class StageState:
+    """The stateful objects of one stage; ``guidances`` maps checkpoint keys to guidance objects (None = absent)."""
+
+    field: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    sampler: torch.Generator
+    guidances: dict
+    key: str  # ties the checkpoint to its conditioning (identity, prompt, geometry)
+
+    def save(self, path: Path, counters: StageCounters) -> None:
+        state = {"iteration": counters.iteration, "field": self.field.state_dict(),
+                 "optimizer": self.optimizer.state_dict(), "sampler": self.sampler.get_state(),
+                 "torch_rng": torch.get_rng_state(), "skipped_steps": counters.skipped_steps,
+                 "bad_in_row": counters.bad_in_row, "seconds": counters.seconds, "conditioning": self.key}
+        state.update({name: g.state_dict() for name, g in self.guidances.items() if g is not None})
+        atomic_torch_save(path, state)
+
+    def restore(self, path: Path, refusal: str) -> StageCounters:
+        """Load ``path`` into the objects; ``refusal`` is the error raised when it holds another conditioning."""
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if state["conditioning"] != self.key:
+            raise IdtoError(refusal)
+        self.field.load_state_dict(state["field"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.sampler.set_state(state["sampler"])
+        for name, g in self.guidances.items():
+            if g is not None and name in state:
+                g.load_state_dict(state[name])
+        torch.set_rng_state(state["torch_rng"])
+        return StageCounters(state["iteration"], state["skipped_steps"], state["bad_in_row"], state["seconds"])
