@@ -334,7 +334,8 @@ def generate_cmd(
     prompt: Annotated[str | None, typer.Option("--prompt", help="Subject text of the prompts, e.g. \"a young "
                                                "woman\" (default: \"a person\").")] = None,
     expressions: Annotated[str | None, typer.Option("--expressions", help="Comma-separated expressions, e.g. "
-                                                    "neutral,smile,mouth_open.")] = None,
+                                                    "neutral,smile,mouth_open (default: the config's; without "
+                                                    "priors, neutral plus the face model's expressions).")] = None,
     envmaps: Annotated[Path | None, typer.Option("--envmaps", help="Folder of .hdr/.exr environment maps for "
                                                  "the texture stage (default: procedural skies).")] = None,
     preset: PresetOpt = None, config: ConfigOpt = None, set_: SetOpt = None,
@@ -353,6 +354,13 @@ def generate_cmd(
     if envmaps is not None:
         overrides.append(f"texture.envmaps={json.dumps(str(envmaps))}")
     cfg = load_config(preset, config, overrides)
+    offline = not (normal_prior or albedo_prior or cfg.prior.normal or cfg.prior.albedo)
+    if offline and expressions is None and cfg.expressions == ["neutral"] and cfg.face_model.enabled:
+        # Without priors the face model's expressions are the ones a run can make: export them all.
+        from idto3d.morphable.expressions import DEFAULT_OFFLINE_EXPRESSIONS
+
+        overrides.append(f"expressions=[{', '.join(DEFAULT_OFFLINE_EXPRESSIONS)}]")
+        cfg = load_config(preset, config, overrides)
     result = generate(inputs, out, cfg, normal_prior=normal_prior, albedo_prior=albedo_prior, prompt=prompt,
                       overwrite=overwrite, console=console)
     if result.geometry is not None and result.geometry.iterations >= cfg.geometry.iterations:
@@ -398,6 +406,18 @@ def bench_texture_cmd(
 
     _check_repeats(repeats)
     _print_rows(bench_texture(repeats=repeats, quick=quick), as_json)
+
+
+@bench_app.command("generate")
+@user_errors
+def bench_generate_cmd(
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable JSON instead of a table.")] = False,
+    preset: PresetOpt = None, set_: SetOpt = None,
+) -> None:
+    """Seconds of the whole offline generate on one photo (scikit-image's astronaut), per step and in total."""
+    from idto3d.pipeline.bench_generate import bench_generate
+
+    _print_rows(bench_generate(preset or "preview", list(set_ or [])), as_json)
 
 
 if __name__ == "__main__":  # pragma: no cover

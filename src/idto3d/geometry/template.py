@@ -50,6 +50,25 @@ _BACK_Z = -0.110
 _CENTRE = (0.0, 0.5 * (_CROWN_Y + _NECK_BOTTOM_Y), 0.5 * (_NOSE_TIP_Z + _BACK_Z))
 
 
+# Facial anchors of the built-in head in metres (surface points, from the parts in ``_head_sdf_metres``), named by
+# the dlib/iBUG-68 landmarks they stand for: where a fitted face is placed on the template. The subject's right
+# eye is at -x (the head faces +Z, so +X is the subject's left).
+_FACE_ANCHORS_METRES = {
+    "right_eye": (-0.032, 0.011, 0.082),   # mean of landmarks 36-41
+    "left_eye": (0.032, 0.011, 0.082),     # mean of landmarks 42-47
+    "nasion": (0.0, 0.020, 0.099),         # landmark 27
+    "nose_tip": (0.0, -0.029, 0.119),      # landmark 30
+    "mouth": (0.0, -0.0625, 0.098),        # mean of landmarks 48-67
+    "chin": (0.0, -0.103, 0.084),          # landmark 8
+}
+
+
+def face_anchors() -> dict[str, torch.Tensor]:
+    """The built-in head's facial anchors in working-space units (see ``_FACE_ANCHORS_METRES``)."""
+    centre = torch.tensor(_CENTRE)
+    return {k: (torch.tensor(v) - centre) / METRES_PER_UNIT for k, v in _FACE_ANCHORS_METRES.items()}
+
+
 def template_metadata() -> dict[str, float | str]:
     """What a consumer (export, reports) needs to know about the built-in template's units."""
     return {

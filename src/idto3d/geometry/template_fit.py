@@ -8,7 +8,7 @@ built-in parametric head by default) before the geometry stage begins.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -62,25 +62,37 @@ def sdf_regression_loss(pred: torch.Tensor, target: torch.Tensor, band: float) -
     return (weight * (pred - target) ** 2).mean()
 
 
-def fit_field_to_mesh(field_: ExpressionField, template: Mesh, cfg: TemplateConfig, seed: int = 0,
+def fit_field_to_mesh(field_: ExpressionField, template: Mesh | Sequence[Mesh], cfg: TemplateConfig, seed: int = 0,
                       on_step: Callable[[int, float], None] | None = None) -> FitReport:
-    """Fit every expression of ``field_`` to ``template`` (in place) and measure the result."""
+    """Fit every expression of ``field_`` to ``template`` (in place) and measure the result.
+
+    ``template`` is one mesh for all expressions, or one per expression (e.g. a fitted face's expressions).
+    """
     start = time.perf_counter()
+    targets = [template] if isinstance(template, Mesh) else list(template)
+    if len(targets) not in (1, field_.n_expressions):
+        raise ValueError(f"{len(targets)} target meshes for {field_.n_expressions} expressions: give one or one each")
+    targets = targets * field_.n_expressions if len(targets) == 1 else targets
     gen = torch.Generator().manual_seed(seed)
     device = field_.grid_vertices.device
-    pool = build_sdf_pool(template, field_, n_near=max(4 * cfg.points_per_step, 50_000), generator=gen)
+    n_near = max(4 * cfg.points_per_step, 50_000)
+    pools: dict[int, SdfPool] = {}
+    for e, t in enumerate(targets):  # one pool per distinct target
+        same = next((k for k in pools if targets[k] is t), None)
+        pools[e] = pools[same] if same is not None else build_sdf_pool(t, field_, n_near, gen)
     opt = torch.optim.Adam(field_parameter_groups(field_, cfg.lr), lr=cfg.lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(cfg.iterations, 1), eta_min=cfg.lr * 0.05)
     band = 2.0 * field_.edge_length
-    n_near = int(round(cfg.points_per_step * cfg.surface_fraction))
-    n_grid = cfg.points_per_step - n_near
+    n_near_step = int(round(cfg.points_per_step * cfg.surface_fraction))
+    n_grid = cfg.points_per_step - n_near_step
     losses: list[float] = []
     for step in range(cfg.iterations):
-        i_near = torch.randint(0, pool.near_points.shape[0], (n_near,), generator=gen)
+        expression = step % field_.n_expressions
+        pool = pools[expression]
+        i_near = torch.randint(0, pool.near_points.shape[0], (n_near_step,), generator=gen)
         i_grid = torch.randint(0, pool.grid_points.shape[0], (n_grid,), generator=gen)
         pts = torch.cat([pool.near_points[i_near], pool.grid_points[i_grid]]).to(device)
         target = torch.cat([pool.near_sdf[i_near], pool.grid_sdf[i_grid]]).to(device)
-        expression = step % field_.n_expressions
         sdf, raw_offset = field_.query(pts, expression)
         # Offsets stay ~0 during initialisation; the SDS stage is what moves vertices.
         loss = sdf_regression_loss(sdf, target, band) + 1e-3 * raw_offset.square().mean()
@@ -91,13 +103,13 @@ def fit_field_to_mesh(field_: ExpressionField, template: Mesh, cfg: TemplateConf
         losses.append(loss.item())
         if on_step is not None:
             on_step(step, losses[-1])
-    diag = bbox_diagonal(template)
+    diag = bbox_diagonal(targets[0])
     chamfers = []
     with torch.no_grad():
         for e in range(field_.n_expressions):
             mesh = field_(e)
             cd = float("inf") if mesh.faces.shape[0] == 0 else chamfer_distance(
-                mesh, template, generator=torch.Generator().manual_seed(seed))
+                mesh, targets[e], generator=torch.Generator().manual_seed(seed))
             chamfers.append(cd)
     return FitReport(chamfer=chamfers, chamfer_relative=[c / diag for c in chamfers], bbox_diagonal=diag,
                      final_loss=losses[-1] if losses else float("nan"), seconds=time.perf_counter() - start,

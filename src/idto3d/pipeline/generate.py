@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import shutil
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +15,9 @@ from idto3d.config import Config
 from idto3d.errors import IdtoError
 from idto3d.identity.io import IdentityEmbedding, load_identity
 from idto3d.pipeline.export_run import baked_maps, export_run, exported_files, grey_maps
-from idto3d.pipeline.geometry_stage import GeometryStageResult, run_geometry_stage
+from idto3d.pipeline.geometry_stage import GeometryStageResult, current_meshes, run_geometry_stage
+from idto3d.pipeline.photo_texture_stage import PhotoTextureResult, run_photo_texture
+from idto3d.pipeline.subject_init import SubjectFit, check_template_for_subject, fit_subject, subject_targets
 from idto3d.pipeline.texture_stage import TextureStageResult, run_texture_stage
 from idto3d.pipeline.run_folder import ensure_init, prepare_run
 
@@ -25,10 +28,13 @@ IDENTITY_FILE = "identity.safetensors"
 class GenerateResult:
     run_dir: Path
     identity: IdentityEmbedding
-    geometry: GeometryStageResult | None = None   # None: no normal prior, stopped after the template fit
-    texture: TextureStageResult | None = None     # None: no albedo prior (grey export), or not reached
+    geometry: GeometryStageResult | None = None   # None: no normal prior (the geometry is the subject fit)
+    texture: TextureStageResult | None = None     # None: no albedo prior, or not reached
+    photo: PhotoTextureResult | None = None       # the offline photo texture (None: no photos at hand)
+    person: SubjectFit | None = None              # the face-model fit and the photos' cameras
     exported: list[Path] = field(default_factory=list)
-    missing: str | None = None                     # what stopped the run early, for the user
+    missing: str | None = None                     # what stopped the run early, or what it did without, for the user
+    seconds: dict[str, float] = field(default_factory=dict)  # wall time of each step this call ran or reused
 
 
 def _is_identity_file(inputs: Sequence[Path]) -> bool:
@@ -58,6 +64,16 @@ def resolve_identity(inputs: Sequence[str | Path], run_dir: Path, cfg: Config,
                             show_progress=progress)
 
 
+def check_one_person(ident: IdentityEmbedding) -> None:
+    """Stop before any compute when the photos (that the identity uses) look like different people."""
+    flagged = [Path(str(p.get("path", "?"))).name for p in ident.photos if p.get("used", True)
+               and any(f in str(p.get("quality", "")) for f in ("outlier", "may not be the same person"))]
+    if flagged:
+        raise IdtoError(f"the photos do not all show one person (identity outliers: {', '.join(flagged)}); "
+                        f"remove the other person's photos, or pass --drop-outliers (identity.drop_outliers) "
+                        f"to leave outliers out when they are a minority")
+
+
 def check_prior_for_identity(prior, ident: IdentityEmbedding, ref: str, domain: str = "normal") -> None:
     spec = prior.spec
     stage, option = {"normal": ("geometry", "--normal-prior / prior.normal"),
@@ -82,6 +98,17 @@ def _load_checked(ref: str | None, ident: IdentityEmbedding, domain: str):
     return prior
 
 
+class _Clock:
+    def __init__(self) -> None:
+        self.laps: dict[str, float] = {}
+        self._t = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name] = now - self._t
+        self._t = now
+
+
 def _remaining(stop_after: int | None, done_now: int) -> int | None:
     return None if stop_after is None else max(stop_after - done_now, 0)
 
@@ -94,35 +121,76 @@ def generate(inputs: Sequence[str | Path], run_dir: str | Path, cfg: Config, *, 
     ``stop_after`` stops after that many SDS iterations of this call, counted across the geometry and texture
     stages (checkpointed; the next call goes on from there).
     """
+    created = not Path(run_dir).exists()
     run_dir = prepare_run(run_dir, cfg, overwrite)
-    ident = resolve_identity(inputs, run_dir, cfg, console, progress)
-    # Both priors are loaded and checked before the template fit spends any time.
-    normal = _load_checked(normal_prior or cfg.prior.normal, ident, "normal")
-    albedo = _load_checked(albedo_prior or cfg.prior.albedo, ident, "albedo")
-    ensure_init(run_dir, cfg, console, progress)
-    if normal is None:
-        return GenerateResult(run_dir, ident, missing=(
-            "no normal prior: the template fit is done (geometry/init_*.ply); pass --normal-prior FOLDER "
-            "(a prior saved by `idto3d train-prior normal`) or set prior.normal to run the geometry stage"))
+    clock = _Clock()
+    try:
+        ident = resolve_identity(inputs, run_dir, cfg, console, progress)
+        clock.lap("identity")
+        check_one_person(ident)
+        # Both priors are loaded and checked before the template fit spends any time.
+        normal = _load_checked(normal_prior or cfg.prior.normal, ident, "normal")
+        albedo = _load_checked(albedo_prior or cfg.prior.albedo, ident, "albedo")
+    except IdtoError:
+        if created:  # nothing was computed yet: leave no half-written run folder behind
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    person = None
+    if cfg.face_model.enabled:
+        check_template_for_subject(cfg)
+        person = fit_subject(run_dir, cfg, ident, console if progress else None)
+    clock.lap("face fit")
+    init = ensure_init(run_dir, cfg, console, progress,
+                       targets=(lambda: subject_targets(person, cfg)) if person is not None else None)
+    clock.lap("template regression")
+    notes = []
+    if cfg.face_model.enabled and person is None:
+        notes.append("the identity's photos are not at hand, so the head starts from the generic template (no face "
+                     "fit, no photo texture); give the photos instead of the identity file to fit the face")
+    subject = prompt or "a person"
+    geo = None
+    if normal is not None:
+        from idto3d.priors.guidance import SDSGuidance
+
+        guidance = SDSGuidance(normal, cfg.prior.guidance, "geometry", max(cfg.geometry.iterations, 1),
+                               seed=cfg.seed)
+        geo = run_geometry_stage(run_dir, cfg, guidance, id_embedding=ident.embedding, subject=subject,
+                                 progress=progress, console=console, stop_after=stop_after)
+        if geo.iterations < cfg.geometry.iterations:
+            return GenerateResult(run_dir, ident, geo, missing=f"stopped at geometry iteration {geo.iterations} "
+                                                               f"on request")
+        stop_after = _remaining(stop_after, geo.iterations - geo.resumed_from)
+        meshes = geo.meshes
+        clock.lap("geometry SDS")
+    else:
+        meshes = current_meshes(init, list(cfg.expressions))
+        notes.append("no normal prior: the geometry is the face-model fit merged into the template "
+                     "(pass --normal-prior to refine it with the geometry SDS stage)")
+    photo = None
+    if person is not None:
+        photo = run_photo_texture(run_dir, cfg, meshes, person, console=console, progress=progress)
+        clock.lap("photo texture")
+    size = cfg.export.texture_size
+    if albedo is None:
+        if photo is not None:
+            notes.append("no albedo prior: the texture comes from the photos (regions no photo sees get the mean "
+                         "skin tone); pass --albedo-prior to run the texture SDS stage")
+            files = exported_files(run_dir) or export_run(
+                run_dir, cfg, {n: x.atlas for n, x in photo.expressions.items()},
+                lambda i, name, atlas: baked_maps(photo.field, i, atlas, size), console=console, progress=progress)
+        else:
+            from idto3d.export.uv_atlas import shared_atlas
+
+            notes.append("no albedo prior: the meshes were exported with a plain grey material; pass "
+                         "--albedo-prior FOLDER or set prior.albedo to run the texture stage")
+            files = exported_files(run_dir) or export_run(
+                run_dir, cfg, dict(zip(meshes, shared_atlas(list(meshes.values())))),
+                lambda i, name, atlas: grey_maps(), console=console, progress=progress)
+        clock.lap("export")
+        return GenerateResult(run_dir, ident, geo, photo=photo, person=person, exported=files, missing="; ".join(notes) or None,
+                              seconds=clock.laps)
     from idto3d.priors.guidance import SDSGuidance
 
-    subject = prompt or "a person"
-    guidance = SDSGuidance(normal, cfg.prior.guidance, "geometry", max(cfg.geometry.iterations, 1), seed=cfg.seed)
-    geo = run_geometry_stage(run_dir, cfg, guidance, id_embedding=ident.embedding, subject=subject,
-                             progress=progress, console=console, stop_after=stop_after)
-    if geo.iterations < cfg.geometry.iterations:
-        return GenerateResult(run_dir, ident, geo, missing=f"stopped at geometry iteration {geo.iterations} on "
-                                                           f"request")
-    stop_after = _remaining(stop_after, geo.iterations - geo.resumed_from)
-    if albedo is None:
-        from idto3d.export.uv_atlas import shared_atlas
-
-        files = exported_files(run_dir) or export_run(
-            run_dir, cfg, dict(zip(geo.meshes, shared_atlas(list(geo.meshes.values())))),
-            lambda i, name, atlas: grey_maps(), console=console, progress=progress)
-        return GenerateResult(run_dir, ident, geo, exported=files, missing=(
-            "no albedo prior: the meshes were exported with a plain grey material; pass --albedo-prior FOLDER "
-            "(a prior saved by `idto3d train-prior albedo`) or set prior.albedo to run the texture stage"))
     tex_guidance = SDSGuidance(albedo, cfg.prior.guidance, "texture_diffuse", max(cfg.texture.iterations, 1),
                                seed=cfg.seed + 1)
     refine = None
@@ -131,13 +199,16 @@ def generate(inputs: Sequence[str | Path], run_dir: str | Path, cfg: Config, *, 
 
         refine = SDSGuidance(load_photo_prior(cfg.texture.refine_model, vae=cfg.prior.vae), cfg.prior.guidance,
                              "refine", max(cfg.texture.iterations, 1), seed=cfg.seed + 2)
-    tex = run_texture_stage(run_dir, cfg, tex_guidance, geo.meshes, id_embedding=ident.embedding, subject=subject,
-                            refine_guidance=refine, progress=progress, console=console, stop_after=stop_after)
+    tex = run_texture_stage(run_dir, cfg, tex_guidance, meshes, id_embedding=ident.embedding, subject=subject,
+                            refine_guidance=refine, progress=progress, console=console, stop_after=stop_after,
+                            init_state=photo.field.state_dict() if photo is not None else None)
+    clock.lap("texture SDS")
     if tex.iterations < cfg.texture.iterations:
-        return GenerateResult(run_dir, ident, geo, texture=tex,
+        return GenerateResult(run_dir, ident, geo, texture=tex, photo=photo,
                               missing=f"stopped at texture iteration {tex.iterations} on request")
-    size = cfg.export.texture_size
     files = exported_files(run_dir) or export_run(
         run_dir, cfg, {n: x.atlas for n, x in tex.expressions.items()},
         lambda i, name, atlas: baked_maps(tex.field, i, atlas, size), console=console, progress=progress)
-    return GenerateResult(run_dir, ident, geo, texture=tex, exported=files)
+    clock.lap("export")
+    return GenerateResult(run_dir, ident, geo, texture=tex, photo=photo, person=person, exported=files,
+                          missing="; ".join(notes) or None, seconds=clock.laps)

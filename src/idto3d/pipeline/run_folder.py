@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -14,6 +15,7 @@ from idto3d.geometry.field import ExpressionField, build_field
 from idto3d.geometry.template_fit import fit_field_to_mesh
 from idto3d.pipeline.init_geometry import resolve_template, save_fitted, write_run_config
 from idto3d.pipeline.progress import progress_bar
+from idto3d.render.mesh import Mesh
 
 # Outputs derived from the config: removed when a run starts over, so no stale checkpoint is resumed.
 DERIVED = ("geometry", "texture", "export", "renders")
@@ -35,13 +37,17 @@ def prepare_run(run_dir: str | Path, cfg: Config, overwrite: bool = False) -> Pa
 
 
 def ensure_init(run_dir: str | Path, cfg: Config, console: Console | None = None,
-                progress: bool = True) -> ExpressionField:
-    """The template-regressed field of this run (``geometry/init.pt``), fitting it first if absent."""
+                progress: bool = True, targets: Callable[[], list[Mesh]] | None = None) -> ExpressionField:
+    """The template-regressed field of this run (``geometry/init.pt``), fitting it first if absent.
+
+    ``targets`` gives the meshes to regress to (one per expression, e.g. the subject-fitted heads); None = the
+    configured template for every expression. It is only called when the fit has to run.
+    """
     run_dir = Path(run_dir)
     geo = run_dir / "geometry"
     field = build_field(cfg.geometry, n_expressions=len(cfg.expressions), seed=cfg.seed)
     if not (geo / "init_report.json").exists() or not (geo / "init.pt").exists():
-        template = resolve_template(cfg)
+        template = targets() if targets is not None else resolve_template(cfg)
         torch.manual_seed(cfg.seed)
         with progress_bar("SDF regression", cfg.template.iterations, console, enabled=progress) as update:
             report = fit_field_to_mesh(field, template, cfg.template, seed=cfg.seed,

@@ -185,13 +185,14 @@ def run_texture_stage(run_dir: str | Path, cfg: Config, guidance: ScoreDistillat
                       id_embedding: torch.Tensor | None = None, subject: str = "a person",
                       refine_guidance: ScoreDistillation | None = None, overwrite: bool = False,
                       progress: bool = True, console: Console | None = None,
-                      stop_after: int | None = None) -> TextureStageResult:
+                      stop_after: int | None = None, init_state: dict | None = None) -> TextureStageResult:
     """Run (or resume, or reuse when finished) the texture SDS stage in ``run_dir`` on ``meshes`` (one per
     expression of ``cfg.expressions``, in that order: the geometry stage's output).
 
     ``guidance`` scores pseudo-albedo renders (the albedo prior, or an oracle); its timestep schedule is set
     per sub-stage. ``refine_guidance`` (schedule ``refine``) scores the last ``texture.refine_iterations``;
     None = no refinement. ``stop_after`` stops after that many iterations of this call (checkpointed).
+    ``init_state`` is a texture-field state to start from (the photo texture) instead of the fresh grey field.
     """
     run_dir = prepare_run(run_dir, cfg, overwrite)
     tex = run_dir / "texture"
@@ -217,6 +218,8 @@ def run_texture_stage(run_dir: str | Path, cfg: Config, guidance: ScoreDistillat
         counters = stage.restore(ckpt_path, f"{tex} holds a run for a different identity, prompt or geometry; "
                                             f"pass --overwrite to start over")
     else:
+        if init_state is not None:
+            field.load_state_dict(init_state)
         torch.manual_seed(cfg.seed + 1)
     start, skipped, bad_in_row, elapsed = (counters.iteration, counters.skipped_steps, counters.bad_in_row,
                                            counters.seconds)

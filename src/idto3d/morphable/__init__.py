@@ -1,0 +1,1 @@
+"""A morphable face model fitted to the subject's photos by their 68 landmarks (the offline initialisation)."""

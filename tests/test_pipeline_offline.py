@@ -1,0 +1,117 @@
+"""The offline default: ``idto3d generate`` on photos with no diffusion weights gives a personalised, textured head
+with several expressions; bad photos stop early with no run folder left behind."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from idto3d.cli import app
+from idto3d.config import load_config
+from idto3d.errors import IdtoError
+from idto3d.pipeline.generate import generate
+
+from identity_models import insightface_photo
+
+# The preview preset with fewer regression and texture steps (the bench measures the full preset).
+QUICK = ["template.iterations=150", "photo_texture.iterations=80", "export.texture_size=512",
+         "export.turntable_views=4", "export.turntable_resolution=128"]
+
+
+@pytest.fixture(scope="module")
+def astronaut(tmp_path_factory) -> Path:
+    from skimage import data
+
+    path = tmp_path_factory.mktemp("photos") / "astronaut.png"
+    Image.fromarray(data.astronaut()).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def offline_run(astronaut, tmp_path_factory):
+    cfg = load_config("preview", None, QUICK + ["expressions=[neutral, smile, mouth_open]"])
+    run = tmp_path_factory.mktemp("offline") / "run"
+    return generate([astronaut], run, cfg, progress=False), cfg
+
+
+@pytest.mark.slow
+def test_offline_head_has_the_photos_identity(offline_run):
+    from idto3d.pipeline.subject_check import identity_distances
+
+    result, cfg = offline_run
+    distances, threshold, _ = identity_distances(result.person, result.photo.field,
+                                                 result.photo.expressions["neutral"], cfg.identity)
+    print(f"identity distance, photo vs head rendered from its fitted camera: {distances[0]:.3f} "
+          f"(same person below {threshold})")
+    assert distances[0] < threshold
+
+
+@pytest.mark.slow
+def test_offline_run_folder_passes_the_export_checks(offline_run):
+    from gltf_checks import check_exported_glb
+
+    result, cfg = offline_run
+    run = result.run_dir
+    assert result.geometry is None and result.texture is None  # no priors: no SDS stage ran
+    for name in ("neutral", "smile", "mouth_open"):
+        maps = check_exported_glb(run / "export" / f"{name}.glb")
+        albedo = maps["albedo"][..., :3].astype(float)
+        assert albedo.std() > 10  # a textured head, not the grey placeholder
+        assert (run / "renders" / f"{name}_turntable.png").stat().st_size > 0
+    fit = json.loads((run / "geometry" / "face_fit.json").read_text())
+    assert fit["photos"][0]["rms_px"] < 3.0 and "non-commercial" in fit["licence"]
+    report = json.loads((run / "texture" / "photo_report.json").read_text())
+    assert 0.05 < report["seen_fraction"] < 0.9
+    # The expressions differ where the face moves: the mouth opens in mouth_open's mesh.
+    import trimesh
+
+    neutral = trimesh.load(run / "geometry" / "init_neutral.ply", process=False)
+    mouth = trimesh.load(run / "geometry" / "init_mouth_open.ply", process=False)
+    assert mouth.bounds[0][1] < neutral.bounds[0][1] + 1e-3  # the jaw drops (or at least does not rise)
+    assert abs(len(mouth.vertices) - len(neutral.vertices)) > 0 or not np.allclose(mouth.vertices, neutral.vertices)
+
+
+@pytest.mark.slow
+def test_rerunning_an_offline_run_reuses_every_step(offline_run):
+    result, cfg = offline_run
+    again = generate([Path(result.person.photos[0])], result.run_dir, cfg, progress=False)
+    assert again.exported == result.exported
+    assert again.seconds["template regression"] < 5 and again.seconds["photo texture"] < 5
+
+
+def test_a_photo_with_no_face_stops_before_anything_is_written(tmp_path):
+    blank = tmp_path / "wall.png"
+    Image.fromarray(np.full((256, 256, 3), 180, np.uint8)).save(blank)
+    run = tmp_path / "run"
+    result = CliRunner().invoke(app, ["generate", str(blank), "--out", str(run)])
+    assert result.exit_code == 2 and "no face" in result.output.lower()
+    assert not run.exists()
+
+
+def test_photos_of_two_people_stop_before_anything_is_written(tmp_path, astronaut):
+    run = tmp_path / "run"
+    with pytest.raises(IdtoError, match="do not all show one person"):
+        generate([astronaut, insightface_photo("Tom_Hanks_54745.png")], run, load_config("preview"),
+                 progress=False)
+    assert not run.exists()
+
+
+def test_without_priors_the_cli_makes_the_face_models_expressions(tmp_path, astronaut, monkeypatch):
+    seen = {}
+
+    def fake_generate(inputs, out, cfg, **kw):  # only the config the CLI resolves is under test here
+        seen["expressions"] = list(cfg.expressions)
+        raise IdtoError("stop here")
+
+    monkeypatch.setattr("idto3d.pipeline.generate.generate", fake_generate)
+    result = CliRunner().invoke(app, ["generate", str(astronaut), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2
+    from idto3d.morphable.expressions import DEFAULT_OFFLINE_EXPRESSIONS, OFFLINE_EXPRESSIONS
+
+    assert seen["expressions"] == list(DEFAULT_OFFLINE_EXPRESSIONS) == ["neutral", "smile", "mouth_open"]
+    assert set(DEFAULT_OFFLINE_EXPRESSIONS) <= set(OFFLINE_EXPRESSIONS)
