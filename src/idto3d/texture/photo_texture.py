@@ -227,7 +227,7 @@ def _working_size(h: int, w: int, long_side: int) -> tuple[int, int]:
 
 def _resize(image: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
     """uint8 ``[H, W, 3]`` -> float ``[h, w, 3]`` in [0, 1] (antialiased when shrinking)."""
-    img = torch.from_numpy(np.ascontiguousarray(image)).float().div(255.0)
+    img = torch.from_numpy(np.array(image, dtype=np.float32)).div(255.0)  # a copy: photos may be read-only
     if tuple(img.shape[:2]) == size:
         return img
     out = F.interpolate(img.permute(2, 0, 1)[None], size=size, mode="bilinear", antialias=True, align_corners=False)
