@@ -25,7 +25,7 @@ from idto3d.priors.guidance import GuidanceCond, SDSGuidance, get_schedule
 from idto3d.render.backend import get_rasterizer
 from idto3d.render.camera import sample_orbit_cameras
 from idto3d.render.pseudo_albedo import render_pseudo_albedo
-from idto3d.texture.field import build_texture_field, texture_parameter_groups
+from idto3d.texture.field import build_texture_field, texture_optimizer
 from idto3d.texture.lighting import LightingSampler
 
 PARTS = ("field", "render", "guidance", "backward", "step")
@@ -42,7 +42,7 @@ def _time_parts(cfg: Config, expr: TexturedExpression, guidance, shading: str, i
     """Median ms per part over ``repeats`` iterations (after one warm-up)."""
     tcfg = cfg.texture
     field = build_texture_field(tcfg, 1, seed=0)
-    opt = torch.optim.Adam(texture_parameter_groups(field, tcfg.lr), lr=tcfg.lr)
+    opt = texture_optimizer(field, tcfg.lr)
     rast = get_rasterizer(cfg.render.backend, torch.device("cpu"))
     lighting = LightingSampler(tcfg, 0, progress=False)
     gen = torch.Generator().manual_seed(0)

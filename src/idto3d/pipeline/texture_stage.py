@@ -40,7 +40,7 @@ from idto3d.render.camera import Camera, orbit_camera, sample_orbit_cameras, vie
 from idto3d.render.mesh import Mesh
 from idto3d.render.preview import save_png
 from idto3d.render.pseudo_albedo import FLAT_LIGHT, render_pseudo_albedo
-from idto3d.texture.field import TextureField, build_texture_field, texture_parameter_groups
+from idto3d.texture.field import TextureField, build_texture_field, texture_optimizer
 from idto3d.texture.lighting import LightingSampler
 from idto3d.texture.texels import TexelMap, texel_map
 
@@ -209,7 +209,7 @@ def run_texture_stage(run_dir: str | Path, cfg: Config, guidance: ScoreDistillat
 
     device = torch.device("cpu")
     rasterizer = get_rasterizer(cfg.render.backend, device)
-    opt = torch.optim.Adam(texture_parameter_groups(field, tcfg.lr), lr=tcfg.lr)
+    opt = texture_optimizer(field, tcfg.lr)
     sampler = torch.Generator().manual_seed(cfg.seed + 1)
     ckpt_path, log_path = tex / "ckpt.pt", tex / "log.jsonl"
     stage = StageState(field, opt, sampler, {"guidance": guidance, "refine_guidance": refine_guidance}, key)
