@@ -82,7 +82,7 @@ def make_scrfd(path: str | Path, input_size: tuple[int, int] = (160, 160), faces
         outs.append(helper.make_tensor_value_info(f"out{k}", TensorProto.FLOAT, list(c.shape)))
     graph = helper.make_graph(nodes, "scrfd_stub", [helper.make_tensor_value_info("input.1", TensorProto.FLOAT,
                                                                                   in_shape)], outs, inits)
-    return _save(graph, path)
+    return save_onnx_graph(graph, path)
 
 
 def make_arcface(path: str | Path, dim: int = 512, seed: int = 0) -> Path:
@@ -96,7 +96,7 @@ def make_arcface(path: str | Path, dim: int = 512, seed: int = 0) -> Path:
         [helper.make_tensor_value_info("input.1", TensorProto.FLOAT, ["N", 3, 112, 112])],
         [helper.make_tensor_value_info("683", TensorProto.FLOAT, ["N", dim])],
         [numpy_helper.from_array(weight, "w")])
-    return _save(graph, path)
+    return save_onnx_graph(graph, path)
 
 
 def arcface_reference(crop112: np.ndarray, dim: int = 512, seed: int = 0) -> np.ndarray:
@@ -132,7 +132,7 @@ def make_pack(folder: str | Path, *, dim: int = 512, **scrfd_kw) -> Path:
     return folder
 
 
-def _save(graph, path: str | Path) -> Path:
+def save_onnx_graph(graph, path: str | Path) -> Path:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
     model.ir_version = 8
     onnx.checker.check_model(model)

@@ -420,5 +420,93 @@ def bench_generate_cmd(
     _print_rows(bench_generate(preset or "preview", list(set_ or [])), as_json)
 
 
+@app.command("evaluate")
+@user_errors
+def evaluate_cmd(
+    runs: Annotated[list[Path], typer.Argument(help="Run folder(s) made by 'idto3d generate'; several are "
+                                               "compared side by side.", show_default=False)],
+    references: Annotated[list[Path], typer.Option("--references", "-r", help="Reference photos of the person "
+                                                   "(files or folders; repeat the option, or quote a glob).",
+                                                   show_default=False)],
+    elevations: Annotated[int, typer.Option(help="Camera elevations in [-15, +15] degrees.")] = 3,
+    azimuths: Annotated[int, typer.Option(help="Camera azimuths in [-65, +65] degrees.")] = 7,
+    resolution: Annotated[int, typer.Option(help="Render size in pixels (square).")] = 256,
+    fid_images: Annotated[Path | None, typer.Option("--fid-images", help="Folder of reference images for the "
+                                                    "texture FID (needs --inception).")] = None,
+    fid_normals: Annotated[Path | None, typer.Option("--fid-normals", help="Folder of reference normal maps for "
+                                                     "the geometry FID (needs --inception).")] = None,
+    inception: Annotated[Path | None, typer.Option("--inception", help="FID feature network (.onnx, see the "
+                                                   "README's FID section).")] = None,
+    preset: PresetOpt = None, config: ConfigOpt = None, set_: SetOpt = None,
+) -> None:
+    """Identity similarity of the exported heads over the paper's camera grid, t-SNE, FID -> RUN/report/."""
+    import glob
+
+    from rich.table import Table
+
+    from idto3d.config import load_config
+    from idto3d.evaluate.run import evaluate_runs
+    from idto3d.evaluate.views import camera_grid
+
+    cfg = load_config(preset, config, set_)
+    refs: list[Path] = []
+    for r in references:  # a quoted glob ('refs/*.jpg') is expanded here; unquoted, the shell did it
+        matches = sorted(Path(p) for p in glob.glob(str(r))) if glob.has_magic(str(r)) and not r.exists() else []
+        refs += matches or [r]
+    result = evaluate_runs(runs, refs, cfg, grid=camera_grid(elevations, azimuths), resolution=resolution,
+                           fid_images=fid_images, fid_normals=fid_normals, inception=inception, console=console)
+    first = result["runs"][0]
+    table = Table(title=f"identity similarity ({first['backend']}, {len(first['references'])} reference photo(s), "
+                        f"{first['grid']['views']} views per expression)")
+    cols = ["run", "mean cosine", "std", "mean distance", f"same person (<{first['identity']['threshold']:g})",
+            "faces missed"]
+    with_fid = any(m["fid"]["texture"] is not None or m["fid"]["geometry"] is not None for m in result["runs"])
+    cols += ["FID texture", "FID geometry"] if with_fid else []
+    for col in cols:
+        table.add_column(col, justify="left" if col == "run" else "right")
+
+    def num(x: float | None) -> str:
+        return "-" if x is None else f"{x:.4f}"
+
+    for m in result["runs"]:
+        ident = m["identity"]
+        rate = "-" if ident["same_person_rate"] is None else f"{ident['same_person_rate'] * 100:.0f}%"
+        row = [m["name"], num(ident["cosine"]["mean"]), num(ident["cosine"]["std"]), num(ident["distance"]["mean"]),
+               rate, f"{ident['faces_missed']}/{ident['renders']}"]
+        if with_fid:
+            row += [num(m["fid"]["texture"]), num(m["fid"]["geometry"])]
+        table.add_row(*row)
+    Console().print(table)
+    for m, report in zip(result["runs"], result["reports"]):
+        where = report if report is not None else Path(m["run"]) / m["files"]["metrics"]
+        console.print(f"{m['name']}: report -> {where}", highlight=False)
+
+
+@app.command("view")
+@user_errors
+def view_cmd(
+    run: Annotated[Path, typer.Argument(help="Run folder made by 'idto3d generate'.", show_default=False)],
+    port: Annotated[int, typer.Option(help="Port on 127.0.0.1 (0: any free port).")] = 0,
+    no_open: Annotated[bool, typer.Option("--no-open", help="Do not open a browser.")] = False,
+) -> None:
+    """Serve RUN/report/index.html (written first if missing) and its 3D viewer on localhost until Ctrl-C."""
+    import webbrowser
+
+    from idto3d.evaluate.report import ensure_report, serve
+
+    ensure_report(run, console=console)
+    server, url = serve(run, port)
+    typer.echo(url)
+    console.print("serving the report on localhost only; Ctrl-C to stop", highlight=False)
+    if not no_open:
+        webbrowser.open(url)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()

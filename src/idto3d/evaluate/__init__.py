@@ -1,0 +1,1 @@
+"""Evaluation: identity similarity, FID, t-SNE and the HTML report."""
