@@ -508,5 +508,27 @@ def view_cmd(
         server.server_close()
 
 
+@bench_app.command("pipeline")
+@user_errors
+def bench_pipeline_cmd(
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable JSON instead of a table.")] = False,
+    device: Annotated[str, typer.Option(help="cpu, cuda or mps.")] = "cpu",
+    full_size: Annotated[bool, typer.Option("--full-size", help="Also time a full SD1.5-architecture prior "
+                                                                "(random weights) at 512 px, VAE latents.")] = False,
+    repeats: Annotated[int | None, typer.Option(help="Timed iterations per stage (median; a warm-up first when "
+                                                     "> 1). Default: 1 for --full-size on CPU, else 3.")] = None,
+    quick: Annotated[bool, typer.Option(help="Small grid, texture and render size (smoke test).")] = False,
+    preset: PresetOpt = None,
+) -> None:
+    """Seconds per geometry and texture SDS iteration on a device, split into parts, with peak memory and
+    the projected wall time of the paper preset's schedules."""
+    from idto3d.pipeline.bench_pipeline import bench_pipeline
+
+    if repeats is not None:
+        _check_repeats(repeats)
+    _print_rows(bench_pipeline(device=device, full_size=full_size, repeats=repeats, quick=quick,
+                               preset=preset or "preview"), as_json)
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()

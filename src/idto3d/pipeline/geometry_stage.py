@@ -85,21 +85,6 @@ def save_progress(field: ExpressionField, names: list[str], path: Path, resoluti
     save_png(np.concatenate(rows, axis=0), path)
 
 
-def truncate_log(path: Path, before: int) -> None:
-    """Keep the log lines of iterations before ``before`` (a killed run may have logged past its checkpoint,
-    or left half a line)."""
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            if json.loads(line)["it"] < before:
-                kept.append(line)
-        except (json.JSONDecodeError, KeyError, TypeError):
-            continue
-    atomic_write_text(path, "".join(k + "\n" for k in kept))
-
-
 def _finished(geo: Path, cfg: Config, key: str, field: ExpressionField) -> GeometryStageResult:
     info = json.loads((geo / "done.json").read_text(encoding="utf-8"))
     if info.get("conditioning") != key:
@@ -133,15 +118,10 @@ def run_geometry_stage(run_dir: str | Path, cfg: Config, guidance: ScoreDistilla
     sampler = torch.Generator().manual_seed(cfg.seed)
     ckpt_path, log_path = geo / "ckpt.pt", geo / "log.jsonl"
     stage = StageState(field, opt, sampler, {"guidance": guidance}, key)
-    counters = StageCounters()
-    if ckpt_path.exists():
-        counters = stage.restore(ckpt_path, f"{geo} holds a run for a different identity or prompt; pass "
-                                            f"--overwrite to start over")
-    else:
-        torch.manual_seed(cfg.seed)
+    counters = stage.begin(ckpt_path, log_path, f"{geo} holds a run for a different identity or prompt; pass "
+                                                f"--overwrite to start over", cfg.seed)
     start, skipped, bad_in_row, elapsed = (counters.iteration, counters.skipped_steps, counters.bad_in_row,
                                            counters.seconds)
-    truncate_log(log_path, start)
     if id_embedding is not None:
         id_embedding = id_embedding.detach().float().to(device)
 

@@ -6,9 +6,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import json
+
 import torch
 
-from idto3d.atomic import atomic_torch_save
+from idto3d.atomic import atomic_torch_save, atomic_write_text
 from idto3d.errors import IdtoError
 
 
@@ -51,3 +53,31 @@ class StageState:
                 g.load_state_dict(state[name])
         torch.set_rng_state(state["torch_rng"])
         return StageCounters(state["iteration"], state["skipped_steps"], state["bad_in_row"], state["seconds"])
+
+    def begin(self, ckpt: Path, log: Path, refusal: str, seed: int, on_fresh=None) -> StageCounters:  # noqa: ANN001
+        """Resume from ``ckpt`` when it exists; else start fresh (``on_fresh()``, then seed torch). The log keeps
+        only the lines of iterations before the start."""
+        if ckpt.exists():
+            counters = self.restore(ckpt, refusal)
+        else:
+            if on_fresh is not None:
+                on_fresh()
+            torch.manual_seed(seed)
+            counters = StageCounters()
+        truncate_log(log, counters.iteration)
+        return counters
+
+
+def truncate_log(path: Path, before: int) -> None:
+    """Keep the log lines of iterations before ``before`` (a killed run may have logged past its checkpoint,
+    or left half a line)."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line)["it"] < before:
+                kept.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
+    atomic_write_text(path, "".join(k + "\n" for k in kept))

@@ -30,7 +30,7 @@ from idto3d.atomic import atomic_write, atomic_write_text
 from idto3d.config import Config, TextureConfig
 from idto3d.errors import IdtoError
 from idto3d.export.uv_atlas import UVMesh, shared_atlas
-from idto3d.pipeline.geometry_stage import all_finite, conditioning_key, truncate_log
+from idto3d.pipeline.geometry_stage import all_finite, conditioning_key
 from idto3d.pipeline.progress import progress_bar
 from idto3d.pipeline.run_folder import prepare_run
 from idto3d.pipeline.stage_state import StageCounters, StageState
@@ -213,17 +213,11 @@ def run_texture_stage(run_dir: str | Path, cfg: Config, guidance: ScoreDistillat
     sampler = torch.Generator().manual_seed(cfg.seed + 1)
     ckpt_path, log_path = tex / "ckpt.pt", tex / "log.jsonl"
     stage = StageState(field, opt, sampler, {"guidance": guidance, "refine_guidance": refine_guidance}, key)
-    counters = StageCounters()
-    if ckpt_path.exists():
-        counters = stage.restore(ckpt_path, f"{tex} holds a run for a different identity, prompt or geometry; "
-                                            f"pass --overwrite to start over")
-    else:
-        if init_state is not None:
-            field.load_state_dict(init_state)
-        torch.manual_seed(cfg.seed + 1)
+    counters = stage.begin(ckpt_path, log_path, f"{tex} holds a run for a different identity, prompt or geometry; "
+                                                f"pass --overwrite to start over", cfg.seed + 1,
+                           on_fresh=(lambda: field.load_state_dict(init_state)) if init_state is not None else None)
     start, skipped, bad_in_row, elapsed = (counters.iteration, counters.skipped_steps, counters.bad_in_row,
                                            counters.seconds)
-    truncate_log(log_path, start)
     if id_embedding is not None:
         id_embedding = id_embedding.detach().float().to(device)
 
