@@ -49,8 +49,7 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cpu")
     if name == "cuda":
         if not torch.cuda.is_available():
-            raise IdtoError(f"--device cuda: no CUDA device is usable here (torch {torch.__version__}, CUDA build "
-                            f"{torch.version.cuda or 'none'}); use --device cpu or install a CUDA build of torch")
+            raise IdtoError(f"--device cuda: no CUDA device here (torch {torch.__version__}); use --device cpu")
         return torch.device("cuda")
     if name == "mps":
         if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
