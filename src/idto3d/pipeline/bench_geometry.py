@@ -9,62 +9,27 @@ real diffusers path. Ratios are each row over the oracle's total from the same r
 from __future__ import annotations
 
 import platform
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 from idto3d.config import Config, TemplateConfig, load_config
-from idto3d.geometry.field import build_field, field_parameter_groups
-from idto3d.geometry.laplacian import laplacian_loss
+from idto3d.geometry.field import build_field
 from idto3d.geometry.template import build_head_template
 from idto3d.geometry.template_fit import fit_field_to_mesh
-from idto3d.pipeline.geometry_stage import geometry_prompts, render_for_guidance
-from idto3d.priors.guidance import GuidanceCond, OracleGuidance, SDSGuidance
-from idto3d.render.backend import get_rasterizer
-from idto3d.render.camera import orbit_camera, sample_orbit_cameras
+from idto3d.pipeline.bench_steps import PARTS, time_geometry_step
+from idto3d.pipeline.geometry_stage import render_for_guidance
+from idto3d.priors.guidance import OracleGuidance, SDSGuidance
+from idto3d.render.camera import orbit_camera
 
-PARTS = ("field", "render", "guidance", "backward", "step")
+__all__ = ["PARTS", "bench_geometry"]
 
 
 def _bench_config(quick: bool) -> Config:
     overrides = ["geometry.grid_resolution=24", "render.resolution=64", "prior.guidance.latent_size=8"] \
         if quick else []
     return load_config("preview", None, overrides)
-
-
-def _time_parts(cfg: Config, guidance, id_embedding: torch.Tensor | None, repeats: int) -> dict[str, float]:
-    """Median ms per part over ``repeats`` iterations (after one warm-up), on a head-shaped field."""
-    field = _fitted_field(cfg)
-    opt = torch.optim.Adam(field_parameter_groups(field, cfg.geometry.lr, cfg.geometry.encoding_lr_scale))
-    rast = get_rasterizer(cfg.render.backend, torch.device("cpu"))
-    gen = torch.Generator().manual_seed(0)
-    cam = cfg.render.camera
-    times: dict[str, list[float]] = {p: [] for p in PARTS}
-    for i in range(repeats + 1):
-        cams = sample_orbit_cameras(cfg.geometry.batch_size, cam.elevation_deg, cam.azimuth_deg, cam.radius,
-                                    cam.fov_deg, generator=gen)
-        cond = GuidanceCond(prompts=geometry_prompts(cams, "a person"), id_embedding=id_embedding,
-                            expressions=[cfg.expressions[0]] * len(cams), cameras=cams, expression_indices=[0])
-        opt.zero_grad(set_to_none=True)
-        stamps = [time.perf_counter()]
-        mesh = field(0)
-        stamps.append(time.perf_counter())
-        images = render_for_guidance(mesh, cams, cfg.render.resolution, rast)
-        stamps.append(time.perf_counter())
-        out = guidance(images, cond, i)
-        loss = out.loss + cfg.geometry.laplacian_weight * laplacian_loss(mesh)
-        stamps.append(time.perf_counter())
-        loss.backward()
-        stamps.append(time.perf_counter())
-        opt.step()
-        stamps.append(time.perf_counter())
-        if i > 0:  # the first iteration warms up allocators and lazy initialisation
-            for p, a, b in zip(PARTS, stamps, stamps[1:]):
-                times[p].append((b - a) * 1000.0)
-    return {p: statistics.median(v) for p, v in times.items()}
 
 
 _FIELD_CACHE: dict[tuple, dict] = {}
@@ -103,7 +68,8 @@ def bench_geometry(repeats: int = 5, quick: bool = False) -> list[dict]:
                                                      dim=0)
         runs[f"tiny prior ({gcfg.latent_mode})"] = (
             SDSGuidance(prior, gcfg, "geometry", cfg.geometry.iterations, seed=0), id_embedding)
-        measured = {name: _time_parts(cfg, g, ident, repeats) for name, (g, ident) in runs.items()}
+        measured = {name: time_geometry_step(cfg, _fitted_field(cfg), g, ident, repeats)
+                    for name, (g, ident) in runs.items()}
     baseline = sum(measured["oracle"].values())
     case = f"grid {cfg.geometry.grid_resolution} @{res}px x{cfg.geometry.batch_size}"
     meta = {"threads": torch.get_num_threads(), "torch": torch.__version__, "machine": platform.machine()}

@@ -19,10 +19,8 @@ from __future__ import annotations
 
 import platform
 import resource
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +28,8 @@ import torch
 
 from idto3d.config import Config, load_config
 from idto3d.errors import IdtoError
+from idto3d.pipeline.bench_steps import PARTS, time_geometry_step, time_texture_step
 
-PARTS = ("field", "render", "guidance", "backward", "step")
 
 # Paper, section B (V100): neutral geometry 6000 it. ~30 min, neutral texture 2000 it. ~15 min; 13 expressions:
 # geometry ~4 h, texture ~10000 iterations (its time is not stated).
@@ -56,13 +54,6 @@ def resolve_device(name: str) -> torch.device:
             raise IdtoError("--device mps: Apple's Metal backend is not available on this machine; use --device cpu")
         return torch.device("mps")
     raise IdtoError(f"unknown device {name!r}; choose one of: cpu, cuda, mps")
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
 
 
 def _reset_peak(device: torch.device) -> None:
@@ -126,74 +117,7 @@ def _params_m(prior: Any) -> float:
     return sum(p.numel() for m in (prior.unet, prior.vae, prior.text_encoder) for p in m.parameters()) / 1e6
 
 
-# ---- timing -----------------------------------------------------------------------------------------------
-
-class _Stopwatch:
-    """Laps between ``lap`` calls, synchronising the device first so each lap holds its own kernels."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device, self.laps = device, []
-        _sync(device)
-        self.t = time.perf_counter()
-
-    def lap(self) -> None:
-        _sync(self.device)
-        now = time.perf_counter()
-        self.laps.append((now - self.t) * 1000.0)
-        self.t = now
-
-
-def _iterations(repeats: int) -> list[bool]:
-    """Which iterations are timed: one warm-up first only when more than one is timed."""
-    return [False] + [True] * repeats if repeats > 1 else [True]
-
-
-def _prewarm(prior: Any, prompts: list[str], cache_dir: Path) -> None:
-    # A run memoises prompt and expression embeddings after its first steps: do that outside the timed laps.
-    prior.encode_text(list(prompts) + [""])
-    prior.expression_table(cache_dir)
-
-
-def _time_geometry(cfg: Config, guidance: Any, id_embedding: torch.Tensor, repeats: int, device: torch.device,
-                   cache_dir: Path) -> dict[str, float]:
-    from idto3d.geometry.field import field_parameter_groups
-    from idto3d.geometry.laplacian import laplacian_loss
-    from idto3d.pipeline.bench_geometry import _fitted_field
-    from idto3d.pipeline.geometry_stage import geometry_prompts, render_for_guidance
-    from idto3d.priors.guidance import GuidanceCond
-    from idto3d.render.backend import get_rasterizer
-    from idto3d.render.camera import sample_orbit_cameras
-
-    field = _fitted_field(cfg).to(device)
-    opt = torch.optim.Adam(field_parameter_groups(field, cfg.geometry.lr, cfg.geometry.encoding_lr_scale))
-    rast = get_rasterizer(cfg.render.backend, device)
-    gen = torch.Generator().manual_seed(0)
-    cam = cfg.render.camera
-    times: dict[str, list[float]] = {p: [] for p in PARTS}
-    for i, timed in enumerate(_iterations(repeats)):
-        cams = sample_orbit_cameras(cfg.geometry.batch_size, cam.elevation_deg, cam.azimuth_deg, cam.radius,
-                                    cam.fov_deg, generator=gen).to(device)
-        prompts = geometry_prompts(cams, "a person")
-        _prewarm(guidance.prior, prompts, cache_dir)
-        cond = GuidanceCond(prompts=prompts, id_embedding=id_embedding, expressions=[cfg.expressions[0]] * len(cams),
-                            cameras=cams, expression_indices=[0])
-        opt.zero_grad(set_to_none=True)
-        watch = _Stopwatch(device)
-        mesh = field(0)
-        watch.lap()
-        images = render_for_guidance(mesh, cams, cfg.render.resolution, rast)
-        watch.lap()
-        loss = guidance(images, cond, i).loss + cfg.geometry.laplacian_weight * laplacian_loss(mesh)
-        watch.lap()
-        loss.backward()
-        watch.lap()
-        opt.step()
-        watch.lap()
-        if timed:
-            for p, ms in zip(PARTS, watch.laps):
-                times[p].append(ms)
-    return {p: statistics.median(v) for p, v in times.items()}
-
+# ---- inputs -----------------------------------------------------------------------------------------------
 
 def _textured_expression(cfg: Config, quick: bool, device: torch.device) -> Any:
     from idto3d.export.uv_atlas import shared_atlas
@@ -204,54 +128,6 @@ def _textured_expression(cfg: Config, quick: bool, device: torch.device) -> Any:
                                          cfg.texture.resolution)
     return TexturedExpression(expr.atlas, expr.mesh.to(device), expr.uv.to(device),
                               expr.attribute_faces.to(device), expr.texels.to(device))
-
-
-def _time_texture(cfg: Config, expr: Any, guidance: Any, id_embedding: torch.Tensor, repeats: int,
-                  device: torch.device, cache_dir: Path) -> dict[str, float]:
-    from idto3d.pipeline.texture_stage import texture_prompts
-    from idto3d.priors.guidance import GuidanceCond, get_schedule
-    from idto3d.render.backend import get_rasterizer
-    from idto3d.render.camera import sample_orbit_cameras
-    from idto3d.render.pseudo_albedo import render_pseudo_albedo
-    from idto3d.texture.field import build_texture_field, texture_optimizer
-    from idto3d.texture.lighting import LightingSampler
-
-    tcfg = cfg.texture
-    field = build_texture_field(tcfg, 1, seed=0).to(device)
-    opt = texture_optimizer(field, tcfg.lr)
-    rast = get_rasterizer(cfg.render.backend, device)
-    lighting = LightingSampler(tcfg, 0, progress=False)
-    gen = torch.Generator().manual_seed(0)
-    cam = cfg.render.camera
-    # The PBR sub-stage: the dearer of the two shadings (20% of a run), so the projection errs high.
-    guidance.schedule = get_schedule("texture_pbr")
-    times: dict[str, list[float]] = {p: [] for p in PARTS}
-    for i, timed in enumerate(_iterations(repeats)):
-        cams = sample_orbit_cameras(tcfg.batch_size, cam.elevation_deg, cam.azimuth_deg, cam.radius, cam.fov_deg,
-                                    generator=gen).to(device)
-        env = lighting.sample(gen).to(device)
-        prompts = texture_prompts(cams, "a person")
-        _prewarm(guidance.prior, prompts, cache_dir)
-        cond = GuidanceCond(prompts=prompts, id_embedding=id_embedding, expressions=[cfg.expressions[0]] * len(cams),
-                            cameras=cams, expression_indices=[0], lighting=env, shading="pbr")
-        opt.zero_grad(set_to_none=True)
-        watch = _Stopwatch(device)
-        maps = field.bake(0, expr.texels)
-        watch.lap()
-        images = render_pseudo_albedo(expr.mesh, cams, cfg.render.resolution, maps["albedo"], maps["roughness"],
-                                      maps["metallic"], env, uv=expr.uv, attribute_faces=expr.attribute_faces,
-                                      diffuse_only=False, rasterizer=rast).for_guidance()
-        watch.lap()
-        out = guidance(images, cond, i)
-        watch.lap()
-        out.loss.backward()
-        watch.lap()
-        opt.step()
-        watch.lap()
-        if timed:
-            for p, ms in zip(PARTS, watch.laps):
-                times[p].append(ms)
-    return {p: statistics.median(v) for p, v in times.items()}
 
 
 # ---- the benchmark ----------------------------------------------------------------------------------------
@@ -278,6 +154,7 @@ def projections(per_iteration_ms: dict[str, float]) -> list[tuple[str, float, fl
 def bench_pipeline(device: str = "cpu", full_size: bool = False, repeats: int | None = None, quick: bool = False,
                    preset: str = "preview") -> list[dict]:
     """Rows in ``render_table``'s format; ``repeats`` None: 1 for a full-size prior on CPU, else 3."""
+    from idto3d.pipeline.bench_geometry import _fitted_field
     from idto3d.priors.guidance import SDSGuidance
     from idto3d.priors.model import build_prior
     from idto3d.priors.tiny import make_tiny_base_model
@@ -306,12 +183,16 @@ def bench_pipeline(device: str = "cpu", full_size: bool = False, repeats: int | 
                 name = f"full-size SD1.5 prior ({_params_m(prior):.0f}M, {gcfg.latent_mode})"
             _reset_peak(dev)
             total = max(cfg.geometry.iterations, 1)
+            # One warm-up only when more than one iteration is timed (a full-size CPU step takes ~40 s).
+            timing = dict(warmup=n > 1, prewarm_cache=Path(tmp))
             measured[name] = {
-                "geometry": _time_geometry(cfg, SDSGuidance(prior, gcfg, "geometry", total, seed=0), id_embedding,
-                                           n, dev, Path(tmp)),
-                "texture": _time_texture(cfg, expr, SDSGuidance(prior, gcfg, "texture_pbr",
-                                                                max(cfg.texture.iterations, 1), seed=0),
-                                         id_embedding, n, dev, Path(tmp)),
+                "geometry": time_geometry_step(cfg, _fitted_field(cfg).to(dev),
+                                               SDSGuidance(prior, gcfg, "geometry", total, seed=0), id_embedding, n,
+                                               dev, **timing),
+                # The PBR sub-stage: the dearer of the two shadings (20% of a run), so the projection errs high.
+                "texture": time_texture_step(cfg, expr, SDSGuidance(prior, gcfg, "texture_pbr",
+                                                                    max(cfg.texture.iterations, 1), seed=0),
+                                             "pbr", id_embedding, n, dev, **timing),
             }
             peaks[name] = _peak_mib(dev)
             del prior

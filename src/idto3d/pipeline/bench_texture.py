@@ -9,9 +9,7 @@ through the real diffusers path. Ratios are each row over the baseline's total f
 from __future__ import annotations
 
 import platform
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -19,61 +17,16 @@ import torch
 from idto3d.config import Config, load_config
 from idto3d.export.uv_atlas import shared_atlas
 from idto3d.geometry.template import build_head_template
+from idto3d.pipeline.bench_steps import time_texture_step
 from idto3d.pipeline.texture_oracle import TexturedTarget, TextureOracleGuidance
-from idto3d.pipeline.texture_stage import TexturedExpression, texture_prompts
-from idto3d.priors.guidance import GuidanceCond, SDSGuidance, get_schedule
-from idto3d.render.backend import get_rasterizer
-from idto3d.render.camera import sample_orbit_cameras
-from idto3d.render.pseudo_albedo import render_pseudo_albedo
-from idto3d.texture.field import build_texture_field, texture_optimizer
-from idto3d.texture.lighting import LightingSampler
-
-PARTS = ("field", "render", "guidance", "backward", "step")
+from idto3d.pipeline.texture_stage import TexturedExpression
+from idto3d.priors.guidance import SDSGuidance
 
 
 def _bench_config(quick: bool) -> Config:
     overrides = ["texture.resolution=64", "render.resolution=64", "prior.guidance.latent_size=8",
                  "texture.encoding.max_resolution=32"] if quick else []
     return load_config("preview", None, overrides)
-
-
-def _time_parts(cfg: Config, expr: TexturedExpression, guidance, shading: str, id_embedding: torch.Tensor | None,
-                repeats: int) -> dict[str, float]:
-    """Median ms per part over ``repeats`` iterations (after one warm-up)."""
-    tcfg = cfg.texture
-    field = build_texture_field(tcfg, 1, seed=0)
-    opt = texture_optimizer(field, tcfg.lr)
-    rast = get_rasterizer(cfg.render.backend, torch.device("cpu"))
-    lighting = LightingSampler(tcfg, 0, progress=False)
-    gen = torch.Generator().manual_seed(0)
-    cam = cfg.render.camera
-    guidance.schedule = get_schedule("texture_diffuse" if shading == "diffuse" else "texture_pbr")
-    times: dict[str, list[float]] = {p: [] for p in PARTS}
-    for i in range(repeats + 1):
-        cams = sample_orbit_cameras(tcfg.batch_size, cam.elevation_deg, cam.azimuth_deg, cam.radius, cam.fov_deg,
-                                    generator=gen)
-        env = lighting.sample(gen)
-        cond = GuidanceCond(prompts=texture_prompts(cams, "a person"), id_embedding=id_embedding,
-                            expressions=[cfg.expressions[0]] * len(cams), cameras=cams, expression_indices=[0],
-                            lighting=env, shading=shading)
-        opt.zero_grad(set_to_none=True)
-        stamps = [time.perf_counter()]
-        maps = field.bake(0, expr.texels)
-        stamps.append(time.perf_counter())
-        images = render_pseudo_albedo(expr.mesh, cams, cfg.render.resolution, maps["albedo"], maps["roughness"],
-                                      maps["metallic"], env, uv=expr.uv, attribute_faces=expr.attribute_faces,
-                                      diffuse_only=shading == "diffuse", rasterizer=rast).for_guidance()
-        stamps.append(time.perf_counter())
-        out = guidance(images, cond, i)
-        stamps.append(time.perf_counter())
-        out.loss.backward()
-        stamps.append(time.perf_counter())
-        opt.step()
-        stamps.append(time.perf_counter())
-        if i > 0:  # the first iteration warms up allocators, lazy initialisation and the prefilter cache
-            for p, a, b in zip(PARTS, stamps, stamps[1:]):
-                times[p].append((b - a) * 1000.0)
-    return {p: statistics.median(v) for p, v in times.items()}
 
 
 def bench_texture(repeats: int = 5, quick: bool = False) -> list[dict]:
@@ -98,7 +51,7 @@ def bench_texture(repeats: int = 5, quick: bool = False) -> list[dict]:
                                                      dim=0)
         runs[f"tiny prior ({gcfg.latent_mode}), pbr"] = (SDSGuidance(prior, gcfg, "texture_pbr", total, seed=0),
                                                          "pbr", id_embedding)
-        measured = {name: _time_parts(cfg, expr, g, shading, ident, repeats)
+        measured = {name: time_texture_step(cfg, expr, g, shading, ident, repeats)
                     for name, (g, shading, ident) in runs.items()}
     baseline = sum(measured["oracle, diffuse"].values())
     case = (f"{int(mesh.faces.shape[0])} faces, UV {cfg.texture.resolution}^2 @{cfg.render.resolution}px "
