@@ -30,7 +30,7 @@ from idto3d.atomic import atomic_write, atomic_write_text
 from idto3d.config import Config, TextureConfig
 from idto3d.errors import IdtoError
 from idto3d.export.uv_atlas import UVMesh, shared_atlas
-from idto3d.pipeline.geometry_stage import all_finite, conditioning_key
+from idto3d.pipeline.geometry_stage import all_finite, conditioning_key, preview_resolution
 from idto3d.pipeline.progress import progress_bar
 from idto3d.pipeline.run_folder import prepare_run
 from idto3d.pipeline.stage_state import StageCounters, StageState
@@ -227,7 +227,7 @@ def run_texture_stage(run_dir: str | Path, cfg: Config, guidance: ScoreDistillat
     total = tcfg.iterations
     end = total if stop_after is None else min(total, start + max(stop_after, 0))
     cam_cfg = cfg.render.camera
-    preview_res = min(max(cfg.render.resolution, 128), 256)
+    preview_res = preview_resolution(cfg.render.resolution)
     title = f"texture SDS ({lighting.source})" if start == 0 else f"texture SDS (resumed at {start}/{total})"
     it = start
     with progress_bar(title, end - start, console, enabled=progress) as update, \
