@@ -171,3 +171,27 @@ def test_obj_with_uv_seams_loads_as_closed(tmp_path) -> None:
     m = load_mesh(tmp_path / "cube.obj")
     assert m.vertices.shape[0] == 8
     assert mesh_stats(m)["watertight"]
+
+
+def test_weld_degenerate_makes_marching_tets_output_unwrappable_and_keeps_it_closed():
+    """SDF zeros exactly on grid vertices (a cube through them) make marching tets emit collapsed faces, which
+    xatlas refuses; welding keeps the surface closed with the same area and lets the run's unwrap through."""
+    import trimesh
+
+    from idto3d.export.uv_atlas import UnwrapError, unwrap
+    from idto3d.geometry.marching_tets import marching_tets
+    from idto3d.geometry.mesh_io import weld_degenerate
+    from idto3d.geometry.tetgrid import make_tet_grid
+    from idto3d.pipeline.texture_stage import unwrap_expressions
+
+    grid = make_tet_grid(16, 1.0)
+    raw = marching_tets(grid.vertices, grid.vertices.abs().amax(1) - 0.5, grid.tets).detach()
+    with pytest.raises(UnwrapError, match="zero area"):
+        unwrap(raw)
+    welded = weld_degenerate(raw)
+    before = trimesh.Trimesh(raw.vertices.numpy(), raw.faces.numpy(), process=False)
+    after = trimesh.Trimesh(welded.vertices.numpy(), welded.faces.numpy(), process=False)
+    assert after.is_watertight and len(after.faces) < len(before.faces)
+    assert after.area == pytest.approx(before.area, rel=1e-6)
+    atlases = unwrap_expressions({"neutral": raw})
+    assert atlases["neutral"].faces.shape[0] == len(after.faces)

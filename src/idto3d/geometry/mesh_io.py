@@ -301,3 +301,25 @@ def save_mesh(mesh: Mesh, path: str | Path) -> Path:
         return atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"))
     data = tm.export(file_type="ply", encoding="binary")
     return atomic_write(path, lambda p: p.write_bytes(data))
+
+
+def weld_degenerate(mesh: Mesh, tolerance: float = 1e-7, min_area: float = 1e-12) -> Mesh:
+    """``mesh`` with coincident vertices merged and the zero-area faces that leaves dropped.
+
+    Marching tets puts a vertex on every crossed edge, so where the SDF is (almost) zero at a grid vertex several
+    edges give the same point and the faces between them collapse. Merging those points first keeps the surface
+    closed; dropping the collapsed faces then only removes faces with no area (UV unwrapping refuses them).
+    """
+    v = mesh.vertices.detach().cpu().double().numpy()
+    f = mesh.faces.detach().cpu().numpy()
+    key = np.round(v / tolerance).astype(np.int64)
+    _, first, inverse = np.unique(key, axis=0, return_index=True, return_inverse=True)
+    f = inverse.reshape(-1)[f]
+    v = v[first]
+    a, b, c = (v[f[:, i]] for i in range(3))
+    area = 0.5 * np.linalg.norm(np.cross(b - a, c - a), axis=1)
+    f = f[area > min_area]
+    used = np.zeros(v.shape[0], dtype=bool)
+    used[f.ravel()] = True
+    remap = np.cumsum(used) - 1
+    return Mesh(torch.from_numpy(v[used]).to(mesh.vertices), torch.from_numpy(remap[f]).to(mesh.faces))

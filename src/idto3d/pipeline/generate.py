@@ -179,12 +179,12 @@ def generate(inputs: Sequence[str | Path], run_dir: str | Path, cfg: Config, *, 
                 run_dir, cfg, {n: x.atlas for n, x in photo.expressions.items()},
                 lambda i, name, atlas: baked_maps(photo.field, i, atlas, size), console=console, progress=progress)
         else:
-            from idto3d.export.uv_atlas import shared_atlas
+            from idto3d.pipeline.texture_stage import unwrap_expressions
 
             notes.append("no albedo prior: the meshes were exported with a plain grey material; pass "
                          "--albedo-prior FOLDER or set prior.albedo to run the texture stage")
             files = exported_files(run_dir) or export_run(
-                run_dir, cfg, dict(zip(meshes, shared_atlas(list(meshes.values())))),
+                run_dir, cfg, unwrap_expressions(meshes),
                 lambda i, name, atlas: grey_maps(), console=console, progress=progress)
         clock.lap("export")
         return GenerateResult(run_dir, ident, geo, photo=photo, person=person, exported=files, missing="; ".join(notes) or None,

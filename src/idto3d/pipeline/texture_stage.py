@@ -30,6 +30,7 @@ from idto3d.atomic import atomic_write, atomic_write_text
 from idto3d.config import Config, TextureConfig
 from idto3d.errors import IdtoError
 from idto3d.export.uv_atlas import UVMesh, shared_atlas
+from idto3d.geometry.mesh_io import weld_degenerate
 from idto3d.pipeline.geometry_stage import all_finite, conditioning_key, preview_resolution
 from idto3d.pipeline.progress import progress_bar
 from idto3d.pipeline.run_folder import prepare_run
@@ -110,6 +111,12 @@ def load_atlases(path: Path, names: list[str]) -> dict[str, UVMesh]:
         return {n: UVMesh(*(np.asarray(data[f"{n}.{k}"]) for k in _ATLAS_KEYS)) for n in names}
 
 
+def unwrap_expressions(meshes: dict[str, Mesh]) -> dict[str, UVMesh]:
+    """UV atlases of the stage's meshes (one shared layout where the topology allows), after merging the
+    coincident vertices marching tets leaves and dropping the faces they collapse."""
+    return dict(zip(meshes, shared_atlas([weld_degenerate(m.detach().to("cpu")) for m in meshes.values()])))
+
+
 def prepare_expressions(tex_dir: Path, meshes: dict[str, Mesh], size: int) -> dict[str, TexturedExpression]:
     """Unwrap the expression meshes (or reload the run's atlas) and map their texels."""
     names = list(meshes)
@@ -117,7 +124,7 @@ def prepare_expressions(tex_dir: Path, meshes: dict[str, Mesh], size: int) -> di
     if path.exists():
         atlases = load_atlases(path, names)
     else:
-        atlases = dict(zip(names, shared_atlas([m.detach().to("cpu") for m in meshes.values()])))
+        atlases = unwrap_expressions(meshes)
         save_atlases(path, atlases)
     return {n: TexturedExpression.from_atlas(a, size) for n, a in atlases.items()}
 
