@@ -55,7 +55,7 @@ def test_projection_matches_the_papers_rate():
 def test_cuda_without_cuda_is_one_clean_error(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     _assert_one_error_line(runner.invoke(app, ["bench", "pipeline", "--device", "cuda", "--json"]),
-                           r"--device cuda: no CUDA device")
+                           r"device cuda: no CUDA device")
 
 
 def test_bad_device_and_repeats_are_clean_errors():

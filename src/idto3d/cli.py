@@ -338,6 +338,10 @@ def generate_cmd(
                                                     "priors, neutral plus the face model's expressions).")] = None,
     envmaps: Annotated[Path | None, typer.Option("--envmaps", help="Folder of .hdr/.exr environment maps for "
                                                  "the texture stage (default: procedural skies).")] = None,
+    device: Annotated[str | None, typer.Option("--device", help="Where the stages run: auto, cpu, cuda or "
+                                                                "mps (runtime.device; auto = cuda when present).")] = None,
+    precision: Annotated[str | None, typer.Option("--precision", help="The priors' dtype: auto, fp32, fp16 or bf16 "
+                                                                      "(runtime.precision).")] = None,
     preset: PresetOpt = None, config: ConfigOpt = None, set_: SetOpt = None,
     overwrite: Annotated[bool, typer.Option(help="Start over in a run folder made with another config.")] = False,
 ) -> None:
@@ -346,6 +350,10 @@ def generate_cmd(
     from idto3d.pipeline.generate import generate
 
     overrides = list(set_ or [])
+    if device is not None:
+        overrides.append(f"runtime.device={device}")
+    if precision is not None:
+        overrides.append(f"runtime.precision={precision}")
     if expressions is not None:
         names = [e.strip() for e in expressions.split(",") if e.strip()]
         if not names:
@@ -519,6 +527,9 @@ def bench_pipeline_cmd(
                                                      "> 1). Default: 1 for --full-size on CPU, else 3.")] = None,
     quick: Annotated[bool, typer.Option(help="Small grid, texture and render size (smoke test).")] = False,
     preset: PresetOpt = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Config override KEY=VALUE (repeatable), e.g. "
+                                                                 "runtime.precision=fp16, runtime.compile=true, "
+                                                                 "runtime.fast_paths=true.")] = None,
 ) -> None:
     """Seconds per geometry and texture SDS iteration on a device, split into parts, with peak memory and
     the projected wall time of the paper preset's schedules."""
@@ -527,7 +538,30 @@ def bench_pipeline_cmd(
     if repeats is not None:
         _check_repeats(repeats)
     _print_rows(bench_pipeline(device=device, full_size=full_size, repeats=repeats, quick=quick,
-                               preset=preset or "preview"), as_json)
+                               preset=preset or "preview", overrides=list(set_ or [])), as_json)
+
+
+@bench_app.command("runtime")
+@user_errors
+def bench_runtime_cmd(
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable JSON instead of a table.")] = False,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "cpu",
+    full_size: Annotated[bool, typer.Option("--full-size", help="Also time a full SD1.5-architecture prior "
+                                                                "(random weights) at 512 px, 64x64 latents.")] = False,
+    repeats: Annotated[int | None, typer.Option(help="Timed calls per variant after one untimed first call "
+                                                     "(median). Default: 1 for --full-size on CPU, else 10.")] = None,
+    variants: Annotated[str | None, typer.Option(help="Comma-separated variants among fp32, bf16, fp16, "
+                                                      "channels_last, math, compile; + joins options "
+                                                      "(bf16+channels_last). fp32 always runs: it is the "
+                                                      "baseline. Default: all six.")] = None,
+) -> None:
+    """The prior's runtime options (precision, channels-last, attention kernel, torch.compile): ms of one SDS
+    call + backward to the renders for each, with its ratio to fp32 + SDPA and the peak memory."""
+    from idto3d.pipeline.bench_runtime import bench_runtime
+
+    if repeats is not None:
+        _check_repeats(repeats)
+    _print_rows(bench_runtime(device=device, full_size=full_size, repeats=repeats, variants=variants), as_json)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -57,7 +57,7 @@ class RenderConfig:
 class EncodingConfig:
     """Positional encoding of tet-grid vertices.
 
-    ``hash`` is the paper's Instant-NGP hash grid (tinycudann on CUDA when importable);
+    ``hash`` is the paper's Instant-NGP hash grid (tiny-cuda-nn on CUDA with runtime.fast_paths);
     ``dense`` is a multi-resolution dense feature volume, several times cheaper on CPU.
     """
 
@@ -304,6 +304,27 @@ class PriorConfig:
 
 
 @dataclass
+class RuntimeConfig:
+    """Where and how the SDS stages run: device, the prior's precision and kernels, logging cadence."""
+
+    device: str = _opt("auto", choices=("auto", "cpu", "cuda", "mps"),
+                       help="auto = cuda when this machine has it, else cpu (mps only when asked)")
+    precision: str = _opt("auto", choices=("auto", "fp32", "fp16", "bf16"),
+                          help="the priors' UNet/VAE/text weights and autocast dtype; the 3D fields stay fp32. "
+                               "auto = bf16 on CUDA GPUs that have it (else fp16), fp32 on cpu/mps")
+    channels_last: bool = _opt(False, help="NHWC memory format for the prior's UNet and VAE convolutions")
+    compile: bool = _opt(False, help="torch.compile the prior's UNet forward (first steps pay the compile time)")
+    attention: str = _opt("sdpa", choices=("sdpa", "math"),
+                          help="sdpa = torch's scaled_dot_product_attention (flash / memory-efficient kernels "
+                               "where the device has them); math = explicit softmax(QK^T)V, the reference")
+    fast_paths: bool = _opt(False, help="use nvdiffrast (rasteriser) and tiny-cuda-nn (hash grid) when they import "
+                                        "and a CUDA device is present; the PyTorch paths are the default and the "
+                                        "reference")
+    log_every: int = _opt(10, ge=1, help="SDS iterations between reads of the loss from the device (log lines, the "
+                                         "progress bar, the non-finite step check); each read waits for the device")
+
+
+@dataclass
 class Config:
     preset: str = "preview"
     seed: int = 0
@@ -317,6 +338,7 @@ class Config:
     identity: IdentityConfig = field(default_factory=IdentityConfig)
     face_model: FaceModelConfig = field(default_factory=FaceModelConfig)
     prior: PriorConfig = field(default_factory=PriorConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
 
 class _Yaml12Loader(yaml.SafeLoader):

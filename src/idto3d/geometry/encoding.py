@@ -10,9 +10,13 @@ All encoders take points in ``[-bound, bound]^3`` (the tet grid's cube), map the
   0.4 s for the same 100k points at its defaults (4 levels x 8 features, 16..128), no hashing,
   and simple to reason about; the ``preview`` preset's choice.
 Neither supports double backward (no eikonal-style gradient penalties through them).
-- :class:`TcnnHashGridEncoding`: the same hash grid through tiny-cuda-nn's fused CUDA kernels; used
-  only when ``tinycudann`` imports and CUDA is available. It cannot be exercised on CPU machines,
-  so it is untested here.
+- :class:`TcnnHashGridEncoding`: the same hash grid through tiny-cuda-nn's fused CUDA kernels; an
+  opt-in fast path (``runtime.fast_paths``), used only when asked for and ``tinycudann`` imports
+  with CUDA present. The PyTorch grid stays the default and the reference; ``tests/test_fast_paths.py``
+  compares the two where tiny-cuda-nn is installed.
+
+The two hash grids' parameters are not interchangeable (different layouts), so a checkpoint names
+its implementation through its keys: :func:`check_encoding_state` turns a mismatch into a clear error.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from idto3d.errors import ConfigError
+from idto3d.errors import ConfigError, IdtoError
 
 __all__ = [
     "HashGridEncoding",
@@ -33,6 +37,10 @@ __all__ = [
     "TcnnHashGridEncoding",
     "tcnn_available",
     "make_encoding",
+    "encoding_from_config",
+    "encoding_implementation",
+    "state_encoding_implementation",
+    "check_encoding_state",
     "ENCODING_KINDS",
     "level_resolutions",
 ]
@@ -290,10 +298,10 @@ def tcnn_available() -> bool:
 class TcnnHashGridEncoding(nn.Module):
     """The hash grid through tiny-cuda-nn (CUDA only; same arguments as :class:`HashGridEncoding`).
 
-    Parameters live on the CUDA device and inputs must be CUDA tensors. Output is cast to float32.
-    Differences from the PyTorch version: tcnn offsets each level's grid by half a cell and rounds
-    resolutions its own way, so checkpoints are not interchangeable between the two.
-    Not tested on CPU-only machines.
+    Parameters live on the CUDA device (float32, like every 3-D parameter here) and inputs must be
+    CUDA tensors. Output is float32. Differences from the PyTorch version: tcnn offsets each level's
+    grid by half a cell and rounds resolutions its own way, so checkpoints are not interchangeable
+    between the two (see :func:`check_encoding_state`).
     """
 
     def __init__(self, n_levels: int = 16, n_features_per_level: int = 2,
@@ -311,6 +319,11 @@ class TcnnHashGridEncoding(nn.Module):
 
         growth = 1.0 if n_levels == 1 else math.exp(
             (math.log(max_resolution) - math.log(base_resolution)) / (n_levels - 1))
+        self.n_levels = n_levels
+        self.n_features_per_level = n_features_per_level
+        self.log2_hashmap_size = log2_hashmap_size
+        self.base_resolution = base_resolution
+        self.max_resolution = max_resolution
         self.bound = float(bound)
         self.output_dim = n_levels * n_features_per_level
         self.encoding = tcnn.Encoding(3, {
@@ -320,17 +333,17 @@ class TcnnHashGridEncoding(nn.Module):
             "log2_hashmap_size": log2_hashmap_size,
             "base_resolution": base_resolution,
             "per_level_scale": growth,
-        })
+        }, dtype=torch.float32)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.encoding(_to_unit_cube(x, self.bound).contiguous()).float()
 
 
-def make_encoding(kind: str, prefer_tcnn: bool = True, **kwargs: object) -> nn.Module:
+def make_encoding(kind: str, prefer_tcnn: bool = False, **kwargs: object) -> nn.Module:
     """Build an encoding by name: ``"hash"`` or ``"dense"``; ``kwargs`` go to its constructor.
 
-    ``"hash"`` uses tiny-cuda-nn when ``prefer_tcnn`` and :func:`tcnn_available`, else the
-    PyTorch :class:`HashGridEncoding`. Unknown kinds or arguments raise ``ConfigError``.
+    ``"hash"`` is the PyTorch :class:`HashGridEncoding` unless ``prefer_tcnn`` (the opt-in fast path)
+    and :func:`tcnn_available`; then tiny-cuda-nn's. Unknown kinds or arguments raise ``ConfigError``.
     """
     if kind == "hash":
         cls: type[nn.Module] = (
@@ -352,10 +365,57 @@ def make_encoding(kind: str, prefer_tcnn: bool = True, **kwargs: object) -> nn.M
     return cls(**kwargs)
 
 
-def encoding_from_config(cfg, bound: float) -> nn.Module:  # noqa: ANN001 (an idto3d.config.EncodingConfig)
-    """The encoding an ``EncodingConfig`` describes, covering ``[-bound, bound]^3``."""
+def encoding_from_config(cfg, bound: float, prefer_tcnn: bool = False) -> nn.Module:  # noqa: ANN001
+    """The encoding an ``idto3d.config.EncodingConfig`` describes, covering ``[-bound, bound]^3``;
+    ``prefer_tcnn`` as in :func:`make_encoding` (the stages pass ``runtime.fast_paths``)."""
     kwargs: dict = dict(n_levels=cfg.n_levels, n_features_per_level=cfg.n_features_per_level,
                         base_resolution=cfg.base_resolution, max_resolution=cfg.max_resolution, bound=bound)
     if cfg.kind == "hash":
         kwargs["log2_hashmap_size"] = cfg.log2_hashmap_size
-    return make_encoding(cfg.kind, **kwargs)
+    return make_encoding(cfg.kind, prefer_tcnn=prefer_tcnn, **kwargs)
+
+
+# ---------------------------------------------------------------- checkpoints
+
+# What each implementation's parameters are called under the encoding's prefix: tiny-cuda-nn keeps
+# one flat ``params`` vector in its ``tcnn.Encoding`` (our ``.encoding``), the PyTorch grids their tables.
+_STATE_KEYS = {"tcnn-hash": ("encoding.params",), "hash": ("table",), "dense": ("volumes.",)}
+_DESCRIBED = {"tcnn-hash": "tiny-cuda-nn's hash grid (runtime.fast_paths on, CUDA with tinycudann)",
+              "hash": "the PyTorch hash grid", "dense": "the dense grid"}
+
+
+def encoding_implementation(encoding: nn.Module) -> str:
+    """``"hash"``, ``"tcnn-hash"`` or ``"dense"``: which grid ``encoding`` is."""
+    if isinstance(encoding, TcnnHashGridEncoding):
+        return "tcnn-hash"
+    if isinstance(encoding, HashGridEncoding):
+        return "hash"
+    if isinstance(encoding, DenseGridEncoding):
+        return "dense"
+    raise TypeError(f"not an idto3d encoding: {type(encoding).__name__}")
+
+
+def state_encoding_implementation(state: dict, prefix: str = "encoding.") -> str | None:
+    """Which grid a field's ``state_dict`` was saved from (keys under ``prefix``); None if none matches."""
+    keys = [k[len(prefix):] for k in state if k.startswith(prefix)]
+    for name, marks in _STATE_KEYS.items():
+        if any(k.startswith(m) for k in keys for m in marks):
+            return name
+    return None
+
+
+def check_encoding_state(encoding: nn.Module, state: dict, source: str, prefix: str = "encoding.") -> None:
+    """Raise ``IdtoError`` when ``state`` (a field's state_dict, ``source`` names where it came from) holds
+    another grid implementation than ``encoding``: a tiny-cuda-nn checkpoint cannot load into the PyTorch
+    grid or vice versa, and torch's own message (missing/unexpected keys) would not say why."""
+    ours, theirs = encoding_implementation(encoding), state_encoding_implementation(state, prefix)
+    if theirs is None or theirs == ours:
+        return
+    if "tcnn-hash" in (ours, theirs):
+        on = theirs == "tcnn-hash"
+        fix = ("set runtime.fast_paths=true and resume on a CUDA machine with tinycudann installed"
+               if on else "set runtime.fast_paths=false")
+        raise IdtoError(f"{source} was saved with {_DESCRIBED[theirs]}, but this run builds {_DESCRIBED[ours]}; "
+                        f"their parameters are not interchangeable: {fix}, or pass --overwrite to start over")
+    raise IdtoError(f"{source} was saved with {_DESCRIBED[theirs]}, but this run's config builds {_DESCRIBED[ours]} "
+                    "(encoding.kind differs); use the run's own config, or pass --overwrite to start over")

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from idto3d.config import GeometryConfig
-from idto3d.geometry.encoding import encoding_from_config
+from idto3d.geometry.encoding import check_encoding_state, encoding_from_config
 from idto3d.geometry.marching_tets import marching_tets
 from idto3d.geometry.tetgrid import TetGrid, make_tet_grid
 from idto3d.render.mesh import Mesh
@@ -140,17 +140,38 @@ class ExpressionField(nn.Module):
         return marching_tets(vertices, sdf, self.tets)
 
 
-def build_field(cfg: GeometryConfig, n_expressions: int, seed: int = 0) -> ExpressionField:
-    """An ``ExpressionField`` from the geometry config, deterministic under ``seed``."""
+def build_field(cfg: GeometryConfig, n_expressions: int, seed: int = 0, fast_paths: bool = False,
+                device: torch.device | str | None = None) -> ExpressionField:
+    """An ``ExpressionField`` from the geometry config, deterministic under ``seed``.
+
+    Built on the CPU (so the initial weights do not depend on the device), then moved to ``device`` when
+    given. ``fast_paths`` (``runtime.fast_paths``) lets a hash encoding use tiny-cuda-nn when it imports
+    and the field is for a CUDA device; otherwise (the default) it is the PyTorch grid.
+    """
+    tcnn_ok = fast_paths and (device is None or torch.device(device).type == "cuda")
     gen = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        encoding = encoding_from_config(cfg.encoding, cfg.grid_scale)
+        encoding = encoding_from_config(cfg.encoding, cfg.grid_scale, prefer_tcnn=tcnn_ok)
         grid = make_tet_grid(cfg.grid_resolution, cfg.grid_scale)
         fc = cfg.field
-        return ExpressionField(grid, encoding, n_expressions, latent_dim=fc.latent_dim, d_model=fc.d_model,
-                               n_layers=fc.n_layers, n_heads=fc.n_heads, deform_scale=fc.deform_scale,
-                               generator=gen)
+        field = ExpressionField(grid, encoding, n_expressions, latent_dim=fc.latent_dim, d_model=fc.d_model,
+                                n_layers=fc.n_layers, n_heads=fc.n_heads, deform_scale=fc.deform_scale,
+                                generator=gen)
+    return field if device is None else field.to(device)
+
+
+def load_field_state(field: nn.Module, state: dict, source: str) -> None:
+    """``field.load_state_dict(state)`` (any device: tensors are copied onto the field's), after checking that
+    ``state`` holds the same encoding implementation (``source`` names the file in the error)."""
+    check_encoding_state(field.encoding, state, str(source))
+    field.load_state_dict(state)
+
+
+def cpu_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    """``module.state_dict()`` with every tensor on the CPU: checkpoints that load on machines without the
+    device they were trained on, with or without ``map_location``."""
+    return {k: v.detach().cpu() if isinstance(v, torch.Tensor) else v for k, v in module.state_dict().items()}
 
 
 def field_parameter_groups(field: nn.Module, lr: float, encoding_lr_scale: float = 1.0) -> list[dict]:

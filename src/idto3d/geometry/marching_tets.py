@@ -67,6 +67,15 @@ def _build_triangle_table() -> torch.Tensor:
 _TRI_TABLE = _build_triangle_table()
 _EDGE_A = torch.tensor([a for a, _ in _TET_EDGES])
 _EDGE_B = torch.tensor([b for _, b in _TET_EDGES])
+_BITS = torch.tensor([1, 2, 4, 8])
+_ON_DEVICE: dict[torch.device, tuple[torch.Tensor, ...]] = {}
+
+
+def _tables(device: torch.device) -> tuple[torch.Tensor, ...]:
+    """The lookup tables on ``device``, copied once: a host-to-GPU copy every call would wait for the GPU."""
+    if device not in _ON_DEVICE:
+        _ON_DEVICE[device] = tuple(t.to(device) for t in (_EDGE_A, _EDGE_B, _BITS, _TRI_TABLE))
+    return _ON_DEVICE[device]
 
 
 def _empty_mesh(vertices: torch.Tensor, sdf: torch.Tensor) -> Mesh:
@@ -100,14 +109,15 @@ def marching_tets(vertices: torch.Tensor, sdf: torch.Tensor, tets: torch.Tensor)
     with torch.no_grad():
         vtets = tets[valid]  # [Tv, 4]
         vocc = occ[valid].bool()
-        pattern = (vocc.long() * torch.tensor([1, 2, 4, 8], device=device)).sum(-1)
+        edge_a, edge_b, bits, tri_table = _tables(device)
+        pattern = (vocc.long() * bits).sum(-1)
 
         # All 6 edges of each straddling tet, as sorted vertex pairs.
-        ea = vtets[:, _EDGE_A.to(device)]  # [Tv, 6]
-        eb = vtets[:, _EDGE_B.to(device)]
+        ea = vtets[:, edge_a]  # [Tv, 6]
+        eb = vtets[:, edge_b]
         lo = torch.minimum(ea, eb)
         hi = torch.maximum(ea, eb)
-        crossing = vocc[:, _EDGE_A.to(device)] != vocc[:, _EDGE_B.to(device)]
+        crossing = vocc[:, edge_a] != vocc[:, edge_b]
 
         # One surface vertex per unique crossing edge; a 1-D unique on an int64 key is ~50x
         # faster than unique(dim=0) on pairs.
@@ -118,7 +128,7 @@ def marching_tets(vertices: torch.Tensor, sdf: torch.Tensor, tets: torch.Tensor)
         ua = ukey // n
         ub = ukey % n
 
-        tri = _TRI_TABLE.to(device)[pattern]  # [Tv, 6] local edge ids, -1 padded
+        tri = tri_table[pattern]  # [Tv, 6] local edge ids, -1 padded
         used = tri >= 0
         faces = torch.gather(edge_to_vert, 1, tri.clamp(min=0))
         faces = faces.reshape(-1, 3)[used.reshape(-1, 3)[:, 0]]

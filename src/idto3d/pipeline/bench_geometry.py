@@ -35,10 +35,11 @@ def _bench_config(quick: bool) -> Config:
 _FIELD_CACHE: dict[tuple, dict] = {}
 
 
-def _fitted_field(cfg: Config):
+def _fitted_field(cfg: Config, device: torch.device | str | None = None):
     """The preset's field after a short template regression (so the timed surface is head-sized)."""
-    field = build_field(cfg.geometry, n_expressions=len(cfg.expressions), seed=0)
-    key = (cfg.geometry.grid_resolution,)
+    field = build_field(cfg.geometry, n_expressions=len(cfg.expressions), seed=0, fast_paths=cfg.runtime.fast_paths,
+                        device=device)
+    key = (cfg.geometry.grid_resolution, type(field.encoding).__name__)
     if key not in _FIELD_CACHE:
         small = cfg.geometry.grid_resolution <= 32  # the --quick grid: a rougher, cheaper fit is enough
         fit = TemplateConfig(iterations=40 if small else 80, points_per_step=2000 if small else 4000)

@@ -29,6 +29,7 @@ import torch
 from idto3d.config import Config, load_config
 from idto3d.errors import IdtoError
 from idto3d.pipeline.bench_steps import PARTS, time_geometry_step, time_texture_step
+from idto3d.runtime import resolve_device
 
 
 # Paper, section B (V100): neutral geometry 6000 it. ~30 min, neutral texture 2000 it. ~15 min; 13 expressions:
@@ -39,21 +40,6 @@ PAPER_13_TEXTURE_ITERATIONS = 10000
 # The paper gives no geometry iteration count for 13 expressions: we assume its per-iteration cost stays the
 # neutral one (30 min / 6000), so ~4 h is 8x the neutral count.
 ASSUMED_13_GEOMETRY_ITERATIONS = 48000
-
-
-def resolve_device(name: str) -> torch.device:
-    """``cpu``/``cuda``/``mps`` as a ``torch.device``; one the machine lacks is an ``IdtoError``."""
-    if name == "cpu":
-        return torch.device("cpu")
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise IdtoError(f"--device cuda: no CUDA device here (torch {torch.__version__}); use --device cpu")
-        return torch.device("cuda")
-    if name == "mps":
-        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-            raise IdtoError("--device mps: Apple's Metal backend is not available on this machine; use --device cpu")
-        return torch.device("mps")
-    raise IdtoError(f"unknown device {name!r}; choose one of: cpu, cuda, mps")
 
 
 def _reset_peak(device: torch.device) -> None:
@@ -71,14 +57,15 @@ def _peak_mib(device: torch.device) -> float:
     return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
 
 
-def _bench_config(preset: str, quick: bool, full_size: bool) -> Config:
+def _bench_config(preset: str, quick: bool, full_size: bool, overrides: list[str] | None = None) -> Config:
+    user = list(overrides or [])
     overrides = []
     if quick:
         overrides += ["geometry.grid_resolution=24", "render.resolution=64", "prior.guidance.latent_size=8",
                       "texture.resolution=64", "texture.encoding.max_resolution=32"]
     if full_size:  # the paper's setting: SD1.5 VAE latents (64x64) of 512 px renders
         overrides += ["render.resolution=512", "prior.guidance.latent_mode=vae", "prior.guidance.latent_size=64"]
-    return load_config(preset, None, overrides)
+    return load_config(preset, None, overrides + user)
 
 
 # ---- priors -----------------------------------------------------------------------------------------------
@@ -152,11 +139,15 @@ def projections(per_iteration_ms: dict[str, float]) -> list[tuple[str, float, fl
 
 
 def bench_pipeline(device: str = "cpu", full_size: bool = False, repeats: int | None = None, quick: bool = False,
-                   preset: str = "preview") -> list[dict]:
-    """Rows in ``render_table``'s format; ``repeats`` None: 1 for a full-size prior on CPU, else 3."""
+                   preset: str = "preview", overrides: list[str] | None = None) -> list[dict]:
+    """Rows in ``render_table``'s format; ``repeats`` None: 1 for a full-size prior on CPU, else 3.
+    ``overrides`` are config ``key=value`` pairs, e.g. ``runtime.precision=fp16``; the priors take the
+    ``runtime`` section's precision, channels-last, attention and compile settings, the renderer and fields its
+    fast paths."""
     from idto3d.pipeline.bench_geometry import _fitted_field
     from idto3d.priors.guidance import SDSGuidance
     from idto3d.priors.model import build_prior
+    from idto3d.priors.runtime import configure_prior, runtime_summary
     from idto3d.priors.tiny import make_tiny_base_model
 
     dev = resolve_device(device)
@@ -165,8 +156,9 @@ def bench_pipeline(device: str = "cpu", full_size: bool = False, repeats: int | 
     if repeats < 1:
         raise IdtoError("--repeats must be > 0")
     torch.manual_seed(0)
-    cfg = _bench_config(preset, quick, full_size)
+    cfg = _bench_config(preset, quick, full_size, overrides)
     gcfg = cfg.prior.guidance
+    rt = cfg.runtime
     id_embedding = torch.nn.functional.normalize(torch.randn(512, generator=torch.Generator().manual_seed(0)), dim=0)
     expr = _textured_expression(cfg, quick, dev)
     measured: dict[str, dict[str, dict[str, float]]] = {}
@@ -174,19 +166,20 @@ def bench_pipeline(device: str = "cpu", full_size: bool = False, repeats: int | 
     with tempfile.TemporaryDirectory(prefix="idto3d-bench-") as tmp:
         tiny = build_prior(make_tiny_base_model(Path(tmp) / "sd", seed=0), "normal", 512, cfg.prior.adapter,
                            device=dev, seed=0)
-        runs = [(f"tiny prior ({gcfg.latent_mode})", lambda: tiny, max(repeats, 3))]
+        configure_prior(tiny, rt, dev)
+        runs = [(f"tiny prior ({gcfg.latent_mode}, {runtime_summary(tiny)})", lambda: tiny, max(repeats, 3))]
         if full_size:
-            runs.append((f"full-size SD1.5 prior ({gcfg.latent_mode})", lambda: _full_size_prior(tiny, dev), repeats))
+            runs.append(("full", lambda: configure_prior(_full_size_prior(tiny, dev), rt, dev), repeats))
         for name, make, n in runs:
             prior = make()
-            if name.startswith("full"):
-                name = f"full-size SD1.5 prior ({_params_m(prior):.0f}M, {gcfg.latent_mode})"
+            if name == "full":
+                name = f"full-size SD1.5 prior ({_params_m(prior):.0f}M, {gcfg.latent_mode}, {runtime_summary(prior)})"
             _reset_peak(dev)
             total = max(cfg.geometry.iterations, 1)
             # One warm-up only when more than one iteration is timed (a full-size CPU step takes ~40 s).
             timing = dict(warmup=n > 1, prewarm_cache=Path(tmp))
             measured[name] = {
-                "geometry": time_geometry_step(cfg, _fitted_field(cfg).to(dev),
+                "geometry": time_geometry_step(cfg, _fitted_field(cfg, dev),
                                                SDSGuidance(prior, gcfg, "geometry", total, seed=0), id_embedding, n,
                                                dev, **timing),
                 # The PBR sub-stage: the dearer of the two shadings (20% of a run), so the projection errs high.

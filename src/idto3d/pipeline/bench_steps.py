@@ -17,6 +17,8 @@ from typing import Any
 import torch
 
 from idto3d.config import Config
+from idto3d.pipeline.step_log import nonfinite_flag, step_unless
+from idto3d.runtime import rasterizer_name
 
 PARTS = ("field", "render", "guidance", "backward", "step")
 
@@ -66,15 +68,18 @@ def time_geometry_step(cfg: Config, field: torch.nn.Module, guidance: Any, id_em
     from idto3d.render.camera import sample_orbit_cameras
 
     device = device or torch.device("cpu")
-    opt = torch.optim.Adam(field_parameter_groups(field, cfg.geometry.lr, cfg.geometry.encoding_lr_scale))
-    rast = get_rasterizer(cfg.render.backend, device)
+    opt = torch.optim.Adam(field_parameter_groups(field, cfg.geometry.lr, cfg.geometry.encoding_lr_scale),
+                           fused=True)
+    rast = get_rasterizer(rasterizer_name(cfg.render.backend, cfg.runtime.fast_paths), device)
+    guidance.deferred_checks = True  # as the stage runs it: no per-step wait for the device
     gen = torch.Generator().manual_seed(0)
     cam = cfg.render.camera
     times: dict[str, list[float]] = {p: [] for p in PARTS}
     for i, timed in enumerate(_schedule(repeats, warmup)):
-        cams = sample_orbit_cameras(cfg.geometry.batch_size, cam.elevation_deg, cam.azimuth_deg, cam.radius,
-                                    cam.fov_deg, generator=gen).to(device)
-        prompts = geometry_prompts(cams, "a person")
+        host_cams = sample_orbit_cameras(cfg.geometry.batch_size, cam.elevation_deg, cam.azimuth_deg, cam.radius,
+                                         cam.fov_deg, generator=gen)
+        prompts = geometry_prompts(host_cams, "a person")
+        cams = host_cams.to(device)
         _prewarm(guidance, prompts, prewarm_cache)
         cond = GuidanceCond(prompts=prompts, id_embedding=id_embedding, expressions=[cfg.expressions[0]] * len(cams),
                             cameras=cams, expression_indices=[0])
@@ -84,11 +89,12 @@ def time_geometry_step(cfg: Config, field: torch.nn.Module, guidance: Any, id_em
         watch.lap()
         images = render_for_guidance(mesh, cams, cfg.render.resolution, rast)
         watch.lap()
-        loss = guidance(images, cond, i).loss + cfg.geometry.laplacian_weight * laplacian_loss(mesh)
+        out = guidance(images, cond, i)
+        loss = out.loss + cfg.geometry.laplacian_weight * laplacian_loss(mesh)
         watch.lap()
         loss.backward()
         watch.lap()
-        opt.step()
+        step_unless(opt, nonfinite_flag(field.parameters(), loss, finite=out.finite))
         watch.lap()
         if timed:
             for p, ms in zip(PARTS, watch.laps):
@@ -111,19 +117,21 @@ def time_texture_step(cfg: Config, expr: Any, guidance: Any, shading: str, id_em
 
     device = device or torch.device("cpu")
     tcfg = cfg.texture
-    field = build_texture_field(tcfg, 1, seed=0).to(device)
+    field = build_texture_field(tcfg, 1, seed=0, fast_paths=cfg.runtime.fast_paths, device=device)
     opt = texture_optimizer(field, tcfg.lr)
-    rast = get_rasterizer(cfg.render.backend, device)
-    lighting = LightingSampler(tcfg, 0, progress=False)
+    rast = get_rasterizer(rasterizer_name(cfg.render.backend, cfg.runtime.fast_paths), device)
+    lighting = LightingSampler(tcfg, 0, progress=False, device=device)
+    guidance.deferred_checks = True
     gen = torch.Generator().manual_seed(0)
     cam = cfg.render.camera
     guidance.schedule = get_schedule("texture_diffuse" if shading == "diffuse" else "texture_pbr")
     times: dict[str, list[float]] = {p: [] for p in PARTS}
     for i, timed in enumerate(_schedule(repeats, warmup)):
-        cams = sample_orbit_cameras(tcfg.batch_size, cam.elevation_deg, cam.azimuth_deg, cam.radius, cam.fov_deg,
-                                    generator=gen).to(device)
-        env = lighting.sample(gen).to(device)
-        prompts = texture_prompts(cams, "a person")
+        host_cams = sample_orbit_cameras(tcfg.batch_size, cam.elevation_deg, cam.azimuth_deg, cam.radius,
+                                         cam.fov_deg, generator=gen)
+        env = lighting.sample(gen)
+        prompts = texture_prompts(host_cams, "a person")
+        cams = host_cams.to(device)
         _prewarm(guidance, prompts, prewarm_cache)
         cond = GuidanceCond(prompts=prompts, id_embedding=id_embedding, expressions=[cfg.expressions[0]] * len(cams),
                             cameras=cams, expression_indices=[0], lighting=env, shading=shading)
@@ -139,7 +147,7 @@ def time_texture_step(cfg: Config, expr: Any, guidance: Any, shading: str, id_em
         watch.lap()
         out.loss.backward()
         watch.lap()
-        opt.step()
+        step_unless(opt, nonfinite_flag(field.parameters(), out.loss, finite=out.finite))
         watch.lap()
         if timed:
             for p, ms in zip(PARTS, watch.laps):

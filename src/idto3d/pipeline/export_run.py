@@ -27,11 +27,14 @@ GREY = (0.5, 0.7, 0.0)  # albedo, roughness, metallic of the placeholder materia
 
 
 def baked_maps(field: TextureField, index: int, atlas: UVMesh, size: int) -> PBRMaps:
-    """The field's maps for expression ``index`` on ``atlas`` at ``size`` x ``size`` texels."""
+    """The field's maps for expression ``index`` on ``atlas`` at ``size`` x ``size`` texels.
+
+    Baked on the field's device (the texel points go there once); only the finished maps come back."""
+    device = field.codes.device
     with torch.no_grad():
-        maps = field.bake(index, texel_map(atlas, size), chunk=131_072)
-    return PBRMaps.create(maps["albedo"].numpy(), maps["roughness"][..., 0].numpy(),
-                          maps["metallic"][..., 0].numpy())
+        maps = field.bake(index, texel_map(atlas, size).to(device), chunk=131_072)
+    host = {k: v.cpu().numpy() for k, v in maps.items()}
+    return PBRMaps.create(host["albedo"], host["roughness"][..., 0], host["metallic"][..., 0])
 
 
 def grey_maps(size: int = 16) -> PBRMaps:

@@ -20,6 +20,7 @@ from idto3d.pipeline.photo_texture_stage import PhotoTextureResult, run_photo_te
 from idto3d.pipeline.subject_init import SubjectFit, check_template_for_subject, fit_subject, subject_targets
 from idto3d.pipeline.texture_stage import TextureStageResult, run_texture_stage
 from idto3d.pipeline.run_folder import ensure_init, prepare_run
+from idto3d.runtime import resolve_device, resolve_dtype
 
 IDENTITY_FILE = "identity.safetensors"
 
@@ -88,14 +89,17 @@ def check_prior_for_identity(prior, ident: IdentityEmbedding, ref: str, domain: 
                         f"(identity.backend: dlib = 128, arcface = 512) or use a prior built for id_dim={ident.dim}")
 
 
-def _load_checked(ref: str | None, ident: IdentityEmbedding, domain: str):
+def _load_checked(ref: str | None, ident: IdentityEmbedding, domain: str, cfg: Config):
     if not ref:
         return None
     from idto3d.priors.model import load_prior
+    from idto3d.priors.runtime import configure_prior
 
-    prior = load_prior(ref)
+    # Loaded straight onto the run's device in its precision (no fp32 copy on the host first).
+    device = resolve_device(cfg.runtime.device)
+    prior = load_prior(ref, device=device, dtype=resolve_dtype(cfg.runtime.precision, device))
     check_prior_for_identity(prior, ident, str(ref), domain)
-    return prior
+    return configure_prior(prior, cfg.runtime, device)
 
 
 class _Clock:
@@ -129,8 +133,9 @@ def generate(inputs: Sequence[str | Path], run_dir: str | Path, cfg: Config, *, 
         clock.lap("identity")
         check_one_person(ident)
         # Both priors are loaded and checked before the template fit spends any time.
-        normal = _load_checked(normal_prior or cfg.prior.normal, ident, "normal")
-        albedo = _load_checked(albedo_prior or cfg.prior.albedo, ident, "albedo")
+        device = resolve_device(cfg.runtime.device)
+        normal = _load_checked(normal_prior or cfg.prior.normal, ident, "normal", cfg)
+        albedo = _load_checked(albedo_prior or cfg.prior.albedo, ident, "albedo", cfg)
     except IdtoError:
         if created:  # nothing was computed yet: leave no half-written run folder behind
             shutil.rmtree(run_dir, ignore_errors=True)
@@ -141,7 +146,7 @@ def generate(inputs: Sequence[str | Path], run_dir: str | Path, cfg: Config, *, 
         person = fit_subject(run_dir, cfg, ident, console if progress else None)
     clock.lap("face fit")
     init = ensure_init(run_dir, cfg, console, progress,
-                       targets=(lambda: subject_targets(person, cfg)) if person is not None else None)
+                       targets=(lambda: subject_targets(person, cfg)) if person is not None else None, device=device)
     clock.lap("template regression")
     notes = []
     if cfg.face_model.enabled and person is None:
@@ -168,7 +173,7 @@ def generate(inputs: Sequence[str | Path], run_dir: str | Path, cfg: Config, *, 
                      "(pass --normal-prior to refine it with the geometry SDS stage)")
     photo = None
     if person is not None:
-        photo = run_photo_texture(run_dir, cfg, meshes, person, console=console, progress=progress)
+        photo = run_photo_texture(run_dir, cfg, meshes, person, console=console, progress=progress, device=device)
         clock.lap("photo texture")
     size = cfg.export.texture_size
     if albedo is None:
@@ -197,7 +202,11 @@ def generate(inputs: Sequence[str | Path], run_dir: str | Path, cfg: Config, *, 
     if cfg.texture.refine_model and cfg.texture.refine_iterations > 0:
         from idto3d.priors.model import load_photo_prior
 
-        refine = SDSGuidance(load_photo_prior(cfg.texture.refine_model, vae=cfg.prior.vae), cfg.prior.guidance,
+        from idto3d.priors.runtime import configure_prior
+
+        photo_prior = load_photo_prior(cfg.texture.refine_model, vae=cfg.prior.vae, device=device,
+                                       dtype=resolve_dtype(cfg.runtime.precision, device))
+        refine = SDSGuidance(configure_prior(photo_prior, cfg.runtime, device), cfg.prior.guidance,
                              "refine", max(cfg.texture.iterations, 1), seed=cfg.seed + 2)
     tex = run_texture_stage(run_dir, cfg, tex_guidance, meshes, id_embedding=ident.embedding, subject=subject,
                             refine_guidance=refine, progress=progress, console=console, stop_after=stop_after,

@@ -22,14 +22,16 @@ from rich.console import Console
 from idto3d.atomic import atomic_write_text
 from idto3d.config import Config
 from idto3d.errors import IdtoError
-from idto3d.geometry.field import ExpressionField, field_parameter_groups
+from idto3d.geometry.field import ExpressionField, field_parameter_groups, load_field_state
 from idto3d.geometry.laplacian import laplacian_loss
 from idto3d.geometry.mesh_io import save_mesh
 from idto3d.pipeline.progress import progress_bar
 from idto3d.pipeline.run_folder import ensure_init, prepare_run
 from idto3d.pipeline.stage_state import StageCounters, StageState
-from idto3d.priors.guidance import GuidanceCond, NonFiniteGradientError, ScoreDistillation
+from idto3d.pipeline.step_log import StepLog, nonfinite_flag, step_unless
+from idto3d.priors.guidance import GuidanceCond, ScoreDistillation
 from idto3d.render.backend import get_rasterizer
+from idto3d.runtime import rasterizer_name, resolve_device, to_device
 from idto3d.render.camera import Camera, sample_orbit_cameras, view_word
 from idto3d.render.mesh import Mesh
 from idto3d.render.normals import render_normal_map
@@ -70,8 +72,9 @@ def all_finite(*tensors: torch.Tensor | None) -> bool:
 
 
 def current_meshes(field: ExpressionField, names: list[str]) -> dict[str, Mesh]:
+    """Each expression's mesh, on the host (what later steps and files take, wherever the field runs)."""
     with torch.no_grad():
-        return {name: field(i).detach() for i, name in enumerate(names)}
+        return {name: field(i).detach().cpu() for i, name in enumerate(names)}
 
 
 def preview_resolution(render_resolution: int) -> int:
@@ -90,7 +93,7 @@ def _finished(geo: Path, cfg: Config, key: str, field: ExpressionField) -> Geome
     if info.get("conditioning") != key:
         raise IdtoError(f"{geo} was made for a different identity or prompt; pass --overwrite to start over")
     state = torch.load(geo / "ckpt.pt", map_location="cpu", weights_only=True)
-    field.load_state_dict(state["field"])
+    load_field_state(field, state["field"], str(geo / "ckpt.pt"))
     return GeometryStageResult(current_meshes(field, cfg.expressions), info["iterations"], info["skipped_steps"],
                                info["seconds"], info["iterations"])
 
@@ -108,25 +111,36 @@ def run_geometry_stage(run_dir: str | Path, cfg: Config, guidance: ScoreDistilla
     geo = run_dir / "geometry"
     gcfg, names = cfg.geometry, list(cfg.expressions)
     key = conditioning_key(id_embedding, subject)
-    field = ensure_init(run_dir, cfg, console, progress)
+    device = resolve_device(cfg.runtime.device)
+    field = ensure_init(run_dir, cfg, console, progress, device=device)
     if (geo / "done.json").exists():
         return _finished(geo, cfg, key, field)
 
-    device = torch.device("cpu")
-    rasterizer = get_rasterizer(cfg.render.backend, device)
-    opt = torch.optim.Adam(field_parameter_groups(field, gcfg.lr, gcfg.encoding_lr_scale), lr=gcfg.lr)
+    rasterizer = get_rasterizer(rasterizer_name(cfg.render.backend, cfg.runtime.fast_paths), device)
+    # fused: one kernel per step, and it can skip a non-finite step on the device (found_inf)
+    opt = torch.optim.Adam(field_parameter_groups(field, gcfg.lr, gcfg.encoding_lr_scale), lr=gcfg.lr, fused=True)
     sampler = torch.Generator().manual_seed(cfg.seed)
     ckpt_path, log_path = geo / "ckpt.pt", geo / "log.jsonl"
     stage = StageState(field, opt, sampler, {"guidance": guidance}, key)
     counters = stage.begin(ckpt_path, log_path, f"{geo} holds a run for a different identity or prompt; pass "
                                                 f"--overwrite to start over", cfg.seed)
-    start, skipped, bad_in_row, elapsed = (counters.iteration, counters.skipped_steps, counters.bad_in_row,
-                                           counters.seconds)
+    start = counters.iteration
+    guidance.deferred_checks = True
     if id_embedding is not None:
-        id_embedding = id_embedding.detach().float().to(device)
+        id_embedding = to_device(id_embedding.detach().float(), device)
+
+    def too_many(at: int, c: StageCounters) -> IdtoError:
+        ckpt_at = torch.load(ckpt_path, map_location="cpu", weights_only=True)["iteration"] \
+            if ckpt_path.exists() else None
+        where = f"the last good checkpoint (iteration {ckpt_at}) is in {ckpt_path}" if ckpt_at is not None \
+            else "no checkpoint was written yet"
+        return IdtoError(f"geometry stage stopped at iteration {at}: {c.bad_in_row} steps in a row had a "
+                         f"non-finite loss or gradient ({c.skipped_steps} skipped in all); {where}. Lower "
+                         f"geometry.lr or prior.guidance.guidance_scale, or check the prior")
 
     def checkpoint(iteration: int) -> None:
-        stage.save(ckpt_path, StageCounters(iteration, skipped, bad_in_row, elapsed))
+        counters.iteration = iteration
+        stage.save(ckpt_path, counters)
 
     total = gcfg.iterations
     end = total if stop_after is None else min(total, start + max(stop_after, 0))
@@ -134,68 +148,51 @@ def run_geometry_stage(run_dir: str | Path, cfg: Config, guidance: ScoreDistilla
     title = "geometry SDS" if start == 0 else f"geometry SDS (resumed at {start}/{total})"
     it = start
     with progress_bar(title, end - start, console, enabled=progress) as update, \
-            log_path.open("a", encoding="utf-8") as log:
+            log_path.open("a", encoding="utf-8") as log_file:
+        log = StepLog(log_file, cfg.runtime.log_every, counters, gcfg.max_bad_steps, too_many)
+        shown: dict[str, float] = {}
         for it in range(start, end):
             t0 = time.perf_counter()
             e = int(torch.randint(len(names), (1,), generator=sampler))
+            # Drawn and worded on the host (the prompts need the azimuths), then sent to the device.
             cams = sample_orbit_cameras(gcfg.batch_size, cam_cfg.elevation_deg, cam_cfg.azimuth_deg,
-                                        cam_cfg.radius, cam_cfg.fov_deg, generator=sampler, device=device)
+                                        cam_cfg.radius, cam_cfg.fov_deg, generator=sampler)
             cond = GuidanceCond(prompts=geometry_prompts(cams, subject), id_embedding=id_embedding,
-                                expressions=[names[e]] * len(cams), cameras=cams,
+                                expressions=[names[e]] * len(cams), cameras=cams.to(device),
                                 expression_indices=[e] * len(cams))
             opt.zero_grad(set_to_none=True)
             mesh = field(e)
+            # Marching tets' output size depends on the SDF, so the host learns the face count here anyway.
             if mesh.faces.shape[0] == 0:
                 # No triangles: renders are empty and SDS has no gradient to bring the surface back.
                 raise IdtoError(f"the surface of '{names[e]}' vanished at iteration {it}; the last checkpoint "
                                 f"is in {ckpt_path}. Raise template.iterations (a better initial fit), lower "
                                 f"geometry.lr or prior.guidance.guidance_scale, or check the prior")
-            images = render_for_guidance(mesh, cams, cfg.render.resolution, rasterizer)
-            sds_val = lap_val = float("nan")
-            t_val = -1
-            try:
-                out = guidance(images, cond, it)
-                t_val = out.t
-                lap = laplacian_loss(mesh)
-                loss = out.loss + gcfg.laplacian_weight * lap
-                sds_val, lap_val = float(out.loss.detach()), float(lap.detach())
-                ok = all_finite(loss, out.latents, out.noise_pred)
-                if ok:
-                    loss.backward()
-                    ok = all_finite(*(p.grad for p in field.parameters()))
-            except NonFiniteGradientError:
-                ok = False
-            if ok:
-                opt.step()
-                bad_in_row = 0
-            else:
-                opt.zero_grad(set_to_none=True)
-                skipped += 1
-                bad_in_row += 1
-            elapsed += time.perf_counter() - t0
-            total_loss = sds_val + gcfg.laplacian_weight * lap_val
-            log.write(json.dumps({"it": it, "expression": names[e], "t": t_val, "loss": total_loss, "sds": sds_val,
-                                  "laplacian": lap_val, "skipped": not ok,
-                                  "azimuth": [round(a, 2) for a in cams.azimuth_deg.tolist()],
-                                  "seconds": round(elapsed, 4)}) + "\n")
-            log.flush()
-            if bad_in_row >= gcfg.max_bad_steps:
-                ckpt_at = torch.load(ckpt_path, map_location="cpu", weights_only=True)["iteration"] \
-                    if ckpt_path.exists() else None
-                where = f"the last good checkpoint (iteration {ckpt_at}) is in {ckpt_path}" if ckpt_at is not None \
-                    else "no checkpoint was written yet"
-                raise IdtoError(f"geometry stage stopped at iteration {it}: {bad_in_row} steps in a row had a "
-                                f"non-finite loss or gradient ({skipped} skipped in all); {where}. Lower "
-                                f"geometry.lr or prior.guidance.guidance_scale, or check the prior")
+            images = render_for_guidance(mesh, cond.cameras, cfg.render.resolution, rasterizer)
+            out = guidance(images, cond, it)
+            lap = laplacian_loss(mesh)
+            loss = out.loss + gcfg.laplacian_weight * lap
+            loss.backward()
+            bad = nonfinite_flag(field.parameters(), loss, finite=out.finite)
+            step_unless(opt, bad)
+            log.add({"it": it, "expression": names[e], "t": out.t,
+                     "azimuth": [round(a, 2) for a in cams.azimuth_deg.tolist()]},
+                    {"loss": loss, "sds": out.loss, "laplacian": lap}, bad, time.perf_counter() - t0)
             done_its = it + 1
-            if done_its % gcfg.checkpoint_every == 0 and bad_in_row == 0 and done_its < end:
+            at_checkpoint = done_its % gcfg.checkpoint_every == 0 and done_its < end
+            at_preview = done_its % gcfg.preview_every == 0 and done_its < total
+            if log.due() or at_checkpoint or at_preview or done_its == end:
+                line = log.flush()
+                shown = {"loss": line["loss"], "t": line["t"]}
+            update(**shown)
+            if at_checkpoint and counters.bad_in_row == 0:
                 checkpoint(done_its)
-            if done_its % gcfg.preview_every == 0 and done_its < total:
+            if at_preview:
                 save_progress(field, names, geo / "progress.png", preview_resolution(cfg.render.resolution))
-            update(loss=total_loss, t=t_val)
             it = done_its
 
     checkpoint(it)
+    skipped, elapsed = counters.skipped_steps, counters.seconds
     if it < total:  # stopped early on request: resumable from here
         return GeometryStageResult(current_meshes(field, names), it, skipped, elapsed, start)
     meshes = current_meshes(field, names)

@@ -12,7 +12,7 @@ from rich.console import Console
 from idto3d.atomic import atomic_torch_save, atomic_write_text
 from idto3d.config import Config, dump_config, load_config
 from idto3d.errors import IdtoError
-from idto3d.geometry.field import ExpressionField, build_field
+from idto3d.geometry.field import ExpressionField, build_field, cpu_state_dict
 from idto3d.geometry.mesh_io import save_mesh
 from idto3d.geometry.template import build_head_template, load_template
 from idto3d.geometry.template_fit import FitReport, fit_field_to_mesh
@@ -65,7 +65,7 @@ def run_template_fit(run_dir: str | Path, preset: str | None = None, config_file
 
 def save_fitted(run_dir: Path, cfg: Config, field: ExpressionField, report: FitReport) -> None:
     geo = run_dir / "geometry"
-    atomic_torch_save(geo / "init.pt", {"field": field.state_dict(), "expressions": cfg.expressions})
+    atomic_torch_save(geo / "init.pt", {"field": cpu_state_dict(field), "expressions": cfg.expressions})
     strips = []
     with torch.no_grad():
         for i, name in enumerate(cfg.expressions):

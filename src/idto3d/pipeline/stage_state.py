@@ -12,6 +12,7 @@ import torch
 
 from idto3d.atomic import atomic_torch_save, atomic_write_text
 from idto3d.errors import IdtoError
+from idto3d.geometry.field import cpu_state_dict, load_field_state
 
 
 @dataclass
@@ -33,7 +34,7 @@ class StageState:
     key: str  # ties the checkpoint to its conditioning (identity, prompt, geometry)
 
     def save(self, path: Path, counters: StageCounters) -> None:
-        state = {"iteration": counters.iteration, "field": self.field.state_dict(),
+        state = {"iteration": counters.iteration, "field": cpu_state_dict(self.field),
                  "optimizer": self.optimizer.state_dict(), "sampler": self.sampler.get_state(),
                  "torch_rng": torch.get_rng_state(), "skipped_steps": counters.skipped_steps,
                  "bad_in_row": counters.bad_in_row, "seconds": counters.seconds, "conditioning": self.key}
@@ -45,8 +46,11 @@ class StageState:
         state = torch.load(path, map_location="cpu", weights_only=True)
         if state["conditioning"] != self.key:
             raise IdtoError(refusal)
-        self.field.load_state_dict(state["field"])
+        load_field_state(self.field, state["field"], str(path))
+        fused = [g.get("fused") for g in self.optimizer.param_groups]
         self.optimizer.load_state_dict(state["optimizer"])
+        for g, f in zip(self.optimizer.param_groups, fused):  # a checkpoint's groups overwrite how we step
+            g["fused"] = f
         self.sampler.set_state(state["sampler"])
         for name, g in self.guidances.items():
             if g is not None and name in state:

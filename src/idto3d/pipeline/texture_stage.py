@@ -31,16 +31,19 @@ from idto3d.config import Config, TextureConfig
 from idto3d.errors import IdtoError
 from idto3d.export.uv_atlas import UVMesh, shared_atlas
 from idto3d.geometry.mesh_io import weld_degenerate
-from idto3d.pipeline.geometry_stage import all_finite, conditioning_key, preview_resolution
+from idto3d.pipeline.geometry_stage import conditioning_key, preview_resolution
 from idto3d.pipeline.progress import progress_bar
 from idto3d.pipeline.run_folder import prepare_run
 from idto3d.pipeline.stage_state import StageCounters, StageState
-from idto3d.priors.guidance import GuidanceCond, NonFiniteGradientError, ScoreDistillation, get_schedule
+from idto3d.pipeline.step_log import StepLog, nonfinite_flag, step_unless
+from idto3d.priors.guidance import GuidanceCond, ScoreDistillation, get_schedule
 from idto3d.render.backend import get_rasterizer
+from idto3d.runtime import rasterizer_name, resolve_device, to_device
 from idto3d.render.camera import Camera, orbit_camera, sample_orbit_cameras, view_word
 from idto3d.render.mesh import Mesh
 from idto3d.render.preview import save_png
 from idto3d.render.pseudo_albedo import FLAT_LIGHT, render_pseudo_albedo
+from idto3d.geometry.field import load_field_state
 from idto3d.texture.field import TextureField, build_texture_field, texture_optimizer
 from idto3d.texture.lighting import LightingSampler
 from idto3d.texture.texels import TexelMap, texel_map
@@ -63,6 +66,10 @@ class TexturedExpression:
     def from_atlas(cls, atlas: UVMesh, size: int) -> "TexturedExpression":
         mesh, uv, faces = atlas.render_inputs()
         return cls(atlas, mesh, uv, faces, texel_map(atlas, size))
+
+    def to(self, device: torch.device | str) -> "TexturedExpression":
+        return TexturedExpression(self.atlas, self.mesh.to(device), self.uv.to(device),
+                                  self.attribute_faces.to(device), self.texels.to(device))
 
 
 @dataclass
@@ -114,7 +121,7 @@ def load_atlases(path: Path, names: list[str]) -> dict[str, UVMesh]:
 def unwrap_expressions(meshes: dict[str, Mesh]) -> dict[str, UVMesh]:
     """UV atlases of the stage's meshes (one shared layout where the topology allows), after merging the
     coincident vertices marching tets leaves and dropping the faces they collapse."""
-    return dict(zip(meshes, shared_atlas([weld_degenerate(m.detach().to("cpu")) for m in meshes.values()])))
+    return dict(zip(meshes, shared_atlas([weld_degenerate(m.detach().cpu()) for m in meshes.values()])))
 
 
 def prepare_expressions(tex_dir: Path, meshes: dict[str, Mesh], size: int) -> dict[str, TexturedExpression]:
@@ -136,14 +143,17 @@ def prepare_expressions(tex_dir: Path, meshes: dict[str, Mesh], size: int) -> di
 def albedo_views(field: TextureField, index: int, expr: TexturedExpression, resolution: int,
                  n_views: int = 4) -> np.ndarray:
     """``[H, n_views*W, 3]`` uint8: the albedo from the front, side, back and other side (flat light)."""
+    expr = expr.to(next(field.parameters()).device)
     tex = field.bake(index, expr.texels)
     az = torch.linspace(0.0, 360.0, n_views + 1)[:-1]
     az = torch.where(az > 180.0, az - 360.0, az)
-    cams = orbit_camera(torch.full_like(az, 10.0), az, torch.full_like(az, 3.0), torch.full_like(az, 40.0))
+    cams = orbit_camera(torch.full_like(az, 10.0), az, torch.full_like(az, 3.0), torch.full_like(az, 40.0),
+                        device=expr.mesh.device)
+    light = FLAT_LIGHT if expr.mesh.device.type == "cpu" else FLAT_LIGHT.to(expr.mesh.device)
     img = render_pseudo_albedo(expr.mesh, cams, resolution, tex["albedo"], tex["roughness"], tex["metallic"],
-                               FLAT_LIGHT, uv=expr.uv, attribute_faces=expr.attribute_faces,
+                               light, uv=expr.uv, attribute_faces=expr.attribute_faces,
                                diffuse_only=True).image
-    return (torch.cat(list(img), dim=1).clamp(0, 1) * 255 + 0.5).to(torch.uint8).numpy()
+    return (torch.cat(list(img), dim=1).clamp(0, 1) * 255 + 0.5).to(torch.uint8).cpu().numpy()
 
 
 @torch.no_grad()
@@ -153,10 +163,10 @@ def save_texture_progress(field: TextureField, expressions: dict[str, TexturedEx
     rows = []
     for i, expr in enumerate(expressions.values()):
         views = albedo_views(field, i, expr, resolution)
-        uvmap = field.bake(i, expr.texels)["albedo"].permute(2, 0, 1)[None]
+        uvmap = field.bake(i, expr.texels.to(next(field.parameters()).device))["albedo"].permute(2, 0, 1)[None]
         uvmap = torch.nn.functional.interpolate(uvmap, size=(resolution, resolution), mode="bilinear",
                                                 antialias=True, align_corners=False)[0].permute(1, 2, 0)
-        uvmap = (uvmap.clamp(0, 1) * 255 + 0.5).to(torch.uint8).numpy()
+        uvmap = (uvmap.clamp(0, 1) * 255 + 0.5).to(torch.uint8).cpu().numpy()
         rows.append(np.concatenate([views, uvmap], axis=1))
     save_png(np.concatenate(rows, axis=0), path)
 
@@ -171,7 +181,7 @@ def _finished(tex: Path, key: str, field: TextureField, expressions: dict[str, T
         raise IdtoError(f"{tex} was made for a different identity, prompt or geometry; pass --overwrite to start "
                         f"over")
     state = torch.load(tex / "ckpt.pt", map_location="cpu", weights_only=True)
-    field.load_state_dict(state["field"])
+    load_field_state(field, state["field"], str(tex / "ckpt.pt"))
     return TextureStageResult(field, expressions, info["iterations"], info["skipped_steps"], info["seconds"],
                               info["iterations"])
 
@@ -207,15 +217,17 @@ def run_texture_stage(run_dir: str | Path, cfg: Config, guidance: ScoreDistillat
     if list(meshes) != names:
         raise IdtoError(f"the texture stage needs one mesh per expression {names}, got {list(meshes)}")
     key = conditioning_key(id_embedding, subject) + _mesh_key(meshes)
+    device = resolve_device(cfg.runtime.device)
     # Fails early on a bad environment folder, before unwrapping or any SDS step.
-    lighting = LightingSampler(tcfg, cfg.seed, console, progress)
+    lighting = LightingSampler(tcfg, cfg.seed, console, progress, device=device)
     expressions = prepare_expressions(tex, meshes, tcfg.resolution)
-    field = build_texture_field(tcfg, len(names), seed=cfg.seed)
+    field = build_texture_field(tcfg, len(names), seed=cfg.seed, fast_paths=cfg.runtime.fast_paths, device=device)
     if (tex / "done.json").exists():
         return _finished(tex, key, field, expressions)
 
-    device = torch.device("cpu")
-    rasterizer = get_rasterizer(cfg.render.backend, device)
+    field.to(device)
+    on_device = {n: x.to(device) for n, x in expressions.items()}
+    rasterizer = get_rasterizer(rasterizer_name(cfg.render.backend, cfg.runtime.fast_paths), device)
     opt = texture_optimizer(field, tcfg.lr)
     sampler = torch.Generator().manual_seed(cfg.seed + 1)
     ckpt_path, log_path = tex / "ckpt.pt", tex / "log.jsonl"
@@ -223,13 +235,23 @@ def run_texture_stage(run_dir: str | Path, cfg: Config, guidance: ScoreDistillat
     counters = stage.begin(ckpt_path, log_path, f"{tex} holds a run for a different identity, prompt or geometry; "
                                                 f"pass --overwrite to start over", cfg.seed + 1,
                            on_fresh=(lambda: field.load_state_dict(init_state)) if init_state is not None else None)
-    start, skipped, bad_in_row, elapsed = (counters.iteration, counters.skipped_steps, counters.bad_in_row,
-                                           counters.seconds)
+    start = counters.iteration
+    for g in (guidance, refine_guidance):
+        if g is not None:
+            g.deferred_checks = True
     if id_embedding is not None:
-        id_embedding = id_embedding.detach().float().to(device)
+        id_embedding = to_device(id_embedding.detach().float(), device)
+
+    def too_many(at: int, c: StageCounters) -> IdtoError:
+        where = f"the last good checkpoint is in {ckpt_path}" if ckpt_path.exists() else \
+            "no checkpoint was written yet"
+        return IdtoError(f"texture stage stopped at iteration {at}: {c.bad_in_row} steps in a row had a "
+                         f"non-finite loss or gradient ({c.skipped_steps} skipped in all); {where}. Lower "
+                         f"texture.lr or prior.guidance.guidance_scale, or check the albedo prior")
 
     def checkpoint(iteration: int) -> None:
-        stage.save(ckpt_path, StageCounters(iteration, skipped, bad_in_row, elapsed))
+        counters.iteration = iteration
+        stage.save(ckpt_path, counters)
 
     total = tcfg.iterations
     end = total if stop_after is None else min(total, start + max(stop_after, 0))
@@ -238,71 +260,59 @@ def run_texture_stage(run_dir: str | Path, cfg: Config, guidance: ScoreDistillat
     title = f"texture SDS ({lighting.source})" if start == 0 else f"texture SDS (resumed at {start}/{total})"
     it = start
     with progress_bar(title, end - start, console, enabled=progress) as update, \
-            log_path.open("a", encoding="utf-8") as log:
+            log_path.open("a", encoding="utf-8") as log_file:
+        log = StepLog(log_file, cfg.runtime.log_every, counters, tcfg.max_bad_steps, too_many)
+        shown: dict[str, float] = {}
         for it in range(start, end):
             t0 = time.perf_counter()
             sub = substage_at(it, tcfg, refine_guidance is not None)
             e = int(torch.randint(len(names), (1,), generator=sampler))
+            # Drawn and worded on the host (the prompts need the azimuths), then sent to the device.
             cams = sample_orbit_cameras(tcfg.batch_size, cam_cfg.elevation_deg, cam_cfg.azimuth_deg,
-                                        cam_cfg.radius, cam_cfg.fov_deg, generator=sampler, device=device)
+                                        cam_cfg.radius, cam_cfg.fov_deg, generator=sampler)
             env = lighting.sample(sampler)
             shading = "diffuse" if sub == "diffuse" else "pbr"
             if sub == "refine":
                 g = refine_guidance
-                cond = GuidanceCond(prompts=texture_prompts(cams, subject, tcfg.refine_prompt), cameras=cams,
+                cond = GuidanceCond(prompts=texture_prompts(cams, subject, tcfg.refine_prompt), cameras=cams.to(device),
                                     expression_indices=[e] * len(cams), lighting=env, shading=shading)
             else:
                 g = guidance
                 cond = GuidanceCond(prompts=texture_prompts(cams, subject), id_embedding=id_embedding,
-                                    expressions=[names[e]] * len(cams), cameras=cams,
+                                    expressions=[names[e]] * len(cams), cameras=cams.to(device),
                                     expression_indices=[e] * len(cams), lighting=env, shading=shading)
             assert g is not None
             g.schedule = get_schedule(SCHEDULE[sub])
             opt.zero_grad(set_to_none=True)
-            expr = expressions[names[e]]
+            expr = on_device[names[e]]
             maps = field.bake(e, expr.texels)
-            images = render_pseudo_albedo(expr.mesh, cams, cfg.render.resolution, maps["albedo"],
+            images = render_pseudo_albedo(expr.mesh, cond.cameras, cfg.render.resolution, maps["albedo"],
                                           maps["roughness"], maps["metallic"], env, uv=expr.uv,
                                           attribute_faces=expr.attribute_faces, diffuse_only=sub == "diffuse",
                                           rasterizer=rasterizer).for_guidance()
-            loss_val, t_val = float("nan"), -1
-            try:
-                out = g(images, cond, it)
-                t_val, loss_val = out.t, float(out.loss.detach())
-                ok = all_finite(out.loss, out.latents, out.noise_pred)
-                if ok:
-                    out.loss.backward()
-                    ok = all_finite(*(p.grad for p in field.parameters()))
-            except NonFiniteGradientError:
-                ok = False
-            if ok:
-                opt.step()
-                bad_in_row = 0
-            else:
-                opt.zero_grad(set_to_none=True)
-                skipped += 1
-                bad_in_row += 1
-            elapsed += time.perf_counter() - t0
-            log.write(json.dumps({"it": it, "expression": names[e], "substage": sub, "t": t_val, "loss": loss_val,
-                                  "skipped": not ok, "light": env.name, "light_rotation": round(env.rotation_deg, 2),
-                                  "azimuth": [round(a, 2) for a in cams.azimuth_deg.tolist()],
-                                  "seconds": round(elapsed, 4)}) + "\n")
-            log.flush()
-            if bad_in_row >= tcfg.max_bad_steps:
-                where = f"the last good checkpoint is in {ckpt_path}" if ckpt_path.exists() else \
-                    "no checkpoint was written yet"
-                raise IdtoError(f"texture stage stopped at iteration {it}: {bad_in_row} steps in a row had a "
-                                f"non-finite loss or gradient ({skipped} skipped in all); {where}. Lower "
-                                f"texture.lr or prior.guidance.guidance_scale, or check the albedo prior")
+            out = g(images, cond, it)
+            out.loss.backward()
+            bad = nonfinite_flag(field.parameters(), out.loss, finite=out.finite)
+            step_unless(opt, bad)
+            log.add({"it": it, "expression": names[e], "substage": sub, "t": out.t, "light": env.name,
+                     "light_rotation": round(env.rotation_deg, 2),
+                     "azimuth": [round(a, 2) for a in cams.azimuth_deg.tolist()]},
+                    {"loss": out.loss}, bad, time.perf_counter() - t0)
             done_its = it + 1
-            if done_its % tcfg.checkpoint_every == 0 and bad_in_row == 0 and done_its < end:
+            at_checkpoint = done_its % tcfg.checkpoint_every == 0 and done_its < end
+            at_preview = done_its % tcfg.preview_every == 0 and done_its < total
+            if log.due() or at_checkpoint or at_preview or done_its == end:
+                line = log.flush()
+                shown = {"loss": line["loss"], "t": line["t"]}
+            update(**shown)
+            if at_checkpoint and counters.bad_in_row == 0:
                 checkpoint(done_its)
-            if done_its % tcfg.preview_every == 0 and done_its < total:
+            if at_preview:
                 save_texture_progress(field, expressions, tex / "progress.png", preview_res)
-            update(loss=loss_val, t=t_val)
             it = done_its
 
     checkpoint(it)
+    skipped, elapsed = counters.skipped_steps, counters.seconds
     if it < total:
         return TextureStageResult(field, expressions, it, skipped, elapsed, start)
     save_texture_progress(field, expressions, tex / "progress.png", preview_res)

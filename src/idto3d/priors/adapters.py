@@ -70,16 +70,32 @@ def _heads(attn: Any, x: torch.Tensor, batch: int) -> torch.Tensor:
     return x.view(batch, -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2)
 
 
+ATTENTION_MODES = ("sdpa", "math")
+
+
+def _math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """softmax(Q K^T / sqrt(d) + mask) V written out: the reference for SDPA's fused kernels. The softmax
+    runs in fp32 (as diffusers' ``upcast_softmax``), so half-precision logits cannot overflow it."""
+    scores = (q @ k.transpose(-2, -1)).float() * q.shape[-1] ** -0.5
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.float()
+    return torch.softmax(scores, dim=-1).to(v.dtype) @ v
+
+
 def _attend(attn: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-            mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Multi-head SDPA of already projected q [B,N,C], k/v [B,M,C] -> [B,N,C]."""
+            mask: torch.Tensor | None = None, mode: str = "sdpa") -> torch.Tensor:
+    """Multi-head attention of already projected q [B,N,C], k/v [B,M,C] -> [B,N,C]; ``mode`` is ``sdpa``
+    (torch's fused kernels: flash / memory-efficient where the device has them) or ``math``."""
     b = q.shape[0]
     qh, kh, vh = _heads(attn, q, b), _heads(attn, k, b), _heads(attn, v, b)
     if attn.norm_q is not None:
         qh = attn.norm_q(qh)
     if attn.norm_k is not None:
         kh = attn.norm_k(kh)
-    out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, dropout_p=0.0, is_causal=False)
+    if mode == "math":
+        out = _math_attention(qh, kh, vh, mask)
+    else:
+        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, dropout_p=0.0, is_causal=False)
     return out.transpose(1, 2).reshape(b, -1, attn.heads * (q.shape[-1] // attn.heads)).to(q.dtype)
 
 
@@ -115,7 +131,10 @@ def _is_off(lam: Lambda, tokens: torch.Tensor | None) -> bool:
     if tokens is None or lam is None:
         return True
     if isinstance(lam, torch.Tensor):
-        return bool((lam == 0).all())
+        # Reading a device tensor would make the host wait for the GPU in every layer: only host tensors are
+        # checked (a branch whose device lambdas are all zero is computed, then weighted by zero). Under
+        # torch.compile neither is: a read would split the graph in every cross-attention layer.
+        return lam.device.type == "cpu" and not torch.compiler.is_compiling() and bool((lam == 0).all())
     return lam == 0
 
 
@@ -127,6 +146,7 @@ class LoRASelfAttnProcessor(nn.Module):
         self.to_q_lora = LoRALinear(query_dim, inner_dim, rank)
         self.to_k_lora = LoRALinear(query_dim, inner_dim, rank)
         self.to_v_lora = LoRALinear(query_dim, inner_dim, rank)
+        self.attention = "sdpa"  # or "math": see _attend
 
     # The ID/expression keywords are accepted (and unused) so one cross_attention_kwargs dict serves every
     # layer without diffusers warning about unexpected arguments.
@@ -138,7 +158,7 @@ class LoRASelfAttnProcessor(nn.Module):
         ctx = x if encoder_hidden_states is None else encoder_hidden_states
         mask = _prepare_mask(attn, attention_mask, ctx.shape[1], x.shape[0])
         q, k, v = _lora_qkv(attn, self, x, ctx)
-        return _finish(attn, _attend(attn, q, k, v, mask), residual, shape)
+        return _finish(attn, _attend(attn, q, k, v, mask, self.attention), residual, shape)
 
 
 class DecoupledCrossAttnProcessor(nn.Module):
@@ -160,6 +180,7 @@ class DecoupledCrossAttnProcessor(nn.Module):
         self.to_v_exp = nn.Linear(cross_dim, inner_dim, bias=False)
         self.lambda_id = lambda_id
         self.lambda_exp = lambda_exp
+        self.attention = "sdpa"  # or "math": see _attend
 
     def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
@@ -171,15 +192,16 @@ class DecoupledCrossAttnProcessor(nn.Module):
             ctx = attn.norm_encoder_hidden_states(ctx)
         mask = _prepare_mask(attn, attention_mask, ctx.shape[1], x.shape[0])
         q, k, v = _lora_qkv(attn, self, x, ctx)
-        out = _attend(attn, q, k, v, mask)
+        mode = self.attention
+        out = _attend(attn, q, k, v, mask, mode)
         lam_id = self.lambda_id if lambda_id is None else lambda_id
         lam_exp = self.lambda_exp if lambda_exp is None else lambda_exp
         if not _is_off(lam_id, id_tokens):
             tok = id_tokens.to(q.dtype)
-            out = out + _weighted(lam_id, _attend(attn, q, self.to_k_id(tok), self.to_v_id(tok)))
+            out = out + _weighted(lam_id, _attend(attn, q, self.to_k_id(tok), self.to_v_id(tok), mode=mode))
         if not _is_off(lam_exp, exp_tokens):
             tok = exp_tokens.to(q.dtype)
-            out = out + _weighted(lam_exp, _attend(attn, q, self.to_k_exp(tok), self.to_v_exp(tok)))
+            out = out + _weighted(lam_exp, _attend(attn, q, self.to_k_exp(tok), self.to_v_exp(tok), mode=mode))
         return _finish(attn, out, residual, shape)
 
 
@@ -230,6 +252,14 @@ def set_adapter_scales(unet: nn.Module, lambda_id: float | None = None, lambda_e
                 p.lambda_id = float(lambda_id)
             if lambda_exp is not None:
                 p.lambda_exp = float(lambda_exp)
+
+
+def set_attention_mode(unet: nn.Module, mode: str) -> None:
+    """``sdpa`` or ``math`` on every adapter processor of ``unet``."""
+    if mode not in ATTENTION_MODES:
+        raise IdtoError(f"unknown attention mode {mode!r}; choose one of: {', '.join(ATTENTION_MODES)}")
+    for p in adapter_processors(unet).values():
+        p.attention = mode
 
 
 def _count(params: Any) -> int:

@@ -9,6 +9,10 @@ w.r.t. z is ``g / B`` (the SDS gradient, averaged over the batch) and autograd c
 A non-finite g (NaN/inf renders, or a prior that overflowed in fp16) follows ``GuidanceConfig.nan_policy``:
 ``raise`` (default) raises ``NonFiniteGradientError``, as silently dropping steps can hide a diverging run;
 ``skip`` warns and returns a zero loss detached from the renders, so the step changes nothing.
+Both read the gradient back to the host, which on a GPU waits for the step to finish. With ``deferred_checks``
+on (the SDS stages set it), nothing is read back: ``SDSOutput.finite`` is a device flag, a non-finite g stays in
+the loss (so it reaches the parameters' gradients, where the stage's optimizer skips the step on the device), and
+``grad_norm`` is a device tensor.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import torch.nn.functional as F
 
 from idto3d.config import GuidanceConfig
 from idto3d.errors import IdtoError
+from idto3d.runtime import to_device
 
 
 class NonFiniteGradientError(IdtoError):
@@ -96,12 +101,13 @@ class GuidanceCond:
 @dataclass
 class SDSOutput:
     loss: torch.Tensor          # scalar; backward() sends the SDS gradient to the renders
-    grad_norm: float            # ||g|| over the batch's latents, after clipping
+    grad_norm: float | torch.Tensor  # ||g|| over the batch's latents, after clipping (a tensor when deferred)
     t: int
     w: float = 0.0
     latents: torch.Tensor | None = None     # z, differentiable (call retain_grad() to read z.grad)
     noise: torch.Tensor | None = None       # eps
     noise_pred: torch.Tensor | None = None  # eps_hat
+    finite: torch.Tensor | None = None      # with deferred checks: a device bool, whether g is finite
 
 
 def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
@@ -140,7 +146,9 @@ class ScoreDistillation:
             raise ValueError("total_steps must be >= 1")
         self.total_steps = total_steps
         self.alphas_cumprod = alphas_cumprod.detach().float().cpu()
+        # Host generator: the same seed draws the same t and noise on every device.
         self.generator = torch.Generator().manual_seed(seed)
+        self.deferred_checks = False
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The random state (t and noise draws), for checkpoints that resume bit-identically."""
@@ -163,12 +171,14 @@ class ScoreDistillation:
         z = self.encode(images)
         t = self.schedule.sample(step, self.total_steps, self.generator, len(self.alphas_cumprod))
         abar = float(self.alphas_cumprod[t])
-        noise = torch.randn(z.shape, generator=self.generator).to(z.device, z.dtype)
+        noise = to_device(torch.randn(z.shape, generator=self.generator), z.device).to(z.dtype)
         with torch.no_grad():
             z_t = math.sqrt(abar) * z.detach() + math.sqrt(1.0 - abar) * noise
             eps_hat = self.predict_noise(z_t, t, cond)
         w = self.weight(t)
         grad = w * (eps_hat.float() - noise.float())
+        if self.deferred_checks:
+            return self._deferred_output(z, grad, t, w, noise, eps_hat)
         if not bool(torch.isfinite(grad).all()):
             msg = (f"SDS gradient is not finite at step {step} (t={t}): the renders hold NaN/inf or the prior "
                    f"overflowed (fp16?); lower the learning rate, or set prior.guidance.nan_policy=skip")
@@ -182,6 +192,15 @@ class ScoreDistillation:
         target = (z.float() - grad).detach()
         loss = 0.5 * F.mse_loss(z.float(), target, reduction="sum") / z.shape[0]
         return SDSOutput(loss, float(grad.norm()), t, w, z, noise, eps_hat)
+
+    def _deferred_output(self, z: torch.Tensor, grad: torch.Tensor, t: int, w: float, noise: torch.Tensor,
+                         eps_hat: torch.Tensor) -> SDSOutput:
+        finite = torch.isfinite(grad).all()
+        if self.config.grad_clip > 0:
+            grad = grad.clamp(-self.config.grad_clip, self.config.grad_clip)
+        target = (z.float() - grad).detach()
+        loss = 0.5 * F.mse_loss(z.float(), target, reduction="sum") / z.shape[0]
+        return SDSOutput(loss, grad.detach().norm(), t, w, z, noise, eps_hat, finite)
 
 
 class SDSGuidance(ScoreDistillation):
@@ -227,7 +246,8 @@ class SDSGuidance(ScoreDistillation):
             uncond = prior.encode_text([cond.negative_prompt])
         uncond = uncond.expand(b, -1, -1) if uncond.shape[0] == 1 else uncond
         ids = None if cond.id_embedding is None else prior.id_tokens(cond.id_embedding, b)
-        off, on = torch.zeros(b), torch.ones(b)
+        # Per-sample branch weights made on the prior's device: host tensors would be copied in every layer.
+        off, on = torch.zeros(b, device=prior.device), torch.ones(b, device=prior.device)
         eps = prior.predict_noise_tokens(
             torch.cat([z_t, z_t]), t, torch.cat([uncond, text]),
             id_tokens=None if ids is None else torch.cat([ids, ids]),

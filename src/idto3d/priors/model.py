@@ -11,6 +11,7 @@ The base model is any SD1.5-architecture diffusers folder or hub id; it is only 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -85,6 +86,8 @@ class Prior(nn.Module):
                                             num_image_text_embeds=spec.exp_tokens).to(ref.device, ref.dtype)
         self._text_cache: dict[str, torch.Tensor] = {}
         self._exp_table: torch.Tensor | None = None
+        # What priors.runtime.configure_prior applied (device, precision, kernels); empty = as built.
+        self.runtime: dict[str, Any] = {}
 
     # -- properties -------------------------------------------------------------------------------------
     @property
@@ -94,6 +97,18 @@ class Prior(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return next(self.unet.parameters()).dtype
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """Mixed precision for the UNet and VAE forward passes when the prior's weights are half precision:
+        fp32 inputs (renders, guidance's latents) and any fp32 module are cast per op by autocast."""
+        dtype = self.dtype
+        if dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def _memory_format(self, x: torch.Tensor) -> torch.Tensor:
+        # NHWC inputs for NHWC weights: a contiguous input would make the first convolution convert back.
+        return x.contiguous(memory_format=torch.channels_last) if self.runtime.get("channels_last") else x
 
     @property
     def vae_scale_factor(self) -> int:
@@ -130,15 +145,21 @@ class Prior(nn.Module):
         """``[B, D_clip]`` CLIP embeddings of the named expressions' descriptors (unknown names raise)."""
         if isinstance(names, str):
             names = [names]
-        idx = torch.tensor([expression_index(n) for n in names], dtype=torch.long)
-        return self.expression_table()[idx].to(self.device, self.dtype)
+        idx = [expression_index(n) for n in names]
+        table = self.expression_table()
+        if table.device != self.device or table.dtype != self.dtype:  # once: not a host copy every step
+            table = self._exp_table = table.to(self.device, self.dtype)
+        return torch.stack([table[i] for i in idx])  # integer views: a list index would be a host tensor
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """Renders ``[B,3,H,W]`` in [0,1] -> scaled VAE latents (posterior mean), differentiable."""
+        """Renders ``[B,3,H,W]`` in [0,1] -> scaled VAE latents (posterior mean), differentiable; fp32
+        whatever the prior's dtype (gradients reach fp32 renders in fp32)."""
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"encode_images expects [B, 3, H, W] images, got {tuple(images.shape)}")
-        posterior = self.vae.encode(images.to(self.dtype) * 2.0 - 1.0).latent_dist
-        return posterior.mean * self.vae.config.scaling_factor
+        with self.autocast():
+            x = self._memory_format(images.to(self.device, self.dtype) * 2.0 - 1.0)
+            posterior = self.vae.encode(x).latent_dist
+        return posterior.mean.float() * self.vae.config.scaling_factor
 
     def id_tokens(self, id_embedding: torch.Tensor, batch: int) -> torch.Tensor:
         emb = _batched(id_embedding, batch, "id_embedding")
@@ -174,16 +195,19 @@ class Prior(nn.Module):
                              id_tokens: torch.Tensor | None = None, exp_tokens: torch.Tensor | None = None,
                              lambda_id: float | torch.Tensor | None = None,
                              lambda_exp: float | torch.Tensor | None = None) -> torch.Tensor:
-        """``predict_noise`` with already projected ID/expression tokens ``[B, n, cross_dim]``."""
+        """``predict_noise`` with already projected ID/expression tokens ``[B, n, cross_dim]``. The result is
+        fp32 whatever the prior's dtype, so guidance's scaled CFG difference is taken in fp32."""
         b = latents.shape[0]
-        t = torch.as_tensor(timesteps, device=latents.device)
+        t = torch.as_tensor(timesteps, device=self.device)
         t = t.expand(b) if t.ndim == 0 else t
         text = text_emb.to(self.device, self.dtype)
         if text.shape[0] == 1 and b > 1:
             text = text.expand(b, -1, -1)
         kwargs = {"id_tokens": id_tokens, "exp_tokens": exp_tokens, "lambda_id": lambda_id, "lambda_exp": lambda_exp}
-        return self.unet(latents.to(self.dtype), t, encoder_hidden_states=text,
-                         cross_attention_kwargs=kwargs).sample
+        with self.autocast():
+            sample = self.unet(self._memory_format(latents.to(self.device, self.dtype)), t,
+                               encoder_hidden_states=text, cross_attention_kwargs=kwargs).sample
+        return sample.float()
 
     def adapter_modules(self) -> dict[str, nn.Module]:
         mods: dict[str, nn.Module] = {f"unet.{k}": p for k, p in ad.adapter_processors(self.unet).items()}

@@ -148,13 +148,18 @@ def available_backends() -> list[str]:
 def get_rasterizer(name: str = "auto", device: torch.device | str | None = None) -> Rasterizer:
     """The rasteriser called ``name``; "auto" prefers nvdiffrast for CUDA devices when installed.
 
-    ``device`` is where the meshes will live (``None``: CUDA if this machine has it).
+    ``device`` is where the meshes will live (``None``: CUDA if this machine has it). The stages pass
+    ``idto3d.runtime.rasterizer_name(render.backend, runtime.fast_paths)``, so with fast paths off (the
+    default) "auto" there is the torch rasteriser, the reference.
     """
     if name not in ("auto", *BACKENDS):
         raise IdtoError(f"unknown rasterizer {name!r}; choose one of: auto, {', '.join(BACKENDS)}")
     if name == "torch":
         return TorchRasterizer()
     if name == "nvdiffrast":
+        if device is not None and torch.device(device).type != "cuda":
+            raise IdtoError(f"the nvdiffrast backend renders on CUDA devices only, and this run's device is "
+                            f"{torch.device(device)}; set render.backend to torch (or auto)")
         return NvdiffrastRasterizer(device)
     on_cuda = torch.device(device).type == "cuda" if device is not None else torch.cuda.is_available()
     if on_cuda and "nvdiffrast" in available_backends():

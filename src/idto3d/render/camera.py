@@ -52,7 +52,9 @@ class Camera:
         return Camera(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
 
     def to(self, device: torch.device | str) -> "Camera":
-        return Camera(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+        from idto3d.runtime import to_device
+
+        return Camera(**{f.name: to_device(getattr(self, f.name), device) for f in fields(self)})
 
     def project(self, points: torch.Tensor) -> torch.Tensor:
         """World points ``[V, 3]`` (shared) or ``[B, V, 3]`` to clip space ``[B, V, 4]``."""

@@ -78,7 +78,9 @@ def checked_faces(faces: torch.Tensor, num_vertices: int) -> torch.Tensor:
     if faces.is_floating_point():
         raise IdtoError(f"faces must be integer indices, got {faces.dtype}")
     faces = faces.long()
-    if faces.numel() and (int(faces.min()) < 0 or int(faces.max()) >= num_vertices):
+    # Bounds are checked for host meshes only: reading min/max of a GPU tensor would make the host wait for
+    # the device at every render (an out-of-range index there fails in the indexing kernel instead).
+    if faces.numel() and faces.device.type == "cpu" and (int(faces.min()) < 0 or int(faces.max()) >= num_vertices):
         raise IdtoError(
             f"face indices must be in [0, {num_vertices}), got [{int(faces.min())}, {int(faces.max())}]"
         )

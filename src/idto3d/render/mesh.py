@@ -39,5 +39,8 @@ class Mesh:
     def to(self, device: torch.device | str) -> "Mesh":
         return Mesh(self.vertices.to(device), self.faces.to(device))
 
+    def cpu(self) -> "Mesh":
+        return Mesh(self.vertices.cpu(), self.faces.cpu())
+
     def detach(self) -> "Mesh":
         return Mesh(self.vertices.detach(), self.faces)

@@ -240,8 +240,8 @@ def _specular_lookup(pre: PrefilteredEnv, dirs: torch.Tensor, roughness: torch.T
     out = torch.zeros(*dirs.shape[:-1], 3, dtype=dirs.dtype, device=dirs.device)
     for k, level in enumerate(pre.levels):
         w = (1 - (pos - k).abs()).clamp(min=0)
-        if bool((w > 0).any()):
-            out = out + w * sample_equirect(level.to(dirs.device, dirs.dtype), dirs)
+        # Every level is sampled, even where all its weights are 0: asking would make the host wait for the GPU.
+        out = out + w * sample_equirect(level.to(dirs.device, dirs.dtype), dirs)
     return out
 
 

@@ -33,10 +33,15 @@ FLAT_LIGHT = EnvironmentMap(torch.ones(8, 16, 3), "flat")
 
 def mean_luminance(env: EnvironmentMap) -> float:
     """Solid-angle-weighted mean luminance of the map (linear)."""
+    return float(_mean_luminance(env))
+
+
+def _mean_luminance(env: EnvironmentMap) -> torch.Tensor:
+    """``mean_luminance`` as a float64 scalar on the map's device (no wait for the device)."""
     rad = env.radiance.detach().double()
     dw = pixel_solid_angles(env.height, env.width, torch.float64, rad.device)  # [H, 1]: per pixel of a row
     luma = rad @ torch.tensor(_LUMA, dtype=torch.float64, device=rad.device)
-    return float((luma * dw).sum() / (4 * math.pi))
+    return (luma * dw).sum() / (4 * math.pi)
 
 
 def exposed(env: EnvironmentMap) -> PrefilteredEnv:
@@ -45,7 +50,7 @@ def exposed(env: EnvironmentMap) -> PrefilteredEnv:
     Scaling the prefiltered levels, not the map, keeps the prefilter cache of rotated maps useful.
     """
     pre = prefilter_envmap(env)
-    k = 1.0 / max(mean_luminance(env), 1e-8)
+    k = (1.0 / _mean_luminance(env).clamp_min(1e-8)).to(pre.sh.dtype)  # stays on the device
     return PrefilteredEnv([lv * k for lv in pre.levels], pre.sh * k)
 
 

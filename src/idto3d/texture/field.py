@@ -109,15 +109,19 @@ class TextureField(nn.Module):
         return {k: scatter_texels(v, texels) for k, v in values.items()}
 
 
-def build_texture_field(cfg: TextureConfig, n_expressions: int, seed: int = 0, bound: float = 1.0) -> TextureField:
-    """A ``TextureField`` from the texture config, deterministic under ``seed``."""
+def build_texture_field(cfg: TextureConfig, n_expressions: int, seed: int = 0, bound: float = 1.0,
+                        fast_paths: bool = False, device: torch.device | str | None = None) -> TextureField:
+    """A ``TextureField`` from the texture config, deterministic under ``seed``; built on the CPU, then moved to
+    ``device`` when given. ``fast_paths`` as in ``geometry.field.build_field`` (tiny-cuda-nn hash grid on CUDA)."""
+    tcnn_ok = fast_paths and (device is None or torch.device(device).type == "cuda")
     gen = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        encoding = encoding_from_config(cfg.encoding, bound)
+        encoding = encoding_from_config(cfg.encoding, bound, prefer_tcnn=tcnn_ok)
         fc = cfg.field
-        return TextureField(encoding, n_expressions, latent_dim=fc.latent_dim, d_model=fc.d_model,
-                            n_layers=fc.n_layers, n_heads=fc.n_heads, bound=bound, generator=gen)
+        field = TextureField(encoding, n_expressions, latent_dim=fc.latent_dim, d_model=fc.d_model,
+                             n_layers=fc.n_layers, n_heads=fc.n_heads, bound=bound, generator=gen)
+    return field if device is None else field.to(device)
 
 
 def texture_parameter_groups(field: TextureField, lr: float, encoding_lr_scale: float = 1.0) -> list[dict]:

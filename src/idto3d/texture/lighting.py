@@ -29,16 +29,19 @@ class LightingSampler:
     """``sample(generator) -> EnvironmentMap``; with ``random_lighting`` off, always the same unrotated map."""
 
     def __init__(self, cfg: TextureConfig, seed: int = 0, console: Console | None = None,
-                 progress: bool = True) -> None:
+                 progress: bool = True, device: torch.device | str = "cpu") -> None:
         self.cfg = cfg
         self.seed = seed
+        # Maps live on the render device from the start: the prefilter cache is keyed by map object, so moving
+        # a map every step would prefilter it again every step.
+        self.device = torch.device(device)
         self.maps: list[EnvironmentMap] = []
         self._pool: dict[int, EnvironmentMap] = {}
         if cfg.envmaps:
             files = load_envmap_folder(cfg.envmaps)  # EnvMapError: missing, unreadable or empty folder
             with progress_bar("environment maps", len(files), console, enabled=progress) as update:
                 for f in files:
-                    self.maps.append(load_envmap(f, cfg.envmap_height))  # EnvMapError names a corrupt file
+                    self.maps.append(load_envmap(f, cfg.envmap_height).to(self.device))  # EnvMapError names a corrupt file
                     update()
         # The fixed environment of the ablation: the first file, else a procedural sky drawn from the seed.
         self.fixed = self.maps[0] if self.maps else self.procedural(0)
@@ -47,7 +50,7 @@ class LightingSampler:
         """Procedural sky ``index`` of the pool (the same map for the same seed and index)."""
         if index not in self._pool:
             gen = torch.Generator().manual_seed(self.seed * 7919 + index)
-            self._pool[index] = procedural_envmap(gen, self.cfg.envmap_height)
+            self._pool[index] = procedural_envmap(gen, self.cfg.envmap_height).to(self.device)
         return self._pool[index]
 
     @property

@@ -49,10 +49,17 @@ Method
   say nothing about them and the shared network would otherwise drift them.
 * **Optimiser.** Adam on all of the field's parameters (network, expression codes, encoding),
   ``cfg.iterations`` steps, the rate decaying from ``cfg.lr`` to a tenth of it (cosine; at a constant
-  rate the colours keep jittering), ``progress(step, loss)`` after each step (step 1..iterations).
+  rate the colours keep jittering), ``progress(step, loss)`` after each step (step 1..iterations; the
+  loss is read from the device every ``log_every`` steps and at the last, and repeats the latest read
+  in between).
   Every step uses all photos and the texels they sample, plus ``cfg.fill_texels`` of the unseen
   texels for the fill, drawn from a generator seeded by ``seed`` (the sampled mean is rescaled to the
   mean over all texels). Deterministic under ``seed``; the caller's global RNG state does not matter.
+
+* **Device.** The preparation (rasterising the photos, face regions, visibility, the fill's neighbours,
+  all numpy/scipy-backed) runs once on the host; its results move to the field's device once, and the
+  fill's texels are drawn on the host from the seeded generator (the same draws on any device), so the
+  steps wait for the device only to read the loss every ``log_every`` steps.
 
 Inputs are duck-typed (:class:`PhotoSurface`): the pipeline's ``TexturedExpression`` fits as it is, and
 ``texture/`` does not import ``pipeline/``.
@@ -358,7 +365,7 @@ def _prepare(surface: PhotoSurface, views: Sequence[PhotoView], long_side: int, 
     views = _check_views(views)
     _check_cfg(cfg)
     normals = texel_normals(surface)
-    rasterizer = get_rasterizer("auto", torch.device("cpu"))
+    rasterizer = get_rasterizer("torch", torch.device("cpu"))  # host-side, once per photo
     return [_prepare_view(i, v, surface, normals, long_side, cfg, rasterizer) for i, v in enumerate(views)]
 
 
@@ -470,20 +477,30 @@ def _texel_spacing(texels: TexelMap) -> float:
     return float(d.median())
 
 
+def _host_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device`` without waiting for the device's queued work (a plain copy to CUDA waits)."""
+    return t.to(device, non_blocking=device.type == "cuda")
+
+
 def fit_photo_texture(field: TextureField, expression: int, expr: PhotoSurface, views: Sequence[PhotoView],
                       cfg: PhotoTextureConfig, *, seed: int = 0,
-                      progress: Callable[[int, float], None] | None = None) -> PhotoTextureReport:
+                      progress: Callable[[int, float], None] | None = None,
+                      device: torch.device | str | None = None, log_every: int = 10) -> PhotoTextureReport:
     """Optimise ``field`` in place so expression ``expression``'s flat albedo render matches ``views``.
 
     ``expr`` is the expression's textured surface (the texture stage's ``TexturedExpression``, or
     anything with ``mesh``, ``uv``, ``attribute_faces`` and ``texels``). Raises ``IdtoError`` on bad
     inputs (no photos, malformed images/landmarks/cameras, a camera that misses the face) before any step.
+    ``device``: where the steps run (None = where ``field`` is); the field is moved there and stays there.
     """
     t0 = time.perf_counter()
     if isinstance(expression, bool) or not isinstance(expression, int) or not 0 <= expression < field.n_expressions:
         raise IdtoError(f"expression index must be an integer in [0, {field.n_expressions}), got {expression!r}")
+    if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 1:
+        raise IdtoError(f"log_every must be a positive number of steps, got {log_every!r}")
     prepared = _prepare(expr, views, cfg.resolution, cfg)
-    device = field.codes.device
+    device = field.codes.device if device is None else torch.device(device)
+    field.to(device)
     texels = expr.texels.to("cpu")
     points = texels.points.detach().float()
     n_texels = points.shape[0]
@@ -515,19 +532,24 @@ def fit_photo_texture(field: TextureField, expression: int, expr: PhotoSurface, 
     if extension is not None:
         source_pos = position[extension.source]  # sources are well-seen, hence evaluated every step
         assert bool((source_pos >= 0).all())
+        # Everything a step indexes lives on the device from here on; only the fill's draw is made on the host.
+        kernel, ramp, source_pos = (t.to(device) for t in (extension.kernel, extension.ramp, source_pos))
 
     _warm_start(field, expression, points.to(device), skin.to(device))
     skin = skin.to(device)
     targets = [p.target.to(device) for p in prepared]
     weights = [(p.weight * (w.sum(1) > 0)).to(device) for p, (_, w) in zip(prepared, taps)]  # no tap left: skip
+    points, every_step, unseen = points.to(device), every_step.to(device), unseen.to(device)
+    all_fill = fill_candidates.to(device)
     sampler = torch.Generator().manual_seed(seed)
 
     def step_loss() -> torch.Tensor:
         if n_fill < fill_candidates.numel():
-            fill = fill_candidates[torch.randperm(fill_candidates.numel(), generator=sampler)[:n_fill]]
+            fill = _host_to_device(
+                fill_candidates[torch.randperm(fill_candidates.numel(), generator=sampler)[:n_fill]], device)
         else:
-            fill = fill_candidates
-        out = field(expression, points[torch.cat([every_step, fill])].to(device))
+            fill = all_fill
+        out = field(expression, points[torch.cat([every_step, fill])])
         albedo_e, albedo_f = out["albedo"].split([every_step.numel(), fill.numel()])
         terms = []
         for pos, w_tap, target, w_px in zip(tap_pos, tap_weight, targets, weights):
@@ -538,12 +560,11 @@ def fit_photo_texture(field: TextureField, expression: int, expr: PhotoSurface, 
             if extension is None:
                 goal = skin.expand_as(albedo_f)
             else:
-                near = (extension.kernel[fill].to(device)[..., None] *
-                        albedo_e.detach()[source_pos[fill].to(device)]).sum(1)
-                goal = skin + extension.ramp[fill].to(device)[:, None] * (near - skin)
+                near = (kernel[fill][..., None] * albedo_e.detach()[source_pos[fill]]).sum(1)
+                goal = skin + ramp[fill][:, None] * (near - skin)
             # Squared, not robust: the fill's targets are smooth (no outliers), and an L1 pull over most
             # texels keeps tugging the shared network at full strength however small its residual is.
-            fill_term = (unseen[fill].to(device)[:, None] * (albedo_f - goal).square()).mean()
+            fill_term = (unseen[fill][:, None] * (albedo_f - goal).square()).mean()
             loss = loss + cfg.skin_weight * fill_share * fill_term
         return loss + (out["roughness"] - SKIN_ROUGHNESS).square().mean() + \
             (out["metallic"] - SKIN_METALLIC).square().mean()
@@ -552,6 +573,7 @@ def fit_photo_texture(field: TextureField, expression: int, expr: PhotoSurface, 
         torch.manual_seed(seed)
         opt = texture_optimizer(field, cfg.lr)
         base_lr = [g["lr"] for g in opt.param_groups]
+        latest = float("nan")
         for step in range(cfg.iterations):
             # Cosine decay to a tenth: Adam at a constant rate keeps the colours jittering at the end.
             scale = _FINAL_LR + (1.0 - _FINAL_LR) * 0.5 * (1.0 + math.cos(math.pi * step / max(cfg.iterations, 1)))
@@ -562,7 +584,9 @@ def fit_photo_texture(field: TextureField, expression: int, expr: PhotoSurface, 
             loss.backward()
             opt.step()
             if progress is not None:
-                progress(step + 1, float(loss.detach()))
+                if step % log_every == 0 or step == cfg.iterations - 1:
+                    latest = float(loss.detach())  # waits for the device: only every log_every steps
+                progress(step + 1, latest)
 
         # The reported error goes through the renderer's own path: the full baked texture, sampled.
         with torch.no_grad():
@@ -572,7 +596,7 @@ def fit_photo_texture(field: TextureField, expression: int, expr: PhotoSurface, 
                 pred = sample_texture(texture, p.uv.to(device).view(1, -1, 1, 2)).view(-1, 3)
                 core = p.core.to(device)
                 sq += float((pred - p.target.to(device))[core].square().sum())
-                count += int(core.sum()) * 3
+                count += int(p.core.sum()) * 3
     rmse = (sq / count) ** 0.5 if count else float("nan")
     return PhotoTextureReport(seen_fraction=seen_fraction, skin_tone=skin_tone,  # type: ignore[arg-type]
                               photometric_rmse=rmse, seconds=time.perf_counter() - t0)
