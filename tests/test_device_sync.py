@@ -139,65 +139,56 @@ class EagerChecks(SDSGuidance):
     deferred_checks = property(lambda self: False, lambda self, value: None)
 
 
-def _geometry_reads(tmp_path: Path, prior, deferred: bool = True) -> Counter:
+def _mark_modules_after(audit: DeviceReadAudit, method: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Mark a module's parameters and buffers whenever ``nn.Module.<method>`` runs on it: the stages build their
+    fields and move them to the device (or load their state) themselves."""
+    original = getattr(torch.nn.Module, method)
+
+    def and_mark(module, *a, **k):
+        out = original(module, *a, **k)
+        for t in _module_tensors(out if isinstance(out, torch.nn.Module) else module):
+            audit.mark(t)
+        return out
+    monkeypatch.setattr(torch.nn.Module, method, and_mark)
+
+
+def _geometry_reads(tmp_path: Path, prior, monkeypatch, deferred: bool = True) -> Counter:
     cfg = load_config("preview", None, FAST)
     run = tmp_path / "geo"
     prepare_run(run, cfg)
-    field = ensure_init(run, cfg, progress=False)
+    ensure_init(run, cfg, progress=False)
     cls = SDSGuidance if deferred else EagerChecks  # the audit's own check: a guidance that reads every step
     guidance = cls(prior, cfg.prior.guidance, "geometry", cfg.geometry.iterations, seed=0)
     ident = torch.nn.functional.normalize(torch.randn(512, generator=torch.Generator().manual_seed(0)), dim=0)
-    audit = DeviceReadAudit(_module_tensors(field, prior))
-    # ensure_init reloads the same fit inside the stage: mark those parameters on load too.
-    original_load = torch.nn.Module.load_state_dict
-
-    def load_and_mark(module, *a, **k):
-        out = original_load(module, *a, **k)
-        for t in _module_tensors(module):
-            audit.mark(t)
-        return out
-    torch.nn.Module.load_state_dict = load_and_mark
-    try:
-        with audit:
-            run_geometry_stage(run, cfg, guidance, id_embedding=ident, progress=False)
-    finally:
-        torch.nn.Module.load_state_dict = original_load
+    audit = DeviceReadAudit(_module_tensors(prior))
+    _mark_modules_after(audit, "load_state_dict", monkeypatch)  # the stage reloads the template fit
+    with audit:
+        run_geometry_stage(run, cfg, guidance, id_embedding=ident, progress=False)
     return audit.reads
 
 
-def test_geometry_stage_reads_device_values_only_where_allowed(tmp_path, tiny_prior):
-    reads = _geometry_reads(tmp_path, tiny_prior)
+def test_geometry_stage_reads_device_values_only_where_allowed(tmp_path, tiny_prior, monkeypatch):
+    reads = _geometry_reads(tmp_path, tiny_prior, monkeypatch)
     bad = {site: n for site, n in reads.items() if not _allowed(site)}
     assert not bad, f"host reads of device values in the geometry loop: {bad}"
     # 6 iterations, a flush every 3: two reads of the pending steps (one .cpu(), one .tolist() each)
     assert reads[("pipeline/step_log.py", "flush")] == 4
 
 
-def test_the_audit_catches_a_per_step_read(tmp_path, tiny_prior):
+def test_the_audit_catches_a_per_step_read(tmp_path, tiny_prior, monkeypatch):
     # With deferral off, the guidance checks finiteness on the host every step: the audit must see it.
-    reads = _geometry_reads(tmp_path, tiny_prior, deferred=False)
+    reads = _geometry_reads(tmp_path, tiny_prior, monkeypatch, deferred=False)
     assert reads[("priors/guidance.py", "__call__")] >= 6
 
 
-def test_texture_stage_reads_device_values_only_where_allowed(tmp_path, tiny_base):  # noqa: F811
+def test_texture_stage_reads_device_values_only_where_allowed(tmp_path, tiny_base, monkeypatch):  # noqa: F811
     cfg = load_config("preview", None, FAST)
     prior = build_prior(tiny_base, "albedo", 512, seed=0)
     guidance = SDSGuidance(prior, cfg.prior.guidance, "texture_diffuse", cfg.texture.iterations, seed=1)
     audit = DeviceReadAudit(_module_tensors(prior))
-    original_init = torch.nn.Module.to
-
-    def to_and_mark(module, *a, **k):  # the stage moves its texture field to the device: mark it then
-        out = original_init(module, *a, **k)
-        for t in _module_tensors(out):
-            audit.mark(t)
-        return out
-    torch.nn.Module.to = to_and_mark
-    try:
-        with audit:
-            run_texture_stage(tmp_path / "tex", cfg, guidance, {"neutral": build_head_template(24)},
-                              progress=False)
-    finally:
-        torch.nn.Module.to = original_init
+    _mark_modules_after(audit, "to", monkeypatch)  # the stage moves its texture field to the device
+    with audit:
+        run_texture_stage(tmp_path / "tex", cfg, guidance, {"neutral": build_head_template(24)}, progress=False)
     bad = {site: n for site, n in audit.reads.items() if not _allowed(site)}
     assert not bad, f"host reads of device values in the texture loop: {bad}"
     assert audit.reads[("pipeline/step_log.py", "flush")] == 4

@@ -105,6 +105,16 @@ def test_bf16_noise_prediction_and_sds_gradient_are_within_a_few_percent_of_fp32
     _half_case(tiny_base, reference, "bf16", torch.bfloat16, 0.08)
 
 
+def test_half_precision_runs_under_autocast_so_fp32_modules_still_work(tiny_base, reference):
+    prior = _prior(tiny_base, RuntimeConfig(precision="bf16"))
+    # Modules kept in fp32 (as diffusers keeps some) next to bf16 ones: without autocast, a bf16 input to an fp32
+    # convolution is a dtype error. (Not the UNet's first parameter: Prior.dtype reads it.)
+    prior.unet.conv_out.float()
+    prior.vae.quant_conv.float()
+    eps, grad = _sds(prior)
+    assert grad.dtype == torch.float32 and _rel(grad, reference[1]) < 0.08
+
+
 def _cpu_fp16_autocast() -> bool:
     try:
         with torch.autocast("cpu", dtype=torch.float16):

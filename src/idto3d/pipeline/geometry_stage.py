@@ -150,7 +150,6 @@ def run_geometry_stage(run_dir: str | Path, cfg: Config, guidance: ScoreDistilla
     with progress_bar(title, end - start, console, enabled=progress) as update, \
             log_path.open("a", encoding="utf-8") as log_file:
         log = StepLog(log_file, cfg.runtime.log_every, counters, gcfg.max_bad_steps, too_many)
-        shown: dict[str, float] = {}
         for it in range(start, end):
             t0 = time.perf_counter()
             e = int(torch.randint(len(names), (1,), generator=sampler))
@@ -179,13 +178,10 @@ def run_geometry_stage(run_dir: str | Path, cfg: Config, guidance: ScoreDistilla
                      "azimuth": [round(a, 2) for a in cams.azimuth_deg.tolist()]},
                     {"loss": loss, "sds": out.loss, "laplacian": lap}, bad, time.perf_counter() - t0)
             done_its = it + 1
-            at_checkpoint = done_its % gcfg.checkpoint_every == 0 and done_its < end
-            at_preview = done_its % gcfg.preview_every == 0 and done_its < total
-            if log.due() or at_checkpoint or at_preview or done_its == end:
-                line = log.flush()
-                shown = {"loss": line["loss"], "t": line["t"]}
-            update(**shown)
-            if at_checkpoint and counters.bad_in_row == 0:
+            at_checkpoint, at_preview = log.after_step(done_its, end, total, gcfg.checkpoint_every,
+                                                       gcfg.preview_every)
+            update(**log.shown)
+            if at_checkpoint:
                 checkpoint(done_its)
             if at_preview:
                 save_progress(field, names, geo / "progress.png", preview_resolution(cfg.render.resolution))

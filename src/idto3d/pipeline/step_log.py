@@ -68,6 +68,7 @@ class StepLog:
     max_bad: int
     too_many: Callable[[int, StageCounters], Exception]
     pending: list[_Pending] = field(default_factory=list)
+    shown: dict[str, float] = field(default_factory=dict)  # the last flushed loss and t, for the progress bar
 
     def add(self, record: dict, values: dict[str, torch.Tensor], bad: torch.Tensor, seconds: float) -> None:
         """``record``: the host fields of the log line; ``values``: device scalars (loss terms) read at the flush;
@@ -77,6 +78,18 @@ class StepLog:
 
     def due(self) -> bool:
         return len(self.pending) >= self.every
+
+    def after_step(self, done: int, end: int, total: int, checkpoint_every: int,
+                   preview_every: int) -> tuple[bool, bool]:
+        """After ``done`` iterations (this call stops at ``end``, the run at ``total``): flush when due, and before a
+        checkpoint, a preview or the end. Returns whether to checkpoint now (only after a good step) and whether
+        to save a preview now."""
+        at_checkpoint = done % checkpoint_every == 0 and done < end
+        at_preview = done % preview_every == 0 and done < total
+        if self.due() or at_checkpoint or at_preview or done == end:
+            line = self.flush()
+            self.shown = {"loss": line["loss"], "t": line["t"]}
+        return at_checkpoint and self.counters.bad_in_row == 0, at_preview
 
     def flush(self) -> dict | None:
         """Read the pending steps (one device wait) and log them; returns the last step's line, or None."""

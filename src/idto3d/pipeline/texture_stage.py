@@ -262,7 +262,6 @@ def run_texture_stage(run_dir: str | Path, cfg: Config, guidance: ScoreDistillat
     with progress_bar(title, end - start, console, enabled=progress) as update, \
             log_path.open("a", encoding="utf-8") as log_file:
         log = StepLog(log_file, cfg.runtime.log_every, counters, tcfg.max_bad_steps, too_many)
-        shown: dict[str, float] = {}
         for it in range(start, end):
             t0 = time.perf_counter()
             sub = substage_at(it, tcfg, refine_guidance is not None)
@@ -299,13 +298,10 @@ def run_texture_stage(run_dir: str | Path, cfg: Config, guidance: ScoreDistillat
                      "azimuth": [round(a, 2) for a in cams.azimuth_deg.tolist()]},
                     {"loss": out.loss}, bad, time.perf_counter() - t0)
             done_its = it + 1
-            at_checkpoint = done_its % tcfg.checkpoint_every == 0 and done_its < end
-            at_preview = done_its % tcfg.preview_every == 0 and done_its < total
-            if log.due() or at_checkpoint or at_preview or done_its == end:
-                line = log.flush()
-                shown = {"loss": line["loss"], "t": line["t"]}
-            update(**shown)
-            if at_checkpoint and counters.bad_in_row == 0:
+            at_checkpoint, at_preview = log.after_step(done_its, end, total, tcfg.checkpoint_every,
+                                                       tcfg.preview_every)
+            update(**log.shown)
+            if at_checkpoint:
                 checkpoint(done_its)
             if at_preview:
                 save_texture_progress(field, expressions, tex / "progress.png", preview_res)

@@ -218,7 +218,7 @@ class SDSGuidance(ScoreDistillation):
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         cfg = self.config
         if cfg.latent_mode == "downsample":
-            return downsample_latents(images, cfg.latent_size).to(self.prior.dtype)
+            return downsample_latents(images, cfg.latent_size)  # fp32: the prior casts its input itself
         rgb = _resize(images[:, :3], cfg.latent_size * self.prior.vae_scale_factor)
         return self.prior.encode_images(rgb)
 
