@@ -28,7 +28,7 @@ from idto3d.geometry.mesh_io import save_mesh
 from idto3d.pipeline.progress import progress_bar
 from idto3d.pipeline.run_folder import ensure_init, prepare_run
 from idto3d.pipeline.stage_state import StageCounters, StageState
-from idto3d.pipeline.step_log import StepLog, nonfinite_flag, step_unless
+from idto3d.pipeline.step_log import StepLog, bad_steps_error, nonfinite_flag, step_unless
 from idto3d.priors.guidance import GuidanceCond, ScoreDistillation
 from idto3d.render.backend import get_rasterizer
 from idto3d.runtime import rasterizer_name, resolve_device, to_device
@@ -130,13 +130,8 @@ def run_geometry_stage(run_dir: str | Path, cfg: Config, guidance: ScoreDistilla
         id_embedding = to_device(id_embedding.detach().float(), device)
 
     def too_many(at: int, c: StageCounters) -> IdtoError:
-        ckpt_at = torch.load(ckpt_path, map_location="cpu", weights_only=True)["iteration"] \
-            if ckpt_path.exists() else None
-        where = f"the last good checkpoint (iteration {ckpt_at}) is in {ckpt_path}" if ckpt_at is not None \
-            else "no checkpoint was written yet"
-        return IdtoError(f"geometry stage stopped at iteration {at}: {c.bad_in_row} steps in a row had a "
-                         f"non-finite loss or gradient ({c.skipped_steps} skipped in all); {where}. Lower "
-                         f"geometry.lr or prior.guidance.guidance_scale, or check the prior")
+        return bad_steps_error("geometry", at, c, ckpt_path,
+                               "Lower geometry.lr or prior.guidance.guidance_scale, or check the prior")
 
     def checkpoint(iteration: int) -> None:
         counters.iteration = iteration

@@ -17,10 +17,12 @@ import time
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import IO
 
 import torch
 
+from idto3d.errors import IdtoError
 from idto3d.pipeline.stage_state import StageCounters
 
 
@@ -35,6 +37,15 @@ def nonfinite_flag(parameters: Iterable[torch.nn.Parameter], *tensors: torch.Ten
     if not flags:
         raise ValueError("nonfinite_flag needs at least one gradient or tensor")
     return torch.logical_not(torch.stack(flags).all()).float()
+
+
+def bad_steps_error(stage: str, at: int, counters: StageCounters, ckpt: Path, hint: str) -> IdtoError:
+    """The error that stops a stage after ``max_bad_steps`` non-finite steps in a row, naming its last checkpoint."""
+    ckpt_at = torch.load(ckpt, map_location="cpu", weights_only=True)["iteration"] if ckpt.exists() else None
+    where = f"the last good checkpoint (iteration {ckpt_at}) is in {ckpt}" if ckpt_at is not None \
+        else "no checkpoint was written yet"
+    return IdtoError(f"{stage} stage stopped at iteration {at}: {counters.bad_in_row} steps in a row had a non-finite "
+                     f"loss or gradient ({counters.skipped_steps} skipped in all); {where}. {hint}")
 
 
 def step_unless(optimizer: torch.optim.Optimizer, bad: torch.Tensor) -> None:

@@ -35,7 +35,7 @@ from idto3d.pipeline.geometry_stage import conditioning_key, preview_resolution
 from idto3d.pipeline.progress import progress_bar
 from idto3d.pipeline.run_folder import prepare_run
 from idto3d.pipeline.stage_state import StageCounters, StageState
-from idto3d.pipeline.step_log import StepLog, nonfinite_flag, step_unless
+from idto3d.pipeline.step_log import StepLog, bad_steps_error, nonfinite_flag, step_unless
 from idto3d.priors.guidance import GuidanceCond, ScoreDistillation, get_schedule
 from idto3d.render.backend import get_rasterizer
 from idto3d.runtime import rasterizer_name, resolve_device, to_device
@@ -243,11 +243,8 @@ def run_texture_stage(run_dir: str | Path, cfg: Config, guidance: ScoreDistillat
         id_embedding = to_device(id_embedding.detach().float(), device)
 
     def too_many(at: int, c: StageCounters) -> IdtoError:
-        where = f"the last good checkpoint is in {ckpt_path}" if ckpt_path.exists() else \
-            "no checkpoint was written yet"
-        return IdtoError(f"texture stage stopped at iteration {at}: {c.bad_in_row} steps in a row had a "
-                         f"non-finite loss or gradient ({c.skipped_steps} skipped in all); {where}. Lower "
-                         f"texture.lr or prior.guidance.guidance_scale, or check the albedo prior")
+        return bad_steps_error("texture", at, c, ckpt_path,
+                               "Lower texture.lr or prior.guidance.guidance_scale, or check the albedo prior")
 
     def checkpoint(iteration: int) -> None:
         counters.iteration = iteration
