@@ -198,8 +198,11 @@ class Prior(nn.Module):
         """``predict_noise`` with already projected ID/expression tokens ``[B, n, cross_dim]``. The result is
         fp32 whatever the prior's dtype, so guidance's scaled CFG difference is taken in fp32."""
         b = latents.shape[0]
-        t = torch.as_tensor(timesteps, device=self.device)
-        t = t.expand(b) if t.ndim == 0 else t
+        if isinstance(timesteps, int):  # filled on the device: copying a host value there would wait for the GPU
+            t = torch.full((b,), timesteps, dtype=torch.long, device=self.device)
+        else:
+            t = torch.as_tensor(timesteps, device=self.device)
+            t = t.expand(b) if t.ndim == 0 else t
         text = text_emb.to(self.device, self.dtype)
         if text.shape[0] == 1 and b > 1:
             text = text.expand(b, -1, -1)
