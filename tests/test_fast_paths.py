@@ -214,6 +214,17 @@ class _HostReads:
             monkeypatch.setattr(torch.Tensor, name, counted)
 
 
+def _reads_per_run(reads: _HostReads, cadences: tuple, lengths: tuple, run) -> dict:
+    """Host reads counted during ``run(iterations, log_every)`` for each cadence and run length."""
+    counts = {}
+    for log_every in cadences:
+        for iterations in lengths:
+            before = reads.count
+            run(iterations, log_every)
+            counts[log_every, iterations] = reads.count - before
+    return counts
+
+
 def _template_fit(cfg, iterations: int, log_every: int = 10, device=None, steps: list | None = None):
     cfg.template.iterations = iterations
     field = build_field(cfg.geometry, 2, seed=0)
@@ -241,13 +252,8 @@ def test_template_fit_reads_the_loss_from_the_device_only_every_log_every_steps(
     import idto3d.geometry.template_fit as module
 
     cfg = load_config("preview", None, FAST)
-    reads = _HostReads(monkeypatch, module.__file__)
-    counts = {}
-    for log_every in (1, 10):
-        for iterations in (20, 40):
-            before = reads.count
-            _template_fit(cfg, iterations, log_every=log_every, steps=[])
-            counts[log_every, iterations] = reads.count - before
+    counts = _reads_per_run(_HostReads(monkeypatch, module.__file__), (1, 10), (20, 40),
+                            lambda n, every: _template_fit(cfg, n, log_every=every, steps=[]))
     assert counts[1, 40] - counts[1, 20] == 20  # the counter sees a read per step when asked for one
     assert counts[10, 40] - counts[10, 20] == 2  # steps 20 and 30: nothing else per step
 
@@ -304,13 +310,8 @@ def test_photo_texture_on_an_explicit_cpu_device_is_the_same_fit_whatever_the_lo
 def test_photo_texture_reads_the_loss_from_the_device_only_every_log_every_steps(photo_setup, monkeypatch):
     import idto3d.texture.photo_texture as module
 
-    reads = _HostReads(monkeypatch, module.__file__)
-    counts = {}
-    for log_every in (1, 4):
-        for iterations in (8, 16):
-            before = reads.count
-            _photo_fit(photo_setup, iterations, log_every=log_every, steps=[])
-            counts[log_every, iterations] = reads.count - before
+    counts = _reads_per_run(_HostReads(monkeypatch, module.__file__), (1, 4), (8, 16),
+                            lambda n, every: _photo_fit(photo_setup, n, log_every=every, steps=[]))
     assert counts[1, 16] - counts[1, 8] == 8
     assert counts[4, 16] - counts[4, 8] == 2  # after steps 9 and 13
 
