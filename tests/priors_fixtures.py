@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from idto3d.priors.model import Prior, build_prior
+from idto3d.priors.prior import Prior, build_prior
 from idto3d.priors.tiny import make_tiny_base_model
 
 ID_DIM = 128

@@ -8,7 +8,8 @@ import torch
 from typer.testing import CliRunner
 
 from idto3d.cli import app
-from idto3d.pipeline.bench_pipeline import PARTS, projections
+from idto3d.bench.pipeline import projections
+from idto3d.bench.steps import PARTS
 from priors_fixtures import isolated_cache  # noqa: F401
 
 runner = CliRunner()

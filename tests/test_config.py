@@ -2,8 +2,8 @@
 
 import pytest
 
-from idto3d.config import available_presets, config_from_dict, config_to_dict, dump_config, load_config
-from idto3d.errors import ConfigError
+from idto3d.core.config import available_presets, config_from_dict, config_to_dict, dump_config, load_config
+from idto3d.core.errors import ConfigError
 
 
 def test_presets_preview_and_paper_exist_and_validate():

@@ -23,13 +23,13 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
-from idto3d.config import load_config
+from idto3d.core.config import load_config
 from idto3d.geometry.template import build_head_template
-from idto3d.pipeline.geometry_stage import run_geometry_stage
-from idto3d.pipeline.run_folder import ensure_init, prepare_run
-from idto3d.pipeline.texture_stage import run_texture_stage
+from idto3d.stages.geometry_stage import run_geometry_stage
+from idto3d.stages.run_folder import ensure_init, prepare_run
+from idto3d.stages.texture_stage import run_texture_stage
 from idto3d.priors.guidance import SDSGuidance
-from idto3d.priors.model import build_prior
+from idto3d.priors.prior import build_prior
 
 from priors_fixtures import isolated_cache, tiny_base  # noqa: F401  (fixtures)
 
@@ -45,15 +45,15 @@ OUTSIDE_LOOP = {"current_meshes", "save_progress", "save_texture_progress", "_fi
                 "cpu_state_dict"}
 # (module file, function) pairs allowed to read device values, with the reason.
 ALLOWED = {
-    ("pipeline/step_log.py", "flush"),                 # every runtime.log_every steps
+    ("stages/step_log.py", "flush"),                 # every runtime.log_every steps
     ("<after the loop>", None),
     ("geometry/marching_tets.py", "marching_tets"),    # output size depends on the SDF's signs
-    ("geometry/field.py", "forward"),                  # the tets the surface crosses (same reason)
+    ("geometry/expression_field.py", "forward"),                  # the tets the surface crosses (same reason)
     ("render/rasterize_torch.py", None),               # per-tile binning sizes depend on the triangles
     ("render/antialias_torch.py", None),               # silhouette edge lists depend on the image
     ("geometry/laplacian.py", "mesh_edges"),           # the topology marching tets made this step
     ("render/fragments.py", "checked_faces"),          # bounds of host meshes only (skipped on a GPU)
-    ("priors/expressions.py", None),                   # the expression table: computed once, then memoised
+    ("priors/expression_embeddings.py", None),                   # the expression table: computed once, then memoised
 }
 
 
@@ -172,7 +172,7 @@ def test_geometry_stage_reads_device_values_only_where_allowed(tmp_path, tiny_pr
     bad = {site: n for site, n in reads.items() if not _allowed(site)}
     assert not bad, f"host reads of device values in the geometry loop: {bad}"
     # 6 iterations, a flush every 3: two reads of the pending steps (one .cpu(), one .tolist() each)
-    assert reads[("pipeline/step_log.py", "flush")] == 4
+    assert reads[("stages/step_log.py", "flush")] == 4
 
 
 def test_the_audit_catches_a_per_step_read(tmp_path, tiny_prior, monkeypatch):
@@ -191,4 +191,4 @@ def test_texture_stage_reads_device_values_only_where_allowed(tmp_path, tiny_bas
         run_texture_stage(tmp_path / "tex", cfg, guidance, {"neutral": build_head_template(24)}, progress=False)
     bad = {site: n for site, n in audit.reads.items() if not _allowed(site)}
     assert not bad, f"host reads of device values in the texture loop: {bad}"
-    assert audit.reads[("pipeline/step_log.py", "flush")] == 4
+    assert audit.reads[("stages/step_log.py", "flush")] == 4

@@ -22,8 +22,8 @@ from skimage.transform import estimate_transform
 from typer.testing import CliRunner
 
 from idto3d.cli import app
-from idto3d.config import dump_config, load_config
-from idto3d.errors import IdtoError
+from idto3d.core.config import dump_config, load_config
+from idto3d.core.errors import IdtoError
 from idto3d.evaluate import plots
 from idto3d.evaluate.assets import load_exported_head, run_heads
 from idto3d.evaluate.run import FORMAT, METRICS_KEYS, evaluate_runs
@@ -31,7 +31,8 @@ from idto3d.evaluate.similarity import make_embedder
 from idto3d.evaluate.views import camera_grid, render_grid, render_normal_grid
 from idto3d.export import PBRMaps, export_expression, shared_atlas
 from idto3d.export.placement import metric_positions
-from idto3d.geometry.template import METRES_PER_UNIT, build_head_template, face_anchors
+from idto3d.core.units import METRES_PER_UNIT
+from idto3d.geometry.template import build_head_template, face_anchors
 from idto3d.identity.dlib_backend import DlibBackend
 from idto3d.identity.photos import load_photo
 from idto3d.render.mesh import Mesh

@@ -10,9 +10,10 @@ from PIL import Image
 from scipy import linalg
 
 from fid_models import make_feature_net, make_onnx, reference_features
-from idto3d.errors import IdtoError
-from idto3d.evaluate.fid import (FidModelError, FidWarning, OnnxFeatureExtractor, _to_tensor, fid, fid_from_folders,
-                                 load_images)
+from idto3d.core.errors import IdtoError
+from idto3d.evaluate.fid import (
+    FidModelError, FidWarning, OnnxFeatureExtractor, _to_tensor, fid, fid_from_folders, load_images,
+)
 
 # Tiny sets are the point here; tests that care assert the warning with pytest.warns.
 pytestmark = pytest.mark.filterwarnings("ignore::idto3d.evaluate.fid.FidWarning")

@@ -22,8 +22,8 @@ import pytest
 from PIL import Image
 from rich.console import Console
 
-from idto3d.config import dump_config, load_config
-from idto3d.errors import IdtoError
+from idto3d.core.config import dump_config, load_config
+from idto3d.core.errors import IdtoError
 from idto3d.evaluate import viewer_assets
 from idto3d.evaluate.report import ensure_report, serve, write_report
 from idto3d.export import PBRMaps, export_expression, shared_atlas

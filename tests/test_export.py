@@ -10,10 +10,11 @@ import torch
 import trimesh
 from PIL import Image
 
-from idto3d.errors import IdtoError
+from idto3d.core.errors import IdtoError
 from idto3d.export import PBRMaps, UnwrapError, export_expression, shared_atlas, unwrap, write_glb
 from idto3d.export.maps import MapError
-from idto3d.geometry.template import METRES_PER_UNIT, build_head_template
+from idto3d.core.units import METRES_PER_UNIT
+from idto3d.geometry.template import build_head_template
 from idto3d.render.mesh import Mesh
 
 from gltf_checks import png_texture, validate_glb

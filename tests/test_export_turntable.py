@@ -12,11 +12,11 @@ import torch
 import trimesh
 from PIL import Image
 
-from idto3d.errors import IdtoError
+from idto3d.core.errors import IdtoError
 from idto3d.export import turntable
 from idto3d.export.maps import PBRMaps
 from idto3d.export.turntable import find_ffmpeg, frame_grid, save_turntable, turntable_frames, write_turntable
-from idto3d.export.uv_atlas import unwrap
+from idto3d.texture.uv_atlas import unwrap
 from idto3d.render.envmap import pixel_directions, pixel_solid_angles, studio_envmap
 from idto3d.render.mesh import Mesh
 from idto3d.texture.texels import scatter_texels, texel_map

@@ -22,24 +22,26 @@ import torch
 import trimesh
 from torch import nn
 
-import idto3d.geometry.encoding as encoding_mod
+import idto3d.nn.encoding as encoding_mod
 import idto3d.render.backend as backend_mod
-from idto3d.config import EncodingConfig, PhotoTextureConfig, TextureConfig, load_config
-from idto3d.errors import IdtoError
-from idto3d.export.uv_atlas import shared_atlas
-from idto3d.geometry.encoding import (DenseGridEncoding, HashGridEncoding, TcnnHashGridEncoding,
-                                      check_encoding_state, encoding_from_config, make_encoding,
-                                      state_encoding_implementation, tcnn_available)
-from idto3d.geometry.field import build_field, cpu_state_dict, load_field_state
+from idto3d.core.config import EncodingConfig, PhotoTextureConfig, TextureConfig, load_config
+from idto3d.core.errors import IdtoError
+from idto3d.texture.uv_atlas import shared_atlas
+from idto3d.nn.encoding import (
+    DenseGridEncoding, HashGridEncoding, TcnnHashGridEncoding, check_encoding_state, encoding_from_config,
+    make_encoding, state_encoding_implementation, tcnn_available,
+)
+from idto3d.geometry.expression_field import build_field
+from idto3d.nn.state import cpu_state_dict, load_field_state
 from idto3d.geometry.template import build_head_template
 from idto3d.geometry.template_fit import fit_field_to_mesh
-from idto3d.pipeline.export_run import baked_maps
-from idto3d.pipeline.run_folder import ensure_init
+from idto3d.stages.export_stage import baked_maps
+from idto3d.stages.run_folder import ensure_init
 from idto3d.render import Mesh, orbit_camera, render_normal_map
 from idto3d.render.albedo import render_albedo
 from idto3d.render.backend import NvdiffrastRasterizer, TorchRasterizer, available_backends, get_rasterizer
-from idto3d.runtime import rasterizer_name
-from idto3d.texture.field import build_texture_field
+from idto3d.core.device import rasterizer_name
+from idto3d.texture.texture_field import build_texture_field
 from idto3d.texture.photo_texture import PhotoView, fit_photo_texture
 from idto3d.texture.texels import TexelMap, scatter_texels, texel_map
 

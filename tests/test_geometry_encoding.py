@@ -9,14 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from idto3d.errors import ConfigError
-from idto3d.geometry.encoding import (
-    DenseGridEncoding,
-    HashGridEncoding,
-    TcnnHashGridEncoding,
-    level_resolutions,
-    make_encoding,
-    tcnn_available,
+from idto3d.core.errors import ConfigError
+from idto3d.nn.encoding import (
+    DenseGridEncoding, HashGridEncoding, TcnnHashGridEncoding, level_resolutions, make_encoding, tcnn_available,
 )
 
 # Resolutions 4, 8, 16, 32 with T = 2^10: the first two levels are indexed directly, the rest hashed.

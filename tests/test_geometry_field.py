@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from idto3d.config import GeometryConfig, TemplateConfig, load_config
-from idto3d.geometry.field import build_field
+from idto3d.core.config import GeometryConfig, TemplateConfig, load_config
+from idto3d.geometry.expression_field import build_field
 from idto3d.geometry.marching_tets import marching_tets
 from idto3d.geometry.template import build_head_template
 from idto3d.geometry.template_fit import fit_field_to_mesh

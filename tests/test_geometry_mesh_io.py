@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from idto3d.errors import IdtoError, MeshError
+from idto3d.core.errors import IdtoError, MeshError
 from idto3d.geometry.mesh_io import MeshWarning, load_mesh, mesh_stats, save_mesh, validate_mesh
 from idto3d.render.mesh import Mesh
 
@@ -178,11 +178,11 @@ def test_weld_degenerate_makes_marching_tets_output_unwrappable_and_keeps_it_clo
     xatlas refuses; welding keeps the surface closed with the same area and lets the run's unwrap through."""
     import trimesh
 
-    from idto3d.export.uv_atlas import UnwrapError, unwrap
+    from idto3d.texture.uv_atlas import UnwrapError, unwrap
     from idto3d.geometry.marching_tets import marching_tets
     from idto3d.geometry.mesh_io import weld_degenerate
     from idto3d.geometry.tetgrid import make_tet_grid
-    from idto3d.pipeline.texture_stage import unwrap_expressions
+    from idto3d.stages.texture_stage import unwrap_expressions
 
     grid = make_tet_grid(16, 1.0)
     raw = marching_tets(grid.vertices, grid.vertices.abs().amax(1) - 0.5, grid.tets).detach()

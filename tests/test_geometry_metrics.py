@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from idto3d.errors import MeshError
+from idto3d.core.errors import MeshError
 from idto3d.geometry.metrics import bbox_diagonal, chamfer_distance, sample_surface
 from idto3d.geometry.sdf import mesh_sdf, sample_sdf_training_points
 from idto3d.render.mesh import Mesh

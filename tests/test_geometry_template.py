@@ -5,17 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from idto3d.errors import MeshError
+from idto3d.core.errors import MeshError
 from idto3d.geometry import template as template_mod
 from idto3d.geometry.mesh_io import mesh_stats, save_mesh
 from idto3d.geometry.sdf import mesh_sdf
+from idto3d.core.units import METRES_PER_UNIT
 from idto3d.geometry.template import (
-    METRES_PER_UNIT,
-    TEMPLATE_HEIGHT,
-    build_head_template,
-    head_template_sdf,
-    load_template,
-    template_metadata,
+    TEMPLATE_HEIGHT, build_head_template, head_template_sdf, load_template, template_metadata,
 )
 from idto3d.render.mesh import Mesh
 

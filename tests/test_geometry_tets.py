@@ -8,7 +8,7 @@ import pytest
 import torch
 import trimesh
 
-from idto3d.errors import ConfigError
+from idto3d.core.errors import ConfigError
 from idto3d.geometry.marching_tets import marching_tets
 from idto3d.geometry.tetgrid import make_tet_grid
 from idto3d.render.mesh import Mesh

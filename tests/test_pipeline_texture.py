@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from idto3d.config import GuidanceConfig, load_config
-from idto3d.errors import IdtoError
-from idto3d.export.uv_atlas import shared_atlas
+from idto3d.core.config import GuidanceConfig, load_config
+from idto3d.core.errors import IdtoError
+from idto3d.texture.uv_atlas import shared_atlas
 from idto3d.geometry.template import build_head_template
-from idto3d.pipeline.texture_oracle import TexturedTarget, TextureOracleGuidance
-from idto3d.pipeline.texture_stage import run_texture_stage, save_atlases, substage_at
+from idto3d.priors.texture_oracle import TexturedTarget, TextureOracleGuidance
+from idto3d.stages.texture_stage import run_texture_stage, save_atlases, substage_at
 from idto3d.render.envmap import EnvMapError, save_hdr, srgb_to_linear
 from idto3d.render.pbr import linear_to_srgb
 from idto3d.render.mesh import Mesh
@@ -148,7 +148,7 @@ def test_stopped_and_resumed_run_equals_an_uninterrupted_one(tmp_path, head):
 
 def test_refinement_uses_the_text_to_image_model_with_t_in_50_100(tmp_path, head, tiny_base):  # noqa: F811
     from idto3d.priors.guidance import SDSGuidance
-    from idto3d.priors.model import load_photo_prior
+    from idto3d.priors.prior import load_photo_prior
 
     cfg = _cfg(["texture.iterations=6", "texture.refine_iterations=2", "texture.diffuse_fraction=0.5",
                 "prior.guidance.latent_mode=downsample", "prior.guidance.latent_size=8"])
@@ -171,7 +171,7 @@ def test_refinement_uses_the_text_to_image_model_with_t_in_50_100(tmp_path, head
 def test_photo_prior_predicts_what_its_base_model_predicts(tiny_base):  # noqa: F811
     from diffusers import UNet2DConditionModel
 
-    from idto3d.priors.model import load_photo_prior
+    from idto3d.priors.prior import load_photo_prior
 
     prior = load_photo_prior(tiny_base)
     unet = UNet2DConditionModel.from_pretrained(tiny_base, subfolder="unet")
@@ -240,8 +240,8 @@ def test_exposure_rule_makes_a_white_diffuse_sphere_average_white():
 
 @pytest.fixture(scope="module")
 def priors(tiny_base, tmp_path_factory) -> Path:  # noqa: F811
-    from idto3d.config import AdapterConfig
-    from idto3d.priors.model import build_prior, save_prior
+    from idto3d.core.config import AdapterConfig
+    from idto3d.priors.prior import build_prior, save_prior
 
     root = tmp_path_factory.mktemp("priors")
     for domain in ("normal", "albedo"):
@@ -265,7 +265,7 @@ def test_generate_runs_geometry_then_texture_and_exports_checked_assets(tmp_path
     from test_pipeline_geometry import _identity_file
 
     from idto3d.export.turntable import find_ffmpeg
-    from idto3d.pipeline.generate import generate
+    from idto3d.stages.generate import generate
 
     run = tmp_path / "run"
     result = generate([_identity_file(tmp_path / "id.safetensors")], run, _gen_cfg(),
@@ -287,7 +287,7 @@ def test_generate_runs_geometry_then_texture_and_exports_checked_assets(tmp_path
 def test_generate_resumes_across_the_geometry_texture_boundary(tmp_path, priors):
     from test_pipeline_geometry import _identity_file
 
-    from idto3d.pipeline.generate import generate
+    from idto3d.stages.generate import generate
 
     ident = _identity_file(tmp_path / "id.safetensors")
     kw = dict(normal_prior=str(priors / "normal"), albedo_prior=str(priors / "albedo"), progress=False)
@@ -308,7 +308,7 @@ def test_generate_resumes_across_the_geometry_texture_boundary(tmp_path, priors)
 def test_generate_refuses_a_normal_prior_given_as_the_albedo_prior(tmp_path, priors):
     from test_pipeline_geometry import _identity_file
 
-    from idto3d.pipeline.generate import generate
+    from idto3d.stages.generate import generate
 
     with pytest.raises(IdtoError, match="the texture stage needs an albedo prior"):
         generate([_identity_file(tmp_path / "id.safetensors")], tmp_path / "run", _gen_cfg(),

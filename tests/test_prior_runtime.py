@@ -7,11 +7,11 @@ import shutil
 import pytest
 import torch
 
-from idto3d.config import GuidanceConfig, RuntimeConfig, load_config
-from idto3d.errors import ConfigError, IdtoError
+from idto3d.core.config import GuidanceConfig, RuntimeConfig, load_config
+from idto3d.core.errors import ConfigError, IdtoError
 from idto3d.priors.guidance import GuidanceCond, SDSGuidance
-from idto3d.priors.model import build_prior
-from idto3d.priors.runtime import configure_prior, runtime_summary
+from idto3d.priors.prior import build_prior
+from idto3d.priors.prior_runtime import configure_prior, runtime_summary
 from priors_fixtures import ID_DIM, id_vector, isolated_cache, randomize_adapters, tiny_base  # noqa: F401
 
 PROMPT = "A front view normal map face portrait of a young woman on a white background"
@@ -188,7 +188,7 @@ def test_bad_values_raise_and_leave_the_prior_untouched(tiny_base, field, value,
 
 
 def test_bench_variants_parse_to_runtime_configs():
-    from idto3d.pipeline.bench_runtime import parse_variants, variant_config
+    from idto3d.bench.prior_runtime import parse_variants, variant_config
 
     assert parse_variants("math,bf16+channels_last") == ["fp32", "math", "bf16+channels_last"]
     assert variant_config("bf16+channels_last") == RuntimeConfig(precision="bf16", channels_last=True)

@@ -8,9 +8,10 @@ import torch
 from diffusers import UNet2DConditionModel
 from safetensors.torch import save_file
 
-from idto3d.errors import IdtoError
-from idto3d.priors.adapters import (DecoupledCrossAttnProcessor, LoRASelfAttnProcessor,
-                                    adapter_parameter_breakdown, install_adapters)
+from idto3d.core.errors import IdtoError
+from idto3d.priors.adapters import (
+    DecoupledCrossAttnProcessor, LoRASelfAttnProcessor, adapter_parameter_breakdown, install_adapters,
+)
 from priors_fixtures import ID_DIM, id_vector, isolated_cache, prior, randomize_adapters, tiny_base  # noqa: F401
 
 

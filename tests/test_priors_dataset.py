@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from idto3d.priors.dataset import PriorDataError, PriorDataset, load_image
+from idto3d.priors.training.dataset import PriorDataError, PriorDataset, load_image
 
 PROMPT = "A {} view {} face portrait of a young Caucasian female on a white background"
 

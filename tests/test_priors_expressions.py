@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import idto3d.priors.expressions as ex
-from idto3d.errors import IdtoError
-from idto3d.priors.model import build_prior
+import idto3d.core.expressions as ex
+from idto3d.core.errors import IdtoError
+from idto3d.priors.prior import build_prior
 from idto3d.priors.tiny import make_tiny_base_model
 from priors_fixtures import ID_DIM, isolated_cache, prior, tiny_base  # noqa: F401
 

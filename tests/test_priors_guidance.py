@@ -7,9 +7,11 @@ import warnings
 import pytest
 import torch
 
-from idto3d.config import GuidanceConfig
-from idto3d.priors.guidance import (SCHEDULES, GuidanceCond, NonFiniteGradientError, OracleGuidance,
-                                    SDSGuidance, TimestepSchedule, downsample_latents, get_schedule)
+from idto3d.core.config import GuidanceConfig
+from idto3d.priors.guidance import (
+    SCHEDULES, GuidanceCond, NonFiniteGradientError, OracleGuidance, SDSGuidance, TimestepSchedule,
+    downsample_latents, get_schedule,
+)
 from priors_fixtures import id_vector, isolated_cache, prior, randomize_adapters, tiny_base  # noqa: F401
 
 PROMPT = "A front view normal map face portrait of a young woman on a white background"
@@ -150,7 +152,7 @@ def test_same_seed_same_steps(prior):
 
 
 def test_bench_guidance_quick_reports_the_tiny_prior():
-    from idto3d.priors.bench import bench_guidance
+    from idto3d.bench.guidance import bench_guidance
 
     rows = bench_guidance(repeats=1, quick=True)
     assert [r["baseline"] for r in rows] == ["tiny vae"] * 2 and rows[0]["ratio"] == 1.0

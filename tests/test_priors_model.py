@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from idto3d.errors import IdtoError
-from idto3d.priors.model import build_prior, load_prior, save_prior
+from idto3d.core.errors import IdtoError
+from idto3d.priors.prior import build_prior, load_prior, save_prior
 from priors_fixtures import ID_DIM, id_vector, isolated_cache, prior, randomize_adapters, tiny_base  # noqa: F401
 
 
@@ -100,7 +100,7 @@ def test_unknown_domain_is_refused(tiny_base: Path):
 def test_identity_dim_reads_the_identity_files_embedding_size(tmp_path: Path):
     from safetensors.torch import save_file
 
-    from idto3d.priors.model import identity_dim
+    from idto3d.priors.prior import identity_dim
 
     save_file({"embedding": torch.zeros(512), "embeddings": torch.zeros(2, 512)}, tmp_path / "a.safetensors",
               metadata={"format": "idto3d.identity/1", "backend": "arcface", "dim": "512"})

@@ -12,18 +12,13 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from idto3d.cli import app
-from idto3d.config import CameraConfig
-from idto3d.priors.expressions import EXPRESSION_NAMES
-from idto3d.priors.render_dataset import (
-    DatasetBuildError,
-    age_group,
-    build_render_dataset,
-    make_prompt,
-    read_expression_names,
-    read_subject_metadata,
+from idto3d.core.config import CameraConfig
+from idto3d.core.expressions import EXPRESSION_NAMES
+from idto3d.priors.training.render_dataset import (
+    DatasetBuildError, age_group, build_render_dataset, make_prompt, read_expression_names, read_subject_metadata,
     SubjectInfo,
 )
-from idto3d.priors.scans import axis_rotation, load_scan
+from idto3d.priors.training.scans import axis_rotation, load_scan
 
 RED, GREEN, BLUE = (220, 30, 30), (30, 200, 40), (40, 50, 210)
 

@@ -12,13 +12,13 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from idto3d.cli import app
-from idto3d.config import load_config
-from idto3d.errors import IdtoError
-from idto3d.priors.dataset import PriorDataError, PriorDataset
-from idto3d.priors.model import build_prior, load_prior, save_prior
+from idto3d.core.config import load_config
+from idto3d.core.errors import IdtoError
+from idto3d.priors.training.dataset import PriorDataError, PriorDataset
+from idto3d.priors.prior import build_prior, load_prior, save_prior
 from idto3d.priors.tiny import make_tiny_base_model
-from idto3d.priors.objective import DenoisingObjective, StepBatches, denoising_loss, drop_masks, prepare_inputs
-from idto3d.priors.train import TrainError, train_prior
+from idto3d.priors.training.objective import DenoisingObjective, StepBatches, denoising_loss, drop_masks, prepare_inputs
+from idto3d.priors.training.train import TrainError, train_prior
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_priors_dataset import write_data  # noqa: E402

@@ -6,7 +6,7 @@ import pytest
 import torch
 import trimesh
 
-from idto3d.errors import IdtoError
+from idto3d.core.errors import IdtoError
 from idto3d.render import Mesh, orbit_camera, render_albedo, render_normal_map
 from idto3d.render.albedo import sample_texture
 

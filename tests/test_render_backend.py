@@ -8,18 +8,10 @@ import pytest
 import torch
 import trimesh
 
-from idto3d.errors import IdtoError
+from idto3d.core.errors import IdtoError
 from idto3d.render import (
-    Mesh,
-    NvdiffrastRasterizer,
-    TorchRasterizer,
-    antialias,
-    available_backends,
-    get_rasterizer,
-    interpolate,
-    orbit_camera,
-    rasterize,
-    render_normal_map,
+    Mesh, NvdiffrastRasterizer, TorchRasterizer, antialias, available_backends, get_rasterizer, interpolate,
+    orbit_camera, rasterize, render_normal_map,
 )
 from idto3d.render.fragments import Fragments
 

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from idto3d.errors import IdtoError
+from idto3d.core.errors import IdtoError
 from idto3d.render import Camera, orbit_camera, sample_orbit_cameras, view_word
 
 

@@ -7,19 +7,8 @@ import pytest
 import torch
 
 from idto3d.render.envmap import (
-    EnvironmentMap,
-    EnvMapError,
-    direction_to_uv,
-    load_envmap,
-    load_envmap_folder,
-    pixel_directions,
-    pixel_solid_angles,
-    procedural_envmap,
-    random_envmap,
-    rotate_y,
-    sample_equirect,
-    save_exr,
-    save_hdr,
+    EnvironmentMap, EnvMapError, direction_to_uv, load_envmap, load_envmap_folder, pixel_directions,
+    pixel_solid_angles, procedural_envmap, random_envmap, rotate_y, sample_equirect, save_exr, save_hdr,
 )
 
 

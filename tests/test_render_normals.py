@@ -6,7 +6,7 @@ import pytest
 import torch
 import trimesh
 
-from idto3d.errors import IdtoError
+from idto3d.core.errors import IdtoError
 from idto3d.render import Camera, Mesh, orbit_camera, render_normal_map
 
 

@@ -7,24 +7,11 @@ import trimesh
 
 from idto3d.render import Mesh, orbit_camera
 from idto3d.render.envmap import (
-    EnvironmentMap,
-    direction_to_uv,
-    pixel_directions,
-    pixel_solid_angles,
-    procedural_envmap,
-    rotate_y,
+    EnvironmentMap, direction_to_uv, pixel_directions, pixel_solid_angles, procedural_envmap, rotate_y,
 )
 from idto3d.render.pbr import (
-    _ggx_convolve,
-    _ggx_weights,
-    cook_torrance,
-    env_brdf_approx,
-    linear_to_srgb,
-    prefilter_envmap,
-    render_pbr,
-    sh9_irradiance,
-    sh9_project,
-    shade_pbr,
+    _ggx_convolve, _ggx_weights, cook_torrance, env_brdf_approx, linear_to_srgb, prefilter_envmap, render_pbr,
+    sh9_irradiance, sh9_project, shade_pbr,
 )
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 import trimesh
 
-from idto3d.errors import IdtoError
+from idto3d.core.errors import IdtoError
 from idto3d.render import interpolate, orbit_camera, rasterize
 
 

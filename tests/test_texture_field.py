@@ -1,13 +1,13 @@
-"""The expression-conditioned texture field (texture/field.py, paper section 3.4)."""
+"""The expression-conditioned texture field (texture/texture_field.py, paper section 3.4)."""
 
 import pytest
 import torch
 import trimesh
 
-from idto3d.config import EncodingConfig, TextureConfig, TextureFieldConfig
-from idto3d.export.uv_atlas import unwrap
+from idto3d.core.config import EncodingConfig, TextureConfig, TextureFieldConfig
+from idto3d.texture.uv_atlas import unwrap
 from idto3d.render.mesh import Mesh
-from idto3d.texture.field import MIN_ROUGHNESS, TextureField, build_texture_field, texture_parameter_groups
+from idto3d.texture.texture_field import MIN_ROUGHNESS, TextureField, build_texture_field, texture_parameter_groups
 from idto3d.texture.texels import texel_map
 
 # Small grids keep Adam steps cheap on CPU; the network is the preset's (d_model 32, 3 layers).

@@ -14,16 +14,17 @@ import pytest
 import torch
 import trimesh
 
-from idto3d.config import EncodingConfig, PhotoTextureConfig, TextureConfig
-from idto3d.errors import IdtoError
-from idto3d.export.uv_atlas import shared_atlas
+from idto3d.core.config import EncodingConfig, PhotoTextureConfig, TextureConfig
+from idto3d.core.errors import IdtoError
+from idto3d.texture.uv_atlas import shared_atlas
 from idto3d.geometry.template import build_head_template, head_template_sdf
 from idto3d.render.albedo import render_albedo, sample_texture
 from idto3d.render.camera import Camera, orbit_camera
 from idto3d.render.mesh import Mesh
-from idto3d.texture.field import build_texture_field
-from idto3d.texture.photo_texture import (SEEN_WELL, PhotoView, texel_normals, bilinear_taps, fit_photo_texture,
-                                          photo_weights)
+from idto3d.texture.texture_field import build_texture_field
+from idto3d.texture.photo_texture import (
+    SEEN_WELL, PhotoView, texel_normals, bilinear_taps, fit_photo_texture, photo_weights,
+)
 from idto3d.texture.texels import TexelMap, scatter_texels, texel_map
 
 # Small grids keep steps cheap on CPU; the network is the preset's.

@@ -5,8 +5,8 @@ import pytest
 import torch
 import trimesh
 
-from idto3d.errors import IdtoError
-from idto3d.export.uv_atlas import UVMesh, unwrap
+from idto3d.core.errors import IdtoError
+from idto3d.texture.uv_atlas import UVMesh, unwrap
 from idto3d.render.albedo import sample_texture
 from idto3d.render.mesh import Mesh
 from idto3d.texture.texels import scatter_texels, texel_map

@@ -17,9 +17,9 @@ import torch
 import yaml
 from PIL import Image
 
-from idto3d.errors import IdtoError
+from idto3d.core.errors import IdtoError
 from idto3d.export.maps import PBRMaps
-from idto3d.geometry.template import METRES_PER_UNIT
+from idto3d.core.units import METRES_PER_UNIT
 from idto3d.identity.photos import IMAGE_SUFFIXES
 from idto3d.render.mesh import Mesh
 

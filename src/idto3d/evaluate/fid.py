@@ -35,7 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from idto3d.errors import IdtoError
+from idto3d.core.errors import IdtoError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 DEFAULT_IMAGE_SIZE = 299     # FID Inception-v3 input; used when the model's H, W are symbolic
@@ -195,7 +195,7 @@ def _fid(sides: dict[bool, tuple[Iterable[np.ndarray], int]], extractor: OnnxFea
          progress: bool) -> float:
     from torchmetrics.image.fid import FrechetInceptionDistance
 
-    from idto3d.pipeline.progress import progress_bar
+    from idto3d.core.progress import progress_bar
 
     if batch_size < 1:
         raise IdtoError(f"batch_size must be >= 1, got {batch_size}")

@@ -17,7 +17,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from idto3d.atomic import atomic_write
+from idto3d.core.atomic import atomic_write
 
 DPI = 110
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "h", "p", "8", "d")

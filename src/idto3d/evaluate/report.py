@@ -25,8 +25,8 @@ import yaml
 from rich.console import Console
 
 from idto3d import __version__
-from idto3d.atomic import atomic_write_text
-from idto3d.errors import IdtoError
+from idto3d.core.atomic import atomic_write_text
+from idto3d.core.errors import IdtoError
 from idto3d.evaluate import viewer_assets
 
 EMBED_LIMIT_BYTES = 48 * 2**20

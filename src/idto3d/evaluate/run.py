@@ -32,16 +32,17 @@ from PIL import Image
 from rich.console import Console
 
 from idto3d import __version__
-from idto3d.atomic import atomic_write, atomic_write_text
-from idto3d.config import Config
-from idto3d.errors import IdtoError
+from idto3d.core.atomic import atomic_write, atomic_write_text
+from idto3d.core.config import Config
+from idto3d.core.errors import IdtoError
 from idto3d.evaluate import plots
 from idto3d.evaluate.assets import load_exported_head, run_heads
-from idto3d.evaluate.similarity import (FaceEmbedder, References, cosine_and_distance, embed_images,
-                                        embed_references, make_embedder, summary)
+from idto3d.evaluate.similarity import (
+    FaceEmbedder, References, cosine_and_distance, embed_images, embed_references, make_embedder, summary,
+)
 from idto3d.evaluate.views import CameraGrid, camera_grid, check_resolution, render_grid, render_normal_grid
 from idto3d.export.turntable import camera_radius, frame_grid
-from idto3d.pipeline.progress import progress_bar
+from idto3d.core.progress import progress_bar
 
 FORMAT = "idto3d.metrics/1"
 REPORT_DIR = "report"

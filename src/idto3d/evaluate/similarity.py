@@ -21,9 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
-from idto3d.config import IdentityConfig
-from idto3d.errors import IdtoError
-from idto3d.identity.embedder import FaceBackend, l2_normalise, make_backend
+from idto3d.core.config import IdentityConfig
+from idto3d.core.errors import IdtoError
+from idto3d.identity.face_backend import FaceBackend
+from idto3d.identity.embedder import l2_normalise, make_backend
 from idto3d.identity.faces import sort_by_size
 from idto3d.identity.photos import collect_photos, load_photo
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from idto3d.errors import IdtoError
+from idto3d.core.errors import IdtoError
 from idto3d.evaluate.assets import ExportedHead
 from idto3d.export.turntable import DEFAULT_FOV, _studio, camera_radius
 from idto3d.render.camera import Camera, orbit_camera

@@ -9,12 +9,12 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from idto3d.errors import IdtoError
+from idto3d.core.errors import IdtoError
 from idto3d.export.gltf import glb_bytes, write_glb
 from idto3d.export.maps import MapError, PBRMaps
 from idto3d.export.obj import write_obj
-from idto3d.export.uv_atlas import UnwrapError, UVMesh, shared_atlas, unwrap
-from idto3d.geometry.template import METRES_PER_UNIT
+from idto3d.texture.uv_atlas import UnwrapError, UVMesh, shared_atlas, unwrap
+from idto3d.core.units import METRES_PER_UNIT
 
 __all__ = [
     "MapError",

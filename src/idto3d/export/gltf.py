@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 import pygltflib as g
 
-from idto3d.atomic import atomic_write_bytes
+from idto3d.core.atomic import atomic_write_bytes
 from idto3d.export.maps import PBRMaps, albedo_png, metallic_roughness_png, normal_png
 from idto3d.export.placement import metric_positions, smooth_normals, tangents
-from idto3d.export.uv_atlas import UVMesh
-from idto3d.geometry.template import METRES_PER_UNIT
+from idto3d.texture.uv_atlas import UVMesh
+from idto3d.core.units import METRES_PER_UNIT
 
 
 class _Blob:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from idto3d.errors import IdtoError
+from idto3d.core.errors import IdtoError
 
 
 class MapError(IdtoError):

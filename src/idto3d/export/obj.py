@@ -13,11 +13,11 @@ from pathlib import Path
 
 import numpy as np
 
-from idto3d.atomic import atomic_write_bytes, atomic_write_text
+from idto3d.core.atomic import atomic_write_bytes, atomic_write_text
 from idto3d.export.maps import PBRMaps, albedo_png, normal_png, png_bytes, to_uint8
 from idto3d.export.placement import metric_positions, smooth_normals
-from idto3d.export.uv_atlas import UVMesh
-from idto3d.geometry.template import METRES_PER_UNIT
+from idto3d.texture.uv_atlas import UVMesh
+from idto3d.core.units import METRES_PER_UNIT
 
 
 def _rows(prefix: str, arr: np.ndarray) -> str:

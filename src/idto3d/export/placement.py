@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from idto3d.errors import IdtoError
-from idto3d.export.uv_atlas import UVMesh
+from idto3d.core.errors import IdtoError
+from idto3d.texture.uv_atlas import UVMesh
 
 
 def metric_positions(uv_mesh: UVMesh, metres_per_unit: float) -> np.ndarray:

@@ -23,10 +23,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from idto3d.atomic import atomic_write
-from idto3d.errors import IdtoError
+from idto3d.core.atomic import atomic_write
+from idto3d.core.errors import IdtoError
 from idto3d.export.maps import PBRMaps
-from idto3d.export.uv_atlas import UVMesh
+from idto3d.texture.uv_atlas import UVMesh
 from idto3d.render.camera import orbit_camera
 from idto3d.render.envmap import EnvironmentMap, studio_envmap
 from idto3d.render.pseudo_albedo import render_pseudo_albedo

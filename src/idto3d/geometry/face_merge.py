@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from idto3d.errors import IdtoError
+from idto3d.core.errors import IdtoError
 from idto3d.geometry.template import face_anchors
 from idto3d.render.mesh import Mesh
 

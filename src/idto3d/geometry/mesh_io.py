@@ -1,6 +1,6 @@
 """Reading, checking and writing triangle meshes.
 
-Every problem a user's file can have becomes a :class:`~idto3d.errors.MeshError` that says what
+Every problem a user's file can have becomes a :class:`~idto3d.core.errors.MeshError` that says what
 is wrong and what to do, never a parser traceback. Fixable problems are fixed with a warning
 instead: several meshes in one file are concatenated, and an inside-out (or inconsistently
 wound) closed mesh is re-oriented so its faces point outward.
@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from idto3d.atomic import atomic_write
-from idto3d.errors import MeshError
+from idto3d.core.atomic import atomic_write
+from idto3d.core.errors import MeshError
 from idto3d.render.mesh import Mesh
 
 __all__ = ["MeshWarning", "load_mesh", "save_mesh", "validate_mesh", "mesh_stats"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from idto3d.errors import MeshError
+from idto3d.core.errors import MeshError
 from idto3d.render.mesh import Mesh
 
 __all__ = ["bbox_diagonal", "chamfer_distance", "nearest_distances", "sample_surface", "surface_distances"]

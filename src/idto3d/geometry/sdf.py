@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from idto3d.errors import MeshError
+from idto3d.core.errors import MeshError
 from idto3d.geometry.metrics import sample_surface
 from idto3d.render.mesh import Mesh
 

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from idto3d.errors import MeshError
+from idto3d.core.errors import MeshError
+from idto3d.core.units import METRES_PER_UNIT
 from idto3d.render.mesh import Mesh
 
 __all__ = [
@@ -34,10 +35,6 @@ __all__ = [
     "template_metadata",
 ]
 
-# One working-space unit is 0.2 m: the template is 0.32 m from the crown to the bottom of the neck
-# and 1.6 units tall. Export multiplies working-space coordinates by this to write metres. For a
-# user template the true scale is unknown, so export should assume the same (a head is a head).
-METRES_PER_UNIT = 0.2
 # Height (largest extent) every template is normalised to, in working-space units.
 TEMPLATE_HEIGHT = 1.6
 

@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from idto3d.config import TemplateConfig
-from idto3d.geometry.field import ExpressionField, field_parameter_groups
+from idto3d.core.config import TemplateConfig
+from idto3d.geometry.expression_field import ExpressionField
+from idto3d.nn.state import field_parameter_groups
 from idto3d.geometry.metrics import bbox_diagonal, chamfer_distance
 from idto3d.geometry.sdf import mesh_sdf, sample_sdf_training_points
 from idto3d.render.mesh import Mesh

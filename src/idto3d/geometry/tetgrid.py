@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from idto3d.errors import ConfigError
+from idto3d.core.errors import ConfigError
 
 __all__ = ["TetGrid", "make_tet_grid"]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from skimage.transform import SimilarityTransform, warp
 
-from idto3d.errors import IdtoError
+from idto3d.core.errors import IdtoError
 
 # Where ArcFace (insightface) puts left eye, right eye, nose tip and mouth corners in a 112x112 crop.
 ARCFACE_DST = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366],

@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from idto3d.errors import IdtoError
+from idto3d.core.errors import IdtoError
 from idto3d.identity.align import norm_crop
-from idto3d.identity.embedder import AlignedFace
+from idto3d.identity.face_backend import AlignedFace
 from idto3d.identity.faces import Face
 
 ARCFACE_SAME_PERSON = 1.15  # unit-vector distance (cosine 0.34); see idto3d.identity.embedder

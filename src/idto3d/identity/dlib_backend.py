@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from idto3d.errors import IdtoError
+from idto3d.core.errors import IdtoError
 from idto3d.identity.align import norm_crop
-from idto3d.identity.embedder import AlignedFace
+from idto3d.identity.face_backend import AlignedFace
 from idto3d.identity.faces import Face
 from idto3d.identity.photos import downscale
 

@@ -16,39 +16,16 @@ with a per-backend "same person" threshold (``FaceBackend.same_person_threshold`
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from idto3d.errors import IdtoError
+from idto3d.core.errors import IdtoError
 
 if TYPE_CHECKING:
-    from idto3d.config import IdentityConfig
-    from idto3d.identity.faces import Face
-
-
-@dataclass
-class AlignedFace:
-    model_crop: np.ndarray      # exactly what the recogniser sees (dlib: 150x150 chip; arcface: 112x112)
-    arcface_crop: np.ndarray    # the ArcFace-template 112x112 crop (same array for the arcface backend)
-
-
-class FaceBackend(Protocol):
-    name: str
-    dim: int
-    same_person_threshold: float
-    confident_score: float      # detections scoring below this rank after all others
-
-    def detect(self, image: np.ndarray) -> list[Face]:
-        """All faces in an HxWx3 uint8 RGB photo, boxes/landmarks in its pixels."""
-
-    def align(self, image: np.ndarray, face: Face) -> AlignedFace:
-        """Crops the recogniser needs, from the full-resolution photo."""
-
-    def embed(self, aligned: AlignedFace) -> np.ndarray:
-        """The recogniser's raw float32 [dim] embedding (not normalised)."""
+    from idto3d.core.config import IdentityConfig
+    from idto3d.identity.face_backend import FaceBackend
 
 
 def l2_normalise(x: np.ndarray) -> np.ndarray:

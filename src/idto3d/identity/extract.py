@@ -19,9 +19,10 @@ from rich.console import Console
 from skimage.color import rgb2gray
 from skimage.filters import laplace
 
-from idto3d.atomic import atomic_write
-from idto3d.errors import IdtoError
-from idto3d.identity.embedder import FaceBackend, identity_distance, l2_normalise, make_backend
+from idto3d.core.atomic import atomic_write
+from idto3d.core.errors import IdtoError
+from idto3d.identity.face_backend import FaceBackend
+from idto3d.identity.embedder import identity_distance, l2_normalise, make_backend
 from idto3d.identity.faces import choose_face, count_confident, sort_by_size
 from idto3d.identity.io import IdentityEmbedding, save_identity
 from idto3d.identity.outliers import find_outliers
@@ -80,7 +81,7 @@ def compute_identity(photos: Sequence[str | Path], out_path: str | Path | None, 
     beside the output) unless ``cfg.save_crops`` is false. Nothing is written unless every
     photo yields a face, so a bad input never leaves a partial output.
     """
-    from idto3d.pipeline.progress import progress_bar
+    from idto3d.core.progress import progress_bar
 
     cfg = getattr(cfg, "identity", cfg)
     face_index = cfg.face_index if face_index is None else face_index

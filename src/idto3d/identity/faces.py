@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from idto3d.errors import IdtoError
+from idto3d.core.errors import IdtoError
 
 # A second face at least this fraction of the largest one's area makes the choice ambiguous.
 SIMILAR_SIZE_RATIO = 0.8

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from idto3d.atomic import atomic_write
-from idto3d.errors import IdtoError
+from idto3d.core.atomic import atomic_write
+from idto3d.core.errors import IdtoError
 
 FORMAT = "idto3d.identity/1"
 BACKENDS = ("dlib", "arcface")

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from idto3d.errors import IdtoError
+from idto3d.core.errors import IdtoError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 PAPER_MAX_PHOTOS = 5  # the paper conditions on 1 to 5 photos (sections 3.2 and A)

@@ -1,6 +1,6 @@
 """The 2D priors: ID- and expression-aware Stable Diffusion for normals and albedo, and SDS guidance.
 
-Names are imported lazily, so ``idto3d.config`` (which reads the expression vocabulary) stays light.
+Names are imported lazily, so ``idto3d.core.config`` (which reads the expression vocabulary) stays light.
 """
 
 from __future__ import annotations

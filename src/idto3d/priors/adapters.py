@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from idto3d.errors import IdtoError
+from idto3d.core.errors import IdtoError
 
 Lambda = float | torch.Tensor | None
 

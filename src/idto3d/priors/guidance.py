@@ -26,9 +26,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from idto3d.config import GuidanceConfig
-from idto3d.errors import IdtoError
-from idto3d.runtime import to_device
+from idto3d.core.config import GuidanceConfig
+from idto3d.core.errors import IdtoError
+from idto3d.core.device import to_device
 
 
 class NonFiniteGradientError(IdtoError):

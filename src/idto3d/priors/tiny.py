@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from idto3d.priors.expressions import EXPRESSIONS
+from idto3d.core.expressions import EXPRESSIONS
 
 _BOS, _EOS = "<|startoftext|>", "<|endoftext|>"
 

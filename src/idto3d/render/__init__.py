@@ -2,24 +2,11 @@
 
 from idto3d.render.albedo import AlbedoRender, render_albedo, sample_texture
 from idto3d.render.antialias_torch import antialias, edge_topology
-from idto3d.render.backend import (
-    NvdiffrastRasterizer,
-    Rasterizer,
-    TorchRasterizer,
-    available_backends,
-    get_rasterizer,
-)
+from idto3d.render.backend import NvdiffrastRasterizer, Rasterizer, TorchRasterizer, available_backends, get_rasterizer
 from idto3d.render.camera import Camera, orbit_camera, sample_orbit_cameras, view_word
 from idto3d.render.envmap import (
-    EnvironmentMap,
-    EnvMapError,
-    load_envmap,
-    load_envmap_folder,
-    procedural_envmap,
-    random_envmap,
-    rotate_y,
-    save_hdr,
-    studio_envmap,
+    EnvironmentMap, EnvMapError, load_envmap, load_envmap_folder, procedural_envmap, random_envmap, rotate_y,
+    save_hdr, studio_envmap,
 )
 from idto3d.render.fragments import Fragments
 from idto3d.render.mesh import Mesh

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from idto3d.errors import IdtoError
+from idto3d.core.errors import IdtoError
 from idto3d.render.backend import Rasterizer, get_rasterizer
 from idto3d.render.camera import Camera
 from idto3d.render.fragments import Fragments, checked_faces, parse_resolution

@@ -12,7 +12,7 @@ from typing import Protocol
 
 import torch
 
-from idto3d.errors import IdtoError
+from idto3d.core.errors import IdtoError
 from idto3d.render import antialias_torch, rasterize_torch
 from idto3d.render.fragments import Fragments, batched_clip, parse_resolution
 
@@ -149,7 +149,7 @@ def get_rasterizer(name: str = "auto", device: torch.device | str | None = None)
     """The rasteriser called ``name``; "auto" prefers nvdiffrast for CUDA devices when installed.
 
     ``device`` is where the meshes will live (``None``: CUDA if this machine has it). The stages pass
-    ``idto3d.runtime.rasterizer_name(render.backend, runtime.fast_paths)``, so with fast paths off (the
+    ``idto3d.core.device.rasterizer_name(render.backend, runtime.fast_paths)``, so with fast paths off (the
     default) "auto" there is the torch rasteriser, the reference.
     """
     if name not in ("auto", *BACKENDS):

@@ -13,7 +13,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from idto3d.errors import IdtoError
+from idto3d.core.errors import IdtoError
 
 Number = float | int
 ScalarOrTensor = Number | Sequence[Number] | torch.Tensor
@@ -52,7 +52,7 @@ class Camera:
         return Camera(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
 
     def to(self, device: torch.device | str) -> "Camera":
-        from idto3d.runtime import to_device
+        from idto3d.core.device import to_device
 
         return Camera(**{f.name: to_device(getattr(self, f.name), device) for f in fields(self)})
 

@@ -28,8 +28,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from idto3d.atomic import atomic_write, atomic_write_bytes
-from idto3d.errors import IdtoError
+from idto3d.core.atomic import atomic_write, atomic_write_bytes
+from idto3d.core.errors import IdtoError
 
 ENVMAP_SUFFIXES = (".hdr", ".exr")
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from idto3d.errors import IdtoError
+from idto3d.core.errors import IdtoError
 
 
 @dataclass

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from idto3d.errors import IdtoError
+from idto3d.core.errors import IdtoError
 from idto3d.render.backend import Rasterizer, get_rasterizer
 from idto3d.render.camera import Camera
 from idto3d.render.fragments import Fragments, parse_resolution

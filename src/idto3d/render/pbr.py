@@ -33,17 +33,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from idto3d.errors import IdtoError
+from idto3d.core.errors import IdtoError
 from idto3d.render.albedo import _check_attribute, sample_texture
 from idto3d.render.backend import Rasterizer, get_rasterizer
 from idto3d.render.camera import Camera
 from idto3d.render.envmap import (
-    EnvironmentMap,
-    pixel_directions,
-    pixel_solid_angles,
-    resize_envmap,
-    rotate_columns,
-    sample_equirect,
+    EnvironmentMap, pixel_directions, pixel_solid_angles, resize_envmap, rotate_columns, sample_equirect,
 )
 from idto3d.render.fragments import Fragments, checked_faces, parse_resolution
 from idto3d.render.mesh import Mesh

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from idto3d.atomic import atomic_write
+from idto3d.core.atomic import atomic_write
 from idto3d.render.camera import orbit_camera
 from idto3d.render.mesh import Mesh
 from idto3d.render.normals import render_normal_map

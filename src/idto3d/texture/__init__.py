@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-from idto3d.texture.field import (
-    MIN_ROUGHNESS,
-    TextureField,
-    build_texture_field,
-    texture_parameter_groups,
-)
+from idto3d.texture.texture_field import MIN_ROUGHNESS, TextureField, build_texture_field, texture_parameter_groups
 from idto3d.texture.texels import TexelMap, scatter_texels, texel_map
 
 __all__ = [

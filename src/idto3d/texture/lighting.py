@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from idto3d.config import TextureConfig
-from idto3d.pipeline.progress import progress_bar
+from idto3d.core.config import TextureConfig
+from idto3d.core.progress import progress_bar
 from idto3d.render.envmap import EnvironmentMap, load_envmap, load_envmap_folder, procedural_envmap, rotate_y
 
 

@@ -80,14 +80,14 @@ from scipy import ndimage
 from scipy.spatial import ConvexHull, QhullError, cKDTree
 from skimage.draw import polygon2mask
 
-from idto3d.config import PhotoTextureConfig
-from idto3d.errors import IdtoError
+from idto3d.core.config import PhotoTextureConfig
+from idto3d.core.errors import IdtoError
 from idto3d.render import rasterize_torch
 from idto3d.render.albedo import sample_texture
 from idto3d.render.backend import Rasterizer, get_rasterizer
 from idto3d.render.camera import Camera
 from idto3d.render.mesh import Mesh
-from idto3d.texture.field import TextureField, texture_optimizer
+from idto3d.texture.texture_field import TextureField, texture_optimizer
 from idto3d.texture.texels import TexelMap
 
 __all__ = ["N_LANDMARKS", "SEEN_WELL", "SKIN_METALLIC", "SKIN_ROUGHNESS", "PhotoSurface", "PhotoTextureReport",

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from idto3d.errors import IdtoError
-from idto3d.export.uv_atlas import UVMesh
+from idto3d.core.errors import IdtoError
+from idto3d.texture.uv_atlas import UVMesh
 from idto3d.render import rasterize_torch
 
 __all__ = ["TexelMap", "texel_map", "scatter_texels"]

@@ -1,0 +1,6 @@
+"""The ``idto3d`` command line: the typer app (``cli.app``) with ``bench`` as a sub-app (``cli.bench``)."""
+
+from idto3d.cli import bench as _bench  # noqa: F401  (registers ``idto3d bench ...`` on the app)
+from idto3d.cli.app import app
+
+__all__ = ["app"]

@@ -1,0 +1,413 @@
+"""The ``idto3d`` command line: each command is a thin wrapper over a library function."""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+
+from idto3d import __version__
+from idto3d.core.errors import IdtoError
+
+app = typer.Typer(name="idto3d", no_args_is_help=True, add_completion=False,
+                  help="ID-to-3D: expressive, relightable 3D heads from 1-5 photos via score distillation.")
+
+console = Console(stderr=True)
+F = TypeVar("F", bound=Callable[..., Any])
+
+PresetOpt = Annotated[str | None, typer.Option("--preset", "-p", help="Base preset: preview or paper.")]
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML file overriding preset keys.")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override one key: section.key=value "
+                                                  "(repeatable).")]
+
+
+def user_errors(fn: F) -> F:
+    """Show user-caused errors as one clear line (exit 2) instead of a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except IdtoError as exc:
+            console.print(f"[bold red]error:[/] {exc}", highlight=False)
+            raise typer.Exit(code=2) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"idto3d {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                               help="Print the version and exit.")] = False) -> None:
+    """ID-to-3D command line."""
+
+
+@app.command("config")
+@user_errors
+def config_cmd(preset: PresetOpt = None, config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """Print the fully resolved, validated config (preset + YAML + overrides) as YAML."""
+    from idto3d.core.config import dump_config, load_config
+
+    typer.echo(dump_config(load_config(preset, config, set_)), nl=False)
+
+
+@app.command("template")
+@user_errors
+def template_cmd(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Mesh file to write (.obj or .ply).")] = Path(
+        "head_template.obj"),
+    mesh: Annotated[Path | None, typer.Option("--mesh", help="Normalise this mesh instead of the "
+                                              "built-in head (must be +Y up, facing +Z).")] = None,
+    resolution: Annotated[int, typer.Option(help="Tet grid used to mesh the built-in head.")] = 96,
+    preview: Annotated[Path | None, typer.Option(help="Also write a PNG of normal maps from 4 views.")] = None,
+) -> None:
+    """Write the head template (built-in parametric head, or a user mesh normalised to the working space)."""
+    from idto3d.geometry.mesh_io import save_mesh
+    from idto3d.geometry.template import build_head_template, load_template
+
+    if resolution <= 0:
+        raise IdtoError(f"--resolution must be > 0, got {resolution}")
+    template = load_template(mesh) if mesh is not None else build_head_template(resolution)
+    save_mesh(template, out)
+    console.print(f"wrote {out} ({template.vertices.shape[0]} vertices, {template.faces.shape[0]} faces)")
+    if preview is not None:
+        from idto3d.render.preview import save_turntable_normals
+
+        save_turntable_normals(template, preview)
+        console.print(f"wrote {preview}")
+
+
+@app.command("render")
+@user_errors
+def render_cmd(
+    mesh: Annotated[Path, typer.Argument(help="Mesh file (OBJ/PLY/GLB/...), +Y up, facing +Z.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="PNG strip to write.")] = Path("normals.png"),
+    views: Annotated[int, typer.Option(help="Number of azimuths around the head.")] = 4,
+    elevation: Annotated[float, typer.Option(help="Camera elevation in degrees.")] = 10.0,
+    resolution: Annotated[int, typer.Option(help="Pixels per view (square).")] = 256,
+    normalise: Annotated[bool, typer.Option(help="Centre and scale the mesh into the working space.")] = True,
+) -> None:
+    """Render camera-space normal maps of a mesh (the paper's geometry proxy) to a PNG strip."""
+    from idto3d.geometry.mesh_io import load_mesh
+    from idto3d.geometry.template import load_template
+    from idto3d.render.preview import save_turntable_normals
+
+    if resolution <= 0 or views <= 0:
+        raise IdtoError("--resolution and --views must be > 0")
+    m = load_template(mesh) if normalise else load_mesh(mesh)
+    save_turntable_normals(m, out, n_views=views, elevation=elevation, resolution=resolution)
+    console.print(f"wrote {out}")
+
+
+@app.command("fit-template")
+@user_errors
+def fit_template_cmd(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the fitted meshes and report.")] = Path(
+        "runs/template_fit"),
+    preset: PresetOpt = None, config: ConfigOpt = None, set_: SetOpt = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace a run made with a different config.")] = False,
+) -> None:
+    """Regress the expression-conditioned DMTet field to the template (the geometry stage's initialisation).
+
+    Re-running the same command on a finished folder reuses its result.
+    """
+    from idto3d.stages.template_init import run_template_fit
+
+    report = run_template_fit(out, preset=preset, config_file=config, overrides=set_, console=console,
+                              overwrite=overwrite)
+    empty = [i for i, c in enumerate(report.chamfer) if c == float("inf")]
+    if empty:
+        console.print(f"[yellow]warning:[/] expression(s) {empty} have no surface yet; "
+                      "raise template.iterations (the preview preset uses 400)")
+    rel = ", ".join(f"{r * 100:.3f}%" for r in report.chamfer_relative)
+    console.print(f"Chamfer to template / bbox diagonal: {rel}  ({report.seconds:.1f} s) -> {out}")
+
+
+@app.command("render-dataset")
+@user_errors
+def render_dataset_cmd(
+    scans: Annotated[Path, typer.Argument(help="Scan folder laid out as NPHM: <subject>/<expression>/scan.ply.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the renders and index.jsonl.")],
+    metadata: Annotated[Path, typer.Option("--metadata", help="CSV with columns subject, gender, age, ethnicity.")],
+    views: Annotated[int, typer.Option(help="Random camera poses per scan.")] = 8,
+    resolution: Annotated[int, typer.Option(help="Image size in pixels (square).")] = 512,
+    seed: Annotated[int, typer.Option(help="Seed of the camera poses.")] = 0,
+    identities: Annotated[Path | None, typer.Option(help="Folder of <subject>.safetensors identity files.")] = None,
+    expression_names: Annotated[Path | None, typer.Option(
+        "--expression-names", help="Text file: the expression name of folder index i on line i+1.")] = None,
+    normals_only: Annotated[bool, typer.Option("--normals-only", help="Render normal maps only "
+                                               "(for scans without colour).")] = False,
+    up: Annotated[str, typer.Option(help="The scans' up axis (NPHM/FLAME: +y).")] = "+y",
+    forward: Annotated[str, typer.Option(help="The axis the scans' faces look along (NPHM/FLAME: +z).")] = "+z",
+    preset: PresetOpt = None, config: ConfigOpt = None, set_: SetOpt = None,
+) -> None:
+    """Render head scans to normal maps and albedo images with prompts: the priors' fine-tuning data.
+
+    Camera ranges and the rasteriser come from the config's render section. Re-running skips images
+    already written.
+    """
+    from idto3d.core.config import load_config
+    from idto3d.priors.training.render_dataset import build_render_dataset, read_expression_names
+
+    cfg = load_config(preset, config, set_)
+    names = read_expression_names(expression_names) if expression_names is not None else None
+    report = build_render_dataset(scans, out, metadata, views=views, resolution=resolution, seed=seed,
+                                  identities=identities, expression_names=names, normals_only=normals_only,
+                                  up=up, forward=forward, camera=cfg.render.camera, backend=cfg.render.backend,
+                                  console=console)
+    console.print(f"{report.images} images of {report.scans} scans ({report.subjects} subjects): "
+                  f"{report.rendered} rendered, {report.skipped} already there -> {report.index}")
+
+
+@app.command("train-prior")
+@user_errors
+def train_prior_cmd(
+    domain: Annotated[str, typer.Argument(help="Which prior: normal (geometry) or albedo (texture).")],
+    data: Annotated[Path, typer.Option("--data", help="Folder made by 'idto3d render-dataset'.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Prior folder to write (checkpoints, logs, weights).")],
+    base_model: Annotated[str | None, typer.Option("--base-model", help="SD1.5-architecture diffusers folder or "
+                                                   "hub id (default: prior.base_model).")] = None,
+    init: Annotated[Path | None, typer.Option("--init", help="Start from this saved prior's adapters "
+                                              "(e.g. the first fine-tuning stage).")] = None,
+    ip_adapter: Annotated[Path | None, typer.Option("--ip-adapter", help="Initialise the ID branch from an "
+                                                    "ip-adapter-faceid_sd15 checkpoint.")] = None,
+    preset: PresetOpt = None, config: ConfigOpt = None, set_: SetOpt = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last "
+                                         "checkpoint.")] = False,
+) -> None:
+    """Fine-tune a prior on rendered scans (L_simple, paper eq. 5; hyper-parameters in prior.train).
+
+    Runs on a CPU, a GPU, or many GPUs with `accelerate launch -m idto3d.cli train-prior ...`.
+    """
+    from idto3d.core.config import load_config
+    from idto3d.priors.training.train import train_prior
+
+    cfg = load_config(preset, config, set_)
+    report = train_prior(domain, data, out, cfg, base_model=base_model, init=init, ip_adapter=ip_adapter,
+                         resume=resume, console=console)
+    loss = "n/a" if report.final_loss is None else f"{report.final_loss:.4g}"
+    console.print(f"trained steps {report.start_step}..{report.steps} on {report.samples} images "
+                  f"({report.trainable_parameters} trainable parameters), final loss {loss}, "
+                  f"{report.seconds:.1f} s -> {out}")
+
+
+@app.command("identity")
+@user_errors
+def identity_cmd(
+    photos: Annotated[list[Path], typer.Argument(help="1-5 photos of one person: files and/or folders.",
+                                                 show_default=False)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Identity file to write (.safetensors).",
+                                      show_default=False)],
+    backend: Annotated[str | None, typer.Option(help="dlib (128-D, offline default) or arcface (512-D, the "
+                                                "paper's; needs --pack).")] = None,
+    pack: Annotated[Path | None, typer.Option(help="insightface model pack folder (e.g. buffalo_l with "
+                                              "det_10g.onnx + w600k_r50.onnx); implies --backend arcface.")] = None,
+    face_index: Annotated[int | None, typer.Option("--face-index", help="Face to use in each photo, by size "
+                                                   "(0 = largest).")] = None,
+    drop_outliers: Annotated[bool, typer.Option("--drop-outliers", help="Leave photos that look like someone "
+                                                "else out of the mean.")] = False,
+    crops: Annotated[Path | None, typer.Option(help="Folder for the aligned crops the model saw "
+                                               "(default: <out stem>_crops/ beside the output).")] = None,
+    preset: PresetOpt = None, config: ConfigOpt = None, set_: SetOpt = None,
+) -> None:
+    """Photos -> face crops -> one identity embedding (mean of per-photo embeddings), with quality flags."""
+    from rich.table import Table
+
+    from idto3d.core.config import config_from_dict, config_to_dict, load_config
+    from idto3d.identity.extract import compute_identity
+
+    if out.suffix.lower() != ".safetensors":
+        raise IdtoError(f"--out must end in .safetensors, got {out}")
+    data = config_to_dict(load_config(preset, config, set_))
+    ident_cfg = data["identity"]
+    if pack is not None:
+        ident_cfg["insightface_pack"] = str(pack)
+        ident_cfg["backend"] = "arcface" if backend is None else backend
+    elif backend is not None:
+        ident_cfg["backend"] = backend
+    if face_index is not None:
+        ident_cfg["face_index"] = face_index
+    if drop_outliers:
+        ident_cfg["drop_outliers"] = True
+    cfg = config_from_dict(data)
+    ident = compute_identity(photos, out, cfg.identity, crops_dir=crops, console=console)
+
+    table = Table(title=f"identity: {ident.backend} {ident.dim}-D, {int(ident.used.sum())}/{ident.n_photos} "
+                        "photos used")
+    for col in ("#", "photo", "faces", "chosen", "quality", "dist to mean", "dist to others", "used"):
+        table.add_column(col, justify="right" if col in ("#", "faces", "chosen") or col.startswith("dist") else "left")
+    for i, p in enumerate(ident.photos):
+        loo = "-" if p["loo_distance"] is None else f"{p['loo_distance']:.3f}"
+        style = "green" if p["quality"] == "ok" else "yellow"
+        table.add_row(str(i), Path(p["path"]).name, str(p["n_faces"]), str(p["face_index"]),
+                      f"[{style}]{p['quality']}[/]", f"{p['distance_to_mean']:.3f}", loo,
+                      "yes" if p["used"] else "[red]no[/]")
+    Console().print(table)
+    crop_dirs = sorted({str(Path(p["crop"]).parent) for p in ident.photos if p.get("crop")})
+    where = f" (crops: {', '.join(str(out.parent / d) for d in crop_dirs)})" if crop_dirs else ""
+    console.print(f"wrote {out}{where}", highlight=False)
+
+
+@app.command("generate")
+@user_errors
+def generate_cmd(
+    inputs: Annotated[list[Path], typer.Argument(help="1-5 photos of one person (files/folders), or one identity "
+                                                 ".safetensors file.", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder (re-running the same command resumes it).",
+                                      show_default=False)],
+    normal_prior: Annotated[str | None, typer.Option("--normal-prior", help="Normal prior folder or hub id "
+                                                     "(default: prior.normal).")] = None,
+    albedo_prior: Annotated[str | None, typer.Option("--albedo-prior", help="Albedo prior folder or hub id "
+                                                     "(default: prior.albedo).")] = None,
+    prompt: Annotated[str | None, typer.Option("--prompt", help="Subject text of the prompts, e.g. \"a young "
+                                               "woman\" (default: \"a person\").")] = None,
+    expressions: Annotated[str | None, typer.Option("--expressions", help="Comma-separated expressions, e.g. "
+                                                    "neutral,smile,mouth_open (default: the config's; without "
+                                                    "priors, neutral plus the face model's expressions).")] = None,
+    envmaps: Annotated[Path | None, typer.Option("--envmaps", help="Folder of .hdr/.exr environment maps for "
+                                                 "the texture stage (default: procedural skies).")] = None,
+    device: Annotated[str | None, typer.Option("--device", help="Where the stages run: auto, cpu, cuda or "
+                                                                "mps (runtime.device; auto = cuda when present).")] = None,
+    precision: Annotated[str | None, typer.Option("--precision", help="The priors' dtype: auto, fp32, fp16 or bf16 "
+                                                                      "(runtime.precision).")] = None,
+    preset: PresetOpt = None, config: ConfigOpt = None, set_: SetOpt = None,
+    overwrite: Annotated[bool, typer.Option(help="Start over in a run folder made with another config.")] = False,
+) -> None:
+    """Photos -> identity -> template fit -> geometry SDS -> texture SDS -> GLB/OBJ + PBR maps and turntables."""
+    from idto3d.core.config import load_config
+    from idto3d.stages.generate import generate
+
+    overrides = list(set_ or [])
+    if device is not None:
+        overrides.append(f"runtime.device={device}")
+    if precision is not None:
+        overrides.append(f"runtime.precision={precision}")
+    if expressions is not None:
+        names = [e.strip() for e in expressions.split(",") if e.strip()]
+        if not names:
+            raise IdtoError("--expressions needs at least one name, e.g. neutral,smile")
+        overrides.append(f"expressions=[{', '.join(names)}]")
+    if envmaps is not None:
+        overrides.append(f"texture.envmaps={json.dumps(str(envmaps))}")
+    cfg = load_config(preset, config, overrides)
+    offline = not (normal_prior or albedo_prior or cfg.prior.normal or cfg.prior.albedo)
+    if offline and expressions is None and cfg.expressions == ["neutral"] and cfg.face_model.enabled:
+        # Without priors the face model's expressions are the ones a run can make: export them all.
+        from idto3d.face_model.offline_expressions import DEFAULT_OFFLINE_EXPRESSIONS
+
+        overrides.append(f"expressions=[{', '.join(DEFAULT_OFFLINE_EXPRESSIONS)}]")
+        cfg = load_config(preset, config, overrides)
+    result = generate(inputs, out, cfg, normal_prior=normal_prior, albedo_prior=albedo_prior, prompt=prompt,
+                      overwrite=overwrite, console=console)
+    if result.geometry is not None and result.geometry.iterations >= cfg.geometry.iterations:
+        geo = result.geometry
+        console.print(f"geometry: {geo.iterations} iterations ({geo.skipped_steps} skipped), {geo.seconds:.1f} s",
+                      highlight=False)
+    if result.texture is not None and result.texture.iterations >= cfg.texture.iterations:
+        tex = result.texture
+        console.print(f"texture: {tex.iterations} iterations ({tex.skipped_steps} skipped), {tex.seconds:.1f} s",
+                      highlight=False)
+    if result.exported:
+        glbs = sum(p.suffix == ".glb" for p in result.exported)
+        console.print(f"wrote {glbs} GLB heads and {len(result.exported) - glbs} more files to {out / 'export'} "
+                      f"and {out / 'renders'}", highlight=False)
+    if result.missing:
+        console.print(f"[yellow]{'note' if result.exported else 'stopped'}:[/] {result.missing}", highlight=False)
+
+
+@app.command("evaluate")
+@user_errors
+def evaluate_cmd(
+    runs: Annotated[list[Path], typer.Argument(help="Run folder(s) made by 'idto3d generate'; several are "
+                                               "compared side by side.", show_default=False)],
+    references: Annotated[list[Path], typer.Option("--references", "-r", help="Reference photos of the person "
+                                                   "(files or folders; repeat the option, or quote a glob).",
+                                                   show_default=False)],
+    elevations: Annotated[int, typer.Option(help="Camera elevations in [-15, +15] degrees.")] = 3,
+    azimuths: Annotated[int, typer.Option(help="Camera azimuths in [-65, +65] degrees.")] = 7,
+    resolution: Annotated[int, typer.Option(help="Render size in pixels (square).")] = 256,
+    fid_images: Annotated[Path | None, typer.Option("--fid-images", help="Folder of reference images for the "
+                                                    "texture FID (needs --inception).")] = None,
+    fid_normals: Annotated[Path | None, typer.Option("--fid-normals", help="Folder of reference normal maps for "
+                                                     "the geometry FID (needs --inception).")] = None,
+    inception: Annotated[Path | None, typer.Option("--inception", help="FID feature network (.onnx, see the "
+                                                   "README's FID section).")] = None,
+    preset: PresetOpt = None, config: ConfigOpt = None, set_: SetOpt = None,
+) -> None:
+    """Identity similarity of the exported heads over the paper's camera grid, t-SNE, FID -> RUN/report/."""
+    import glob
+
+    from rich.table import Table
+
+    from idto3d.core.config import load_config
+    from idto3d.evaluate.run import evaluate_runs
+    from idto3d.evaluate.views import camera_grid
+
+    cfg = load_config(preset, config, set_)
+    refs: list[Path] = []
+    for r in references:  # a quoted glob ('refs/*.jpg') is expanded here; unquoted, the shell did it
+        matches = sorted(Path(p) for p in glob.glob(str(r))) if glob.has_magic(str(r)) and not r.exists() else []
+        refs += matches or [r]
+    result = evaluate_runs(runs, refs, cfg, grid=camera_grid(elevations, azimuths), resolution=resolution,
+                           fid_images=fid_images, fid_normals=fid_normals, inception=inception, console=console)
+    first = result["runs"][0]
+    table = Table(title=f"identity similarity ({first['backend']}, {len(first['references'])} reference photo(s), "
+                        f"{first['grid']['views']} views per expression)")
+    cols = ["run", "mean cosine", "std", "mean distance", f"same person (<{first['identity']['threshold']:g})",
+            "faces missed"]
+    with_fid = any(m["fid"]["texture"] is not None or m["fid"]["geometry"] is not None for m in result["runs"])
+    cols += ["FID texture", "FID geometry"] if with_fid else []
+    for col in cols:
+        table.add_column(col, justify="left" if col == "run" else "right")
+
+    def num(x: float | None) -> str:
+        return "-" if x is None else f"{x:.4f}"
+
+    for m in result["runs"]:
+        ident = m["identity"]
+        rate = "-" if ident["same_person_rate"] is None else f"{ident['same_person_rate'] * 100:.0f}%"
+        row = [m["name"], num(ident["cosine"]["mean"]), num(ident["cosine"]["std"]), num(ident["distance"]["mean"]),
+               rate, f"{ident['faces_missed']}/{ident['renders']}"]
+        if with_fid:
+            row += [num(m["fid"]["texture"]), num(m["fid"]["geometry"])]
+        table.add_row(*row)
+    Console().print(table)
+    for m, report in zip(result["runs"], result["reports"]):
+        where = report if report is not None else Path(m["run"]) / m["files"]["metrics"]
+        console.print(f"{m['name']}: report -> {where}", highlight=False)
+
+
+@app.command("view")
+@user_errors
+def view_cmd(
+    run: Annotated[Path, typer.Argument(help="Run folder made by 'idto3d generate'.", show_default=False)],
+    port: Annotated[int, typer.Option(help="Port on 127.0.0.1 (0: any free port).")] = 0,
+    no_open: Annotated[bool, typer.Option("--no-open", help="Do not open a browser.")] = False,
+) -> None:
+    """Serve RUN/report/index.html (written first if missing) and its 3D viewer on localhost until Ctrl-C."""
+    import webbrowser
+
+    from idto3d.evaluate.report import ensure_report, serve
+
+    ensure_report(run, console=console)
+    server, url = serve(run, port)
+    typer.echo(url)
+    console.print("serving the report on localhost only; Ctrl-C to stop", highlight=False)
+    if not no_open:
+        webbrowser.open(url)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()

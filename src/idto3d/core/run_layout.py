@@ -1,0 +1,164 @@
+"""Where every file of a run folder lives: the one place that names them.
+
+The stages write these files (``stages/``), ``evaluate`` and ``view`` read them; both take the names from here,
+so the layout is spelled once. The layout is the same as before the code was re-arranged into layers, so run
+folders made by earlier versions resume.
+
+```
+RUN/config.yaml                 the resolved config (first file written)
+RUN/identity.safetensors        the identity embedding (+ RUN/crops/ aligned face crops)
+RUN/geometry/                   init.pt, init_report.json, init_<expr>.ply, init_preview.png (initial field),
+                                face_fit.json/.pt (face-model fit), ckpt.pt, log.jsonl, progress.png,
+                                done.json, <expr>.ply/.obj (geometry SDS)
+RUN/texture/                    atlas.npz, photo.pt, photo_report.json (photo texture), ckpt.pt, log.jsonl,
+                                progress.png, done.json (texture SDS)
+RUN/export/                     <expr>.glb/.obj/.mtl/_*.png, done.json
+RUN/renders/                    <expr>_turntable.png/.mp4
+RUN/report/                     index.html, metrics.json, plots, viewer/
+```
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class SDSFiles:
+    """The files of one SDS stage's folder."""
+
+    dir: Path
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.dir / "ckpt.pt"
+
+    @property
+    def log(self) -> Path:
+        return self.dir / "log.jsonl"
+
+    @property
+    def progress(self) -> Path:
+        return self.dir / "progress.png"
+
+    @property
+    def done(self) -> Path:
+        """Written last: its presence marks the stage finished."""
+        return self.dir / "done.json"
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    root: Path
+
+    def __init__(self, root: str | Path) -> None:
+        object.__setattr__(self, "root", Path(root))
+
+    # ---- top level
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def identity(self) -> Path:
+        return self.root / "identity.safetensors"
+
+    @property
+    def crops(self) -> Path:
+        return self.root / "crops"
+
+    @property
+    def geometry(self) -> Path:
+        return self.root / "geometry"
+
+    @property
+    def texture(self) -> Path:
+        return self.root / "texture"
+
+    @property
+    def export(self) -> Path:
+        return self.root / "export"
+
+    @property
+    def renders(self) -> Path:
+        return self.root / "renders"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report"
+
+    @property
+    def derived(self) -> tuple[Path, ...]:
+        """The folders computed from the config (what a run that starts over clears)."""
+        return self.geometry, self.texture, self.export, self.renders
+
+    # ---- initial geometry (template regression, face-model fit)
+    @property
+    def init_field(self) -> Path:
+        return self.geometry / "init.pt"
+
+    @property
+    def init_report(self) -> Path:
+        """Written last: its presence marks the initial fit finished."""
+        return self.geometry / "init_report.json"
+
+    @property
+    def init_preview(self) -> Path:
+        return self.geometry / "init_preview.png"
+
+    def init_mesh(self, expression: str) -> Path:
+        return self.geometry / f"init_{expression}.ply"
+
+    @property
+    def face_fit_json(self) -> Path:
+        return self.geometry / "face_fit.json"
+
+    @property
+    def face_fit_tensors(self) -> Path:
+        return self.geometry / "face_fit.pt"
+
+    # ---- the SDS stages
+    @property
+    def geometry_sds(self) -> SDSFiles:
+        return SDSFiles(self.geometry)
+
+    @property
+    def texture_sds(self) -> SDSFiles:
+        return SDSFiles(self.texture)
+
+    def stage_mesh(self, expression: str, suffix: str = ".ply") -> Path:
+        return self.geometry / f"{expression}{suffix}"
+
+    # ---- texture
+    @property
+    def atlas(self) -> Path:
+        return self.texture / "atlas.npz"
+
+    @property
+    def photo_texture(self) -> Path:
+        return self.texture / "photo.pt"
+
+    @property
+    def photo_report(self) -> Path:
+        """Written last: its presence marks the photo texture finished."""
+        return self.texture / "photo_report.json"
+
+    # ---- export and report
+    @property
+    def export_done(self) -> Path:
+        return self.export / "done.json"
+
+    def glb(self, expression: str) -> Path:
+        return self.export / f"{expression}.glb"
+
+    def turntable(self, expression: str, suffix: str = ".png") -> Path:
+        return self.renders / f"{expression}_turntable{suffix}"
+
+    @property
+    def report_index(self) -> Path:
+        return self.report / "index.html"
+
+    @property
+    def metrics(self) -> Path:
+        return self.report / "metrics.json"

@@ -1,0 +1,447 @@
+"""A 2D prior: an SD1.5-architecture base model plus our adapters, built, saved and loaded in one call each.
+
+A saved prior is a folder::
+
+    prior_config.json      PriorSpec: base model id/path, domain, adapter sizes, embedding sizes
+    adapters.safetensors   adapter weights only (LoRA, ID/expression K/V, the two projections)
+
+The base model is any SD1.5-architecture diffusers folder or hub id; it is only ever read from disk
+(``local_files_only=True``), so an absent model fails at once with what to download and where to put it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from idto3d.core.atomic import atomic_write, atomic_write_text
+from idto3d.core.errors import IdtoError
+from idto3d.priors import adapters as ad
+from idto3d.priors.expression_embeddings import expression_embeddings
+from idto3d.core.expressions import expression_index
+
+FORMAT = "idto3d.prior/1"
+# "photo": a base text-to-image model used as is (adapters stay zero and get no tokens): texture refinement.
+DOMAINS = ("normal", "albedo", "photo")
+ID_DIMS = {128: "dlib", 512: "ArcFace"}
+
+
+@dataclass
+class PriorSpec:
+    """Everything needed to rebuild a prior's modules (saved as ``prior_config.json``)."""
+
+    base_model: str
+    domain: str
+    id_dim: int
+    exp_dim: int = 0               # CLIP text hidden size; 0 = take it from the base model's text encoder
+    self_attn_rank: int = 16
+    cross_attn_rank: int = 32
+    id_tokens: int = 4
+    exp_tokens: int = 4
+    vae: str | None = None          # a separate VAE folder/id (e.g. for "noVAE" checkpoints); None = base's
+    format: str = FORMAT
+
+    def __post_init__(self) -> None:
+        if self.domain not in DOMAINS:
+            raise IdtoError(f"unknown prior domain '{self.domain}'; allowed: {', '.join(DOMAINS)}")
+        if self.id_dim <= 0:
+            raise IdtoError(f"id_dim must be positive, got {self.id_dim}")
+
+
+class Prior(nn.Module):
+    """Frozen SD1.5 components + trainable adapters; ``predict_noise`` is eps(z_t, t, text, id, expression)."""
+
+    def __init__(self, spec: PriorSpec, unet: nn.Module, vae: nn.Module, text_encoder: nn.Module,
+                 tokenizer: Any, noise_scheduler: Any, seed: int = 0) -> None:
+        super().__init__()
+        from diffusers.models.embeddings import ImageProjection, IPAdapterFaceIDImageProjection
+
+        for m in (unet, vae, text_encoder):
+            m.requires_grad_(False)
+            m.eval()
+        if not spec.exp_dim:
+            spec = dataclasses.replace(spec, exp_dim=int(text_encoder.config.hidden_size))
+        self.spec = spec
+        self.unet, self.vae, self.text_encoder = unet, vae, text_encoder
+        self.tokenizer, self.noise_scheduler = tokenizer, noise_scheduler
+        ref = next(unet.parameters())
+        cross = int(unet.config.cross_attention_dim)
+        with torch.random.fork_rng(devices=[]):  # fresh adapters are a function of the seed alone
+            torch.manual_seed(seed)
+            ad.install_adapters(unet, spec.self_attn_rank, spec.cross_attn_rank)
+            # IP-Adapter-FaceID's MLPProjModel (id -> 2*id -> tokens*cross, LayerNorm): its checkpoints load as is.
+            self.id_proj = IPAdapterFaceIDImageProjection(image_embed_dim=spec.id_dim, cross_attention_dim=cross,
+                                                          mult=2, num_tokens=spec.id_tokens).to(ref.device, ref.dtype)
+            # IP-Adapter's original linear projection + LayerNorm for the CLIP expression embedding.
+            self.exp_proj = ImageProjection(image_embed_dim=spec.exp_dim, cross_attention_dim=cross,
+                                            num_image_text_embeds=spec.exp_tokens).to(ref.device, ref.dtype)
+        self._text_cache: dict[str, torch.Tensor] = {}
+        self._exp_table: torch.Tensor | None = None
+        # What priors.runtime.configure_prior applied (device, precision, kernels); empty = as built.
+        self.runtime: dict[str, Any] = {}
+
+    # -- properties -------------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """Mixed precision for the UNet and VAE forward passes when the prior's weights are half precision:
+        fp32 inputs (renders, guidance's latents) and any fp32 module are cast per op by autocast."""
+        dtype = self.dtype
+        if dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def _memory_format(self, x: torch.Tensor) -> torch.Tensor:
+        # NHWC inputs for NHWC weights: a contiguous input would make the first convolution convert back.
+        return x.contiguous(memory_format=torch.channels_last) if self.runtime.get("channels_last") else x
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def resolution(self) -> int:
+        """The image size the base model was trained at (512 for SD1.5)."""
+        return int(self.unet.config.sample_size) * self.vae_scale_factor
+
+    # -- conditioning -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_text(self, prompts: Sequence[str]) -> torch.Tensor:
+        """CLIP last hidden states ``[B, 77, C]`` (memoised per prompt: SDS reuses a handful of prompts)."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._text_cache]
+        if missing:
+            ids = self.tokenizer(list(missing), padding="max_length", max_length=self.tokenizer.model_max_length,
+                                 truncation=True, return_tensors="pt").input_ids.to(self.device)
+            hidden = self.text_encoder(ids)[0]
+            if len(self._text_cache) > 256:
+                self._text_cache.clear()
+            self._text_cache.update(zip(missing, hidden))
+        return torch.stack([self._text_cache[p] for p in prompts]).to(self.device, self.dtype)
+
+    def expression_table(self, cache_dir: str | Path | None = None) -> torch.Tensor:
+        """All 23 descriptors' CLIP pooled embeddings ``[23, D_clip]`` (disk-cached per text encoder)."""
+        if self._exp_table is None:
+            self._exp_table = expression_embeddings(self.text_encoder, self.tokenizer, cache_dir)
+        return self._exp_table
+
+    def encode_expressions(self, names: Sequence[str]) -> torch.Tensor:
+        """``[B, D_clip]`` CLIP embeddings of the named expressions' descriptors (unknown names raise)."""
+        if isinstance(names, str):
+            names = [names]
+        idx = [expression_index(n) for n in names]
+        table = self.expression_table()
+        if table.device != self.device or table.dtype != self.dtype:  # once: not a host copy every step
+            table = self._exp_table = table.to(self.device, self.dtype)
+        return torch.stack([table[i] for i in idx])  # integer views: a list index would be a host tensor
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Renders ``[B,3,H,W]`` in [0,1] -> scaled VAE latents (posterior mean), differentiable; fp32
+        whatever the prior's dtype (gradients reach fp32 renders in fp32)."""
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"encode_images expects [B, 3, H, W] images, got {tuple(images.shape)}")
+        with self.autocast():
+            x = self._memory_format(images.to(self.device, self.dtype) * 2.0 - 1.0)
+            posterior = self.vae.encode(x).latent_dist
+        return posterior.mean.float() * self.vae.config.scaling_factor
+
+    def id_tokens(self, id_embedding: torch.Tensor, batch: int) -> torch.Tensor:
+        emb = _batched(id_embedding, batch, "id_embedding")
+        if emb.shape[-1] != self.spec.id_dim:
+            raise IdtoError(_id_size_message(emb.shape[-1], self.spec.id_dim))
+        return self.id_proj(emb.to(self.device, self.dtype))
+
+    def exp_tokens(self, exp_embedding: torch.Tensor, batch: int) -> torch.Tensor:
+        emb = _batched(exp_embedding, batch, "exp_embedding")
+        if emb.shape[-1] != self.spec.exp_dim:
+            raise IdtoError(f"expression embedding has {emb.shape[-1]} values but this prior expects "
+                            f"{self.spec.exp_dim} (its text encoder's size); use prior.encode_expressions")
+        return self.exp_proj(emb.to(self.device, self.dtype))
+
+    # -- the model --------------------------------------------------------------------------------------
+    def set_scales(self, lambda_id: float | None = None, lambda_exp: float | None = None) -> None:
+        """Default weights of the ID and expression branches (eq. 4); per-call arguments override them."""
+        ad.set_adapter_scales(self.unet, lambda_id, lambda_exp)
+
+    def predict_noise(self, latents: torch.Tensor, timesteps: int | torch.Tensor, text_emb: torch.Tensor,
+                      id_embedding: torch.Tensor | None = None, exp_embedding: torch.Tensor | None = None,
+                      lambda_id: float | torch.Tensor | None = None,
+                      lambda_exp: float | torch.Tensor | None = None) -> torch.Tensor:
+        """Noise prediction. ``None`` embeddings contribute nothing; lambdas may be floats or per-sample [B]."""
+        b = latents.shape[0]
+        return self.predict_noise_tokens(
+            latents, timesteps, text_emb,
+            id_tokens=None if id_embedding is None else self.id_tokens(id_embedding, b),
+            exp_tokens=None if exp_embedding is None else self.exp_tokens(exp_embedding, b),
+            lambda_id=lambda_id, lambda_exp=lambda_exp)
+
+    def predict_noise_tokens(self, latents: torch.Tensor, timesteps: int | torch.Tensor, text_emb: torch.Tensor,
+                             id_tokens: torch.Tensor | None = None, exp_tokens: torch.Tensor | None = None,
+                             lambda_id: float | torch.Tensor | None = None,
+                             lambda_exp: float | torch.Tensor | None = None) -> torch.Tensor:
+        """``predict_noise`` with already projected ID/expression tokens ``[B, n, cross_dim]``. The result is
+        fp32 whatever the prior's dtype, so guidance's scaled CFG difference is taken in fp32."""
+        b = latents.shape[0]
+        if isinstance(timesteps, int):  # filled on the device: copying a host value there would wait for the GPU
+            t = torch.full((b,), timesteps, dtype=torch.long, device=self.device)
+        else:
+            t = torch.as_tensor(timesteps, device=self.device)
+            t = t.expand(b) if t.ndim == 0 else t
+        text = text_emb.to(self.device, self.dtype)
+        if text.shape[0] == 1 and b > 1:
+            text = text.expand(b, -1, -1)
+        kwargs = {"id_tokens": id_tokens, "exp_tokens": exp_tokens, "lambda_id": lambda_id, "lambda_exp": lambda_exp}
+        with self.autocast():
+            sample = self.unet(self._memory_format(latents.to(self.device, self.dtype)), t,
+                               encoder_hidden_states=text, cross_attention_kwargs=kwargs).sample
+        return sample.float()
+
+    def adapter_modules(self) -> dict[str, nn.Module]:
+        mods: dict[str, nn.Module] = {f"unet.{k}": p for k, p in ad.adapter_processors(self.unet).items()}
+        mods.update({"id_proj": self.id_proj, "exp_proj": self.exp_proj})
+        return mods
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for m in self.adapter_modules().values() for p in m.parameters()]
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        return {f"{prefix}.{k}": v for prefix, m in self.adapter_modules().items()
+                for k, v in m.state_dict().items()}
+
+    def load_adapter_state_dict(self, state: dict[str, torch.Tensor], source: str = "adapters") -> None:
+        own = self.adapter_state_dict()
+        missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        if missing or extra:
+            raise IdtoError(f"{source}: adapter weights do not match this prior "
+                            f"(missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
+                            f"unexpected {extra[:3]}{'...' if len(extra) > 3 else ''})")
+        for k, v in state.items():
+            if own[k].shape != v.shape:
+                raise IdtoError(f"{source}: '{k}' has shape {tuple(v.shape)}, expected {tuple(own[k].shape)}")
+        for prefix, m in self.adapter_modules().items():
+            m.load_state_dict({k[len(prefix) + 1:]: v for k, v in state.items() if k.startswith(prefix + ".")})
+
+    def load_ip_adapter_faceid(self, path: str | Path) -> dict[str, int]:
+        """Initialise the ID branch from an ``ip-adapter-faceid_sd15`` checkpoint (.bin or .safetensors)."""
+        state = ad.read_faceid_checkpoint(path)
+        return ad.load_faceid_state(self.unet, self.id_proj, state, source=str(path))
+
+    def parameter_breakdown(self) -> dict[str, int | float]:
+        return ad.adapter_parameter_breakdown(self.unet, self.id_proj, self.exp_proj)
+
+
+def _batched(emb: torch.Tensor, batch: int, what: str) -> torch.Tensor:
+    if emb.ndim == 1:
+        emb = emb.unsqueeze(0)
+    if emb.ndim != 2 or emb.shape[0] not in (1, batch):
+        raise ValueError(f"{what} must be [D] or [B, D] with B = {batch}, got {tuple(emb.shape)}")
+    return emb.expand(batch, -1) if emb.shape[0] == 1 else emb
+
+
+def identity_dim(path: str | Path) -> int:
+    """The embedding size D of an identity file (contracts: ``embedding`` [D], metadata ``dim``): the
+    ``id_dim`` to build a prior with for it."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise IdtoError(f"identity file not found: {path} (make one with `idto3d identity photos/*.jpg -o ...`)")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return int(f.get_slice("embedding").get_shape()[-1])
+    except Exception as exc:  # not safetensors, or no 'embedding' tensor
+        raise IdtoError(f"{path} is not an identity file ({type(exc).__name__}: {exc})") from None
+
+
+def _id_size_message(got: int, want: int) -> str:
+    name = lambda d: f"{d} ({ID_DIMS[d]})" if d in ID_DIMS else str(d)  # noqa: E731
+    return (f"identity embedding has {name(got)} values but this prior's ID projection expects {name(want)}: "
+            f"compute the identity with the matching backend (identity.backend) or use a prior built for "
+            f"id_dim={got}")
+
+
+# ---- loading base models ---------------------------------------------------------------------------------
+
+def _looks_like_path(ref: str) -> bool:
+    return ref.startswith(("/", ".", "~")) or ref.count("/") > 1 or "\\" in ref or os.path.exists(ref)
+
+
+def _absent_message(ref: str, what: str, exc: Exception) -> str:
+    return (f"base model '{ref}' ({what}) is not available offline ({type(exc).__name__}). Download it on a "
+            f"machine with internet: `huggingface-cli download {ref} --local-dir <folder>` (or `hf download`), "
+            f"copy the folder here and set prior.base_model=<folder>; or fill the Hugging Face cache "
+            f"(HF_HOME) with `huggingface-cli download {ref}`")
+
+
+def _load_part(sub: str, cls: Any, src: str, vae_ref: str | None, dtype: Any) -> Any:
+    # A standalone VAE (e.g. stabilityai/sd-vae-ft-mse) has its weights at the top level.
+    standalone_vae = sub == "vae" and vae_ref and not (Path(vae_ref) / "vae").is_dir()
+    kw: dict[str, Any] = {"local_files_only": True}
+    if not standalone_vae:
+        kw["subfolder"] = sub
+    if sub in ("unet", "vae"):
+        kw["torch_dtype"] = dtype or torch.float32  # lets diffusers keep its fp32-only modules in fp32
+    try:
+        return cls.from_pretrained(src, **kw)
+    except (OSError, ValueError) as exc:
+        if Path(src).is_dir():
+            raise IdtoError(f"base model folder {src} has no loadable {sub}/ ({exc.__class__.__name__}: "
+                            f"{str(exc).splitlines()[0][:200]})") from None
+        raise IdtoError(_absent_message(src, sub, exc)) from None
+
+
+def _load_base(base_model: str, vae_ref: str | None, device: Any, dtype: Any) -> tuple:
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers.utils import logging as hf_logging
+
+    ref = str(base_model)
+    if _looks_like_path(ref):
+        folder = Path(ref).expanduser()
+        if not folder.is_dir():
+            raise IdtoError(f"base model folder not found: {folder} (set prior.base_model to an SD1.5 "
+                            f"diffusers folder with unet/, vae/, text_encoder/, tokenizer/, scheduler/)")
+        ref = str(folder.resolve())
+    parts = (("unet", UNet2DConditionModel, ref), ("vae", AutoencoderKL, vae_ref or ref),
+             ("text_encoder", CLIPTextModel, ref), ("tokenizer", CLIPTokenizer, ref),
+             ("scheduler", DDPMScheduler, ref))
+    out = {}
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            # diffusers passes huggingface_hub a deprecated argument: noise, not the user's concern
+            warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
+            for sub, cls, src in parts:
+                out[sub] = _load_part(sub, cls, src, vae_ref, dtype)
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
+    for sub in ("unet", "vae"):
+        out[sub].to(device or "cpu")
+    out["text_encoder"].to(device=device or "cpu", dtype=dtype or torch.float32)
+    return ref, out
+
+
+def _check_architecture(unet: nn.Module, ref: str) -> None:
+    cfg = unet.config
+    if cfg.in_channels != 4 or any("CrossAttn" not in t for t in cfg.down_block_types[:3]):
+        raise IdtoError(f"base model {ref} is not an SD1.5-architecture UNet (in_channels={cfg.in_channels}, "
+                        f"down blocks {list(cfg.down_block_types)})")
+
+
+def build_prior(base_model: str | Path, domain: str, id_dim: int, adapter: Any = None, *,
+                device: Any = None, dtype: Any = None, vae: str | None = None, seed: int = 0) -> Prior:
+    """A fresh prior: ``base_model``'s weights + adapters sized by ``adapter`` (an ``AdapterConfig``;
+    default: the paper's sizes), initialised from ``seed``. ``vae`` names a separate VAE folder/id."""
+    from idto3d.core.config import AdapterConfig
+
+    adapter = adapter or AdapterConfig()
+    ref, parts = _load_base(str(base_model), vae, device, dtype)
+    _check_architecture(parts["unet"], ref)
+    spec = PriorSpec(base_model=ref, domain=domain, id_dim=int(id_dim), self_attn_rank=adapter.self_attn_rank,
+                     cross_attn_rank=adapter.cross_attn_rank, id_tokens=adapter.id_tokens,
+                     exp_tokens=adapter.exp_tokens, vae=vae)
+    return Prior(spec, parts["unet"], parts["vae"], parts["text_encoder"], parts["tokenizer"], parts["scheduler"],
+                 seed=seed)
+
+
+def save_prior(prior: Prior, folder: str | Path) -> None:
+    """Write ``prior_config.json`` + ``adapters.safetensors`` (each atomically; weights first)."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    spec = dataclasses.asdict(prior.spec)
+    state = {k: v.detach().contiguous().cpu() for k, v in prior.adapter_state_dict().items()}
+    atomic_write(folder / "adapters.safetensors",
+                 lambda p: save_file(state, str(p), metadata={"format": FORMAT, "spec": json.dumps(spec)}))
+    atomic_write_text(folder / "prior_config.json", json.dumps(spec, indent=2) + "\n")
+
+
+def _resolve_prior_folder(path_or_id: str | Path) -> Path:
+    ref = str(path_or_id)
+    if not _looks_like_path(ref) and ref.count("/") == 1:
+        from huggingface_hub import snapshot_download
+
+        try:
+            return Path(snapshot_download(ref, local_files_only=True))
+        except Exception as exc:  # hub errors have many types; all mean "not on this machine"
+            raise IdtoError(f"prior '{ref}' is not a folder and not in the local Hugging Face cache "
+                            f"({type(exc).__name__}); download it with `huggingface-cli download {ref}` "
+                            f"or pass the folder path") from None
+    folder = Path(ref).expanduser()
+    if not folder.is_dir():
+        raise IdtoError(f"prior folder not found: {folder}")
+    return folder
+
+
+def read_prior_spec(folder: str | Path) -> PriorSpec:
+    folder = Path(folder)
+    path = folder / "prior_config.json"
+    if not path.is_file():
+        raise IdtoError(f"{folder} is not an idto3d prior: no prior_config.json (make one with train-prior)")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise IdtoError(f"cannot read {path}: {exc}") from None
+    if data.get("format") != FORMAT:
+        raise IdtoError(f"{path}: unknown format {data.get('format')!r}, expected {FORMAT!r}")
+    known = {f.name for f in dataclasses.fields(PriorSpec)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise IdtoError(f"{path}: unknown keys {unknown}")
+    return PriorSpec(**data)
+
+
+def load_prior(path_or_id: str | Path, *, device: Any = None, dtype: Any = None,
+               base_model: str | Path | None = None) -> Prior:
+    """Load a saved prior (folder or hub id). ``base_model`` overrides the recorded base model location
+    (e.g. when the prior was saved on another machine)."""
+    from safetensors.torch import load_file
+
+    folder = _resolve_prior_folder(path_or_id)
+    spec = read_prior_spec(folder)
+    weights = folder / "adapters.safetensors"
+    if not weights.is_file():
+        raise IdtoError(f"{folder}: adapters.safetensors is missing")
+    ref, parts = _load_base(str(base_model or spec.base_model), spec.vae, device, dtype)
+    _check_architecture(parts["unet"], ref)
+    if parts["text_encoder"].config.hidden_size != spec.exp_dim:
+        raise IdtoError(f"{folder}: saved for a {spec.exp_dim}-D text encoder but base model {ref} has "
+                        f"{parts['text_encoder'].config.hidden_size}-D")
+    prior = Prior(dataclasses.replace(spec, base_model=ref), parts["unet"], parts["vae"],
+                  parts["text_encoder"], parts["tokenizer"], parts["scheduler"])
+    try:
+        state = load_file(str(weights))
+    except Exception as exc:  # safetensors raises its own error types for corrupt files
+        raise IdtoError(f"cannot read {weights}: {exc}") from None
+    prior.load_adapter_state_dict(state, source=str(weights))
+    return prior
+
+
+def load_photo_prior(base_model: str | Path, *, vae: str | None = None, device: Any = None,
+                     dtype: Any = None) -> Prior:
+    """A plain SD-architecture text-to-image model (the texture stage's photoreal refinement) as a ``Prior``.
+
+    Its adapters are freshly built: LoRA up-projections start at zero and the ID/expression branches get no
+    tokens when guidance passes no ID or expression, so it predicts exactly what the base model predicts.
+    """
+    return build_prior(base_model, "photo", id_dim=1, vae=vae, device=device, dtype=dtype)

@@ -1,0 +1,1 @@
+"""Fine-tuning the priors: textured scans -> rendered data set -> LoRA/adapter training."""

@@ -1,0 +1,278 @@
+"""Fine-tune a prior on rendered scans with the denoising objective L_simple (paper eq. 5).
+
+``E_{x, eps, t} || eps - eps_theta(x_t, t, text, ID, expression) ||^2`` on VAE latents of the images,
+optimising only the prior's adapters (``Prior.trainable_parameters``). HF ``accelerate`` runs the same
+code on one CPU, one GPU or many (``accelerate launch -m idto3d.cli train-prior ...``).
+
+Reproducibility: the data order, noise, timesteps and condition dropout of micro-batch ``m`` on process
+``r`` are pure functions of ``(seed, m, r)``, so a run resumed from a checkpoint (adapter weights +
+optimiser state, saved by ``accelerator.save_state``) continues exactly as an uninterrupted one.
+The objective and the seeded batches live in ``objective``, checkpoint and log files in ``train_state``.
+
+Output folder::
+
+    PRIOR_DIR/prior_config.json, adapters.safetensors   the latest prior (``load_prior(PRIOR_DIR)``)
+    PRIOR_DIR/run.json                                   what was trained on what (checked on --resume)
+    PRIOR_DIR/train_log.jsonl, loss.png                  per-step loss and its curve
+    PRIOR_DIR/checkpoints/step_000500/                   accelerate state + trainable.safetensors
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from idto3d.core.atomic import atomic_write_text
+from idto3d.core.config import Config, PriorTrainConfig
+from idto3d.priors.training.dataset import PriorDataset
+from idto3d.priors.training.objective import (
+    DenoisingObjective, StepBatches, denoising_loss, generator_for, prepare_inputs,
+)
+from idto3d.priors.training.train_state import (
+    CHECKPOINTS, STATE_FILE, TRAINABLE_FILE, TrainError, list_checkpoints, load_trainable, plot_loss, read_log,
+    save_trainable,
+)
+
+ID_DIMS = {"dlib": 128, "arcface": 512}
+MAX_GRAD_NORM = 1.0  # as diffusers' training scripts
+WEIGHT_DECAY = 1e-2  # AdamW's, as diffusers' training scripts
+# Config keys that may change between a run and its resumption without changing its results.
+_RESUMABLE_CHANGES = ("steps", "checkpoint_every", "keep_checkpoints", "num_workers")
+
+
+# --- the loop --------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainReport:
+    out: Path
+    steps: int
+    start_step: int
+    final_loss: float | None
+    seconds: float
+    trainable_parameters: int
+    samples: int
+
+
+def _run_description(domain: str, data: Path, base_model: str, init: str | None, ip_adapter: str | None,
+                     cfg: Config) -> dict:
+    train = {k: v for k, v in asdict(cfg.prior.train).items() if k not in _RESUMABLE_CHANGES}
+    return {"domain": domain, "data": str(Path(data).resolve()), "base_model": str(base_model),
+            "init": None if init is None else str(init), "ip_adapter": None if ip_adapter is None else str(ip_adapter),
+            "adapter": asdict(cfg.prior.adapter), "train": train}
+
+
+def _check_run(out: Path, run: dict, resume: bool) -> int:
+    """Write or compare ``run.json``; the step to start from."""
+    path = out / "run.json"
+    ckpts = list_checkpoints(out)
+    if not resume:
+        if ckpts or path.is_file():
+            raise TrainError(f"{out} already holds a training run; pass --resume to continue it, "
+                             "or choose a new --out folder")
+        atomic_write_text(path, json.dumps(run, indent=2) + "\n")
+        return 0
+    if not path.is_file():
+        raise TrainError(f"nothing to resume in {out} (no run.json); start without --resume")
+    old = json.loads(path.read_text(encoding="utf-8"))
+    diff = [k for k in run if old.get(k) != run[k]]
+    if "train" in diff:
+        diff.remove("train")
+        diff += [f"prior.train.{k}" for k in run["train"] if old["train"].get(k) != run["train"][k]]
+    if diff:
+        raise TrainError(f"--resume with different settings than the run in {out}: {', '.join(diff)}; only "
+                         f"prior.train.{{{', '.join(_RESUMABLE_CHANGES)}}} may change")
+    return ckpts[-1][0] if ckpts else 0
+
+
+def _build(domain: str, base_model: str, init: str | Path | None, ip_adapter: str | Path | None, id_dim: int,
+           cfg: Config):
+    from idto3d.priors import prior as prior_model
+
+    if init is not None:
+        prior = prior_model.load_prior(init)
+        if prior.spec.domain != domain:
+            raise TrainError(f"--init {init} is a {prior.spec.domain} prior; fine-tune it as "
+                             f"'{prior.spec.domain}' or start a {domain} prior from the base model")
+    else:
+        # A local base folder with its own vae/ keeps it; otherwise (hub ids, "noVAE" checkpoints)
+        # prior.vae names the VAE, as IP-Adapter FaceID's example pairs Realistic Vision with sd-vae-ft-mse.
+        vae = None if (Path(base_model) / "vae").is_dir() else cfg.prior.vae
+        prior = prior_model.build_prior(base_model, domain, id_dim, cfg.prior.adapter, vae=vae)
+    if ip_adapter is not None:
+        prior.load_ip_adapter_faceid(ip_adapter)
+    return prior
+
+
+def train_prior(
+    domain: str,
+    data: str | Path,
+    out: str | Path,
+    cfg: Config,
+    *,
+    base_model: str | Path | None = None,
+    init: str | Path | None = None,
+    ip_adapter: str | Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    console: Any = None,
+) -> TrainReport:
+    """Fine-tune a ``domain`` prior on ``data`` (a ``render-dataset`` folder) into ``out``; see the module doc."""
+    try:
+        return _train_prior(domain, Path(data), Path(out), cfg, base_model=base_model, init=init,
+                            ip_adapter=ip_adapter, resume=resume, progress=progress, console=console)
+    finally:
+        # accelerate keeps its settings (mixed precision, ...) in process-wide singletons that refuse to
+        # change; clear them so a later call in this process (tests, notebooks) may use other settings.
+        from accelerate.state import AcceleratorState, GradientState
+
+        AcceleratorState._reset_state()
+        GradientState._reset_state()
+
+
+def _train_prior(domain: str, data: Path, out: Path, cfg: Config, *, base_model: str | Path | None,
+                 init: str | Path | None, ip_adapter: str | Path | None, resume: bool, progress: bool,
+                 console: Any) -> TrainReport:
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
+    from torch.utils.data import DataLoader
+
+    from idto3d.core.progress import progress_bar
+    from idto3d.priors import prior as prior_model
+
+    tc: PriorTrainConfig = cfg.prior.train
+    if domain not in ("normal", "albedo"):
+        raise TrainError(f"unknown domain {domain!r}; choose normal or albedo")
+    if tc.resolution % 8:
+        raise TrainError(f"prior.train.resolution must be a multiple of 8 (the VAE's downsampling), "
+                         f"got {tc.resolution}")
+    out = Path(out)
+    base = str(base_model if base_model is not None else cfg.prior.base_model)
+
+    # Check the data before spending minutes on loading weights.
+    dataset = PriorDataset(data, domain, tc.resolution)
+    try:
+        accelerator = Accelerator(
+            mixed_precision=tc.mixed_precision,
+            project_config=ProjectConfiguration(project_dir=str(out), automatic_checkpoint_naming=False),
+            # A batch whose samples all drop the ID (or expression) leaves that branch without gradients.
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+        )
+    except ValueError as exc:
+        raise TrainError(f"cannot set up training with mixed_precision={tc.mixed_precision!r}: {exc}") from None
+
+    main = accelerator.is_main_process
+    run = _run_description(domain, Path(data), base, None if init is None else str(init),
+                           None if ip_adapter is None else str(ip_adapter), cfg)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        start = _check_run(out, run, resume)
+    accelerator.wait_for_everyone()
+    if not main:
+        start = _check_run(out, run, True) if resume else 0
+
+    id_dim = dataset.id_dim if dataset.id_dim is not None else ID_DIMS[cfg.identity.backend]
+    set_seed(tc.seed)  # fresh adapters are drawn from the global RNG
+    prior = _build(domain, base, init, ip_adapter, id_dim, cfg)
+    dataset.use_id_dim(int(prior.spec.id_dim))
+    params = prior.trainable_parameters()
+    n_trainable = sum(p.numel() for p in params)
+
+    objective = DenoisingObjective(prior)
+    optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=WEIGHT_DECAY)
+    objective, optimizer = accelerator.prepare(objective, optimizer)
+
+    def save_hook(models: list, weights: list, folder: str) -> None:
+        # Only the adapters change; the frozen base model stays where it came from.
+        if main:
+            save_trainable(prior, Path(folder) / TRAINABLE_FILE)
+        while weights:
+            weights.pop()
+
+    def load_hook(models: list, folder: str) -> None:
+        load_trainable(prior, Path(folder) / TRAINABLE_FILE)
+        while models:
+            models.pop()
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+    log_path = out / "train_log.jsonl"
+    if start > 0:
+        accelerator.load_state(str(out / CHECKPOINTS / f"step_{start:06d}"))
+    if main:
+        # Drop log lines past the checkpoint: they are recomputed identically.
+        kept = [r for r in read_log(log_path) if r["step"] <= start]
+        atomic_write_text(log_path, "".join(json.dumps(r) + "\n" for r in kept))
+
+    ga, world, rank = tc.gradient_accumulation, accelerator.num_processes, accelerator.process_index
+    sampler = StepBatches(len(dataset), tc.batch_size, tc.seed, start=start * ga, world=world, rank=rank)
+    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=tc.num_workers,
+                        persistent_workers=tc.num_workers > 0)
+    batches = iter(loader)
+
+    def checkpoint(step: int) -> None:
+        folder = out / CHECKPOINTS / f"step_{step:06d}"
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(folder))
+        if main:
+            atomic_write_text(folder / STATE_FILE, json.dumps({"step": step, "domain": domain}) + "\n")
+            prior_model.save_prior(prior, out)
+            for _, old in list_checkpoints(out)[:-tc.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+            log = read_log(log_path)
+            if log:
+                plot_loss(log, out / "loss.png", f"{domain} prior: L_simple")
+        accelerator.wait_for_everyone()
+
+    t0 = time.perf_counter()
+    last = None
+    objective.train()
+    # Only the main process writes the log; the others get None and never touch it.
+    log_file = log_path.open("a", encoding="utf-8") if main else nullcontext()
+    with progress_bar(f"train-prior {domain}", total=tc.steps, enabled=progress and main,
+                      console=console) as update, log_file as log:
+        if start:
+            update(advance=min(start, tc.steps))
+        for step in range(start + 1, tc.steps + 1):
+            total = torch.zeros((), device=accelerator.device)
+            for micro in range(ga):
+                m = (step - 1) * ga + micro
+                batch = next(batches)
+                inputs = prepare_inputs(prior, batch, generator_for(tc.seed, "noise", m, rank), tc.condition_dropout)
+                sync = accelerator.no_sync(objective) if micro < ga - 1 else nullcontext()
+                with sync, accelerator.autocast():
+                    loss = denoising_loss(objective, inputs)
+                    accelerator.backward(loss / ga)
+                total += loss.detach() / ga
+            accelerator.clip_grad_norm_(params, MAX_GRAD_NORM)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            mean = float(accelerator.reduce(total, reduction="mean"))
+            if not math.isfinite(mean):
+                raise TrainError(f"the loss became {mean} at step {step}; lower prior.train.lr or use "
+                                 "mixed_precision=no / bf16, then resume from the last checkpoint")
+            last = mean
+            if main:
+                log.write(json.dumps({"step": step, "loss": mean, "lr": tc.lr,
+                                      "seconds": round(time.perf_counter() - t0, 3)}) + "\n")
+            update(loss=mean)
+            if step % tc.checkpoint_every == 0 or step == tc.steps:
+                if main:
+                    log.flush()
+                checkpoint(step)
+    if start >= tc.steps and main:
+        prior_model.save_prior(prior, out)
+    seconds = time.perf_counter() - t0
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return TrainReport(out=out, steps=tc.steps, start_step=start, final_loss=last, seconds=seconds,
+                       trainable_parameters=n_trainable, samples=len(dataset))

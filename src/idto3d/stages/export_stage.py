@@ -1,0 +1,78 @@
+"""The run's render-ready output: per expression a GLB + OBJ/MTL with PBR maps, and a turntable.
+
+Maps are baked from the texture field at ``export.texture_size`` (the field is continuous over the surface, so
+the export may be sharper than the texture the stage optimised). Without a texture (no albedo prior yet) the
+meshes are exported with a uniform grey material, and the report says so.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+
+from idto3d.core.atomic import atomic_write_text
+from idto3d.core.config import Config
+from idto3d.export import PBRMaps, UVMesh, export_expression
+from idto3d.export.turntable import find_ffmpeg, write_turntable
+from idto3d.core.progress import progress_bar
+from idto3d.texture.texture_field import TextureField
+from idto3d.texture.texels import texel_map
+
+GREY = (0.5, 0.7, 0.0)  # albedo, roughness, metallic of the placeholder material
+
+
+def baked_maps(field: TextureField, index: int, atlas: UVMesh, size: int) -> PBRMaps:
+    """The field's maps for expression ``index`` on ``atlas`` at ``size`` x ``size`` texels.
+
+    Baked on the field's device (the texel points go there once); only the finished maps come back."""
+    device = field.codes.device
+    with torch.no_grad():
+        maps = field.bake(index, texel_map(atlas, size).to(device), chunk=131_072)
+    host = {k: v.cpu().numpy() for k, v in maps.items()}
+    return PBRMaps.create(host["albedo"], host["roughness"][..., 0], host["metallic"][..., 0])
+
+
+def grey_maps(size: int = 16) -> PBRMaps:
+    a, r, m = GREY
+    return PBRMaps.create(np.full((size, size, 3), a, np.float32), np.full((size, size), r, np.float32),
+                          np.full((size, size), m, np.float32))
+
+
+def export_run(run_dir: str | Path, cfg: Config, atlases: dict[str, UVMesh],
+               maps_for: Callable[[int, str, UVMesh], PBRMaps], *, console: Console | None = None,
+               progress: bool = True) -> list[Path]:
+    """Write ``export/`` and ``renders/`` for every expression; ``maps_for(index, name, atlas)`` gives its maps.
+
+    ``export/done.json`` lists what was written, last, so a run killed mid-export exports again on resume.
+    """
+    run_dir = Path(run_dir)
+    ecfg = cfg.export
+    written: list[Path] = []
+    video = ecfg.video and find_ffmpeg() is not None
+    with progress_bar("export + turntables", len(atlases), console, enabled=progress) as update:
+        for i, (name, atlas) in enumerate(atlases.items()):
+            maps = maps_for(i, name, atlas)
+            written += list(export_expression(run_dir / "export", name, atlas, maps).values())
+            written += list(write_turntable(run_dir / "renders", name, atlas, maps, ecfg.turntable_views,
+                                            ecfg.turntable_resolution, video).values())
+            update()
+    notes = []
+    if ecfg.video and not video:
+        notes.append("no MP4 turntables: ffmpeg not found (install ffmpeg, or pip install imageio-ffmpeg)")
+    atomic_write_text(run_dir / "export" / "done.json", json.dumps({
+        "files": [str(p.relative_to(run_dir)) for p in written], "notes": notes}, indent=2))
+    return written
+
+
+def exported_files(run_dir: str | Path) -> list[Path] | None:
+    """The files of a finished export, or None when the export has not finished."""
+    done = Path(run_dir) / "export" / "done.json"
+    if not done.exists():
+        return None
+    files = [Path(run_dir) / f for f in json.loads(done.read_text(encoding="utf-8"))["files"]]
+    return files if all(f.exists() for f in files) else None

@@ -1,0 +1,223 @@
+"""``idto3d generate``: photos (or an identity file) -> identity -> template fit -> geometry SDS -> texture SDS
+-> export (GLB/OBJ + PBR maps, turntables)."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rich.console import Console
+
+from idto3d.core.config import Config
+from idto3d.core.errors import IdtoError
+from idto3d.identity.io import IdentityEmbedding, load_identity
+from idto3d.stages.export_stage import baked_maps, export_run, exported_files, grey_maps
+from idto3d.stages.geometry_stage import GeometryStageResult, current_meshes, run_geometry_stage
+from idto3d.stages.photo_texture_stage import PhotoTextureResult, run_photo_texture
+from idto3d.stages.subject_init import SubjectFit, check_template_for_subject, fit_subject, subject_targets
+from idto3d.stages.texture_stage import TextureStageResult, run_texture_stage
+from idto3d.stages.run_folder import ensure_init, prepare_run
+from idto3d.core.device import resolve_device, resolve_dtype
+
+IDENTITY_FILE = "identity.safetensors"
+
+
+@dataclass
+class GenerateResult:
+    run_dir: Path
+    identity: IdentityEmbedding
+    geometry: GeometryStageResult | None = None   # None: no normal prior (the geometry is the subject fit)
+    texture: TextureStageResult | None = None     # None: no albedo prior, or not reached
+    photo: PhotoTextureResult | None = None       # the offline photo texture (None: no photos at hand)
+    person: SubjectFit | None = None              # the face-model fit and the photos' cameras
+    exported: list[Path] = field(default_factory=list)
+    missing: str | None = None                     # what stopped the run early, or what it did without, for the user
+    seconds: dict[str, float] = field(default_factory=dict)  # wall time of each step this call ran or reused
+
+
+def _is_identity_file(inputs: Sequence[Path]) -> bool:
+    return len(inputs) == 1 and inputs[0].suffix.lower() == ".safetensors"
+
+
+def resolve_identity(inputs: Sequence[str | Path], run_dir: Path, cfg: Config,
+                     console: Console | None = None, progress: bool = True) -> IdentityEmbedding:
+    """The run's ``identity.safetensors``: copied from a given identity file, or computed from photos
+    (aligned crops in ``crops/``)."""
+    inputs = [Path(p) for p in inputs]
+    if not inputs:
+        raise IdtoError("give 1-5 photos of one person (files or folders), or one identity .safetensors file")
+    out = run_dir / IDENTITY_FILE
+    if _is_identity_file(inputs):
+        ident = load_identity(inputs[0])  # validates before anything is copied
+        if inputs[0].resolve() != out.resolve():
+            from idto3d.core.atomic import atomic_write
+
+            atomic_write(out, lambda p: shutil.copyfile(inputs[0], p))
+        return load_identity(out)
+    if any(p.suffix.lower() == ".safetensors" for p in inputs):
+        raise IdtoError("give either photos or a single identity .safetensors file, not both")
+    from idto3d.identity.extract import compute_identity
+
+    return compute_identity(inputs, out, cfg.identity, crops_dir=run_dir / "crops", console=console,
+                            show_progress=progress)
+
+
+def check_one_person(ident: IdentityEmbedding) -> None:
+    """Stop before any compute when the photos (that the identity uses) look like different people."""
+    flagged = [Path(str(p.get("path", "?"))).name for p in ident.photos if p.get("used", True)
+               and any(f in str(p.get("quality", "")) for f in ("outlier", "may not be the same person"))]
+    if flagged:
+        raise IdtoError(f"the photos do not all show one person (identity outliers: {', '.join(flagged)}); "
+                        f"remove the other person's photos, or pass --drop-outliers (identity.drop_outliers) "
+                        f"to leave outliers out when they are a minority")
+
+
+def check_prior_for_identity(prior, ident: IdentityEmbedding, ref: str, domain: str = "normal") -> None:
+    spec = prior.spec
+    stage, option = {"normal": ("geometry", "--normal-prior / prior.normal"),
+                     "albedo": ("texture", "--albedo-prior / prior.albedo")}[domain]
+    if spec.domain != domain:
+        article = "an" if domain[0] in "aeiou" else "a"
+        raise IdtoError(f"prior {ref} is a '{spec.domain}' prior; the {stage} stage needs {article} {domain} prior "
+                        f"({option})")
+    if ident.dim != spec.id_dim:
+        raise IdtoError(f"the identity has {ident.dim} values ({ident.backend}) but {domain} prior {ref} expects "
+                        f"{spec.id_dim}-D ID embeddings: compute the identity with the matching backend "
+                        f"(identity.backend: dlib = 128, arcface = 512) or use a prior built for id_dim={ident.dim}")
+
+
+def _load_checked(ref: str | None, ident: IdentityEmbedding, domain: str, cfg: Config):
+    if not ref:
+        return None
+    from idto3d.priors.prior import load_prior
+    from idto3d.priors.prior_runtime import configure_prior
+
+    # Loaded straight onto the run's device in its precision (no fp32 copy on the host first).
+    device = resolve_device(cfg.runtime.device)
+    prior = load_prior(ref, device=device, dtype=resolve_dtype(cfg.runtime.precision, device))
+    check_prior_for_identity(prior, ident, str(ref), domain)
+    return configure_prior(prior, cfg.runtime, device)
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.laps: dict[str, float] = {}
+        self._t = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name] = now - self._t
+        self._t = now
+
+
+def _remaining(stop_after: int | None, done_now: int) -> int | None:
+    return None if stop_after is None else max(stop_after - done_now, 0)
+
+
+def generate(inputs: Sequence[str | Path], run_dir: str | Path, cfg: Config, *, normal_prior: str | None = None,
+             albedo_prior: str | None = None, prompt: str | None = None, overwrite: bool = False,
+             console: Console | None = None, progress: bool = True, stop_after: int | None = None) -> GenerateResult:
+    """Run the pipeline in ``run_dir``; re-running the same call resumes it (finished steps are reused).
+
+    ``stop_after`` stops after that many SDS iterations of this call, counted across the geometry and texture
+    stages (checkpointed; the next call goes on from there).
+    """
+    created = not Path(run_dir).exists()
+    run_dir = prepare_run(run_dir, cfg, overwrite)
+    clock = _Clock()
+    try:
+        ident = resolve_identity(inputs, run_dir, cfg, console, progress)
+        clock.lap("identity")
+        check_one_person(ident)
+        # Both priors are loaded and checked before the template fit spends any time.
+        device = resolve_device(cfg.runtime.device)
+        normal = _load_checked(normal_prior or cfg.prior.normal, ident, "normal", cfg)
+        albedo = _load_checked(albedo_prior or cfg.prior.albedo, ident, "albedo", cfg)
+    except IdtoError:
+        if created:  # nothing was computed yet: leave no half-written run folder behind
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    person = None
+    if cfg.face_model.enabled:
+        check_template_for_subject(cfg)
+        person = fit_subject(run_dir, cfg, ident, console if progress else None)
+    clock.lap("face fit")
+    init = ensure_init(run_dir, cfg, console, progress,
+                       targets=(lambda: subject_targets(person, cfg)) if person is not None else None, device=device)
+    clock.lap("template regression")
+    notes = []
+    if cfg.face_model.enabled and person is None:
+        notes.append("the identity's photos are not at hand, so the head starts from the generic template (no face "
+                     "fit, no photo texture); give the photos instead of the identity file to fit the face")
+    subject = prompt or "a person"
+    geo = None
+    if normal is not None:
+        from idto3d.priors.guidance import SDSGuidance
+
+        guidance = SDSGuidance(normal, cfg.prior.guidance, "geometry", max(cfg.geometry.iterations, 1),
+                               seed=cfg.seed)
+        geo = run_geometry_stage(run_dir, cfg, guidance, id_embedding=ident.embedding, subject=subject,
+                                 progress=progress, console=console, stop_after=stop_after)
+        if geo.iterations < cfg.geometry.iterations:
+            return GenerateResult(run_dir, ident, geo, missing=f"stopped at geometry iteration {geo.iterations} "
+                                                               f"on request")
+        stop_after = _remaining(stop_after, geo.iterations - geo.resumed_from)
+        meshes = geo.meshes
+        clock.lap("geometry SDS")
+    else:
+        meshes = current_meshes(init, list(cfg.expressions))
+        notes.append("no normal prior: the geometry is the face-model fit merged into the template "
+                     "(pass --normal-prior to refine it with the geometry SDS stage)")
+    photo = None
+    if person is not None:
+        photo = run_photo_texture(run_dir, cfg, meshes, person, console=console, progress=progress, device=device)
+        clock.lap("photo texture")
+    size = cfg.export.texture_size
+    if albedo is None:
+        if photo is not None:
+            notes.append("no albedo prior: the texture comes from the photos (regions no photo sees get the mean "
+                         "skin tone); pass --albedo-prior to run the texture SDS stage")
+            files = exported_files(run_dir) or export_run(
+                run_dir, cfg, {n: x.atlas for n, x in photo.expressions.items()},
+                lambda i, name, atlas: baked_maps(photo.field, i, atlas, size), console=console, progress=progress)
+        else:
+            from idto3d.stages.texture_stage import unwrap_expressions
+
+            notes.append("no albedo prior: the meshes were exported with a plain grey material; pass "
+                         "--albedo-prior FOLDER or set prior.albedo to run the texture stage")
+            files = exported_files(run_dir) or export_run(
+                run_dir, cfg, unwrap_expressions(meshes),
+                lambda i, name, atlas: grey_maps(), console=console, progress=progress)
+        clock.lap("export")
+        return GenerateResult(run_dir, ident, geo, photo=photo, person=person, exported=files, missing="; ".join(notes) or None,
+                              seconds=clock.laps)
+    from idto3d.priors.guidance import SDSGuidance
+
+    tex_guidance = SDSGuidance(albedo, cfg.prior.guidance, "texture_diffuse", max(cfg.texture.iterations, 1),
+                               seed=cfg.seed + 1)
+    refine = None
+    if cfg.texture.refine_model and cfg.texture.refine_iterations > 0:
+        from idto3d.priors.prior import load_photo_prior
+
+        from idto3d.priors.prior_runtime import configure_prior
+
+        photo_prior = load_photo_prior(cfg.texture.refine_model, vae=cfg.prior.vae, device=device,
+                                       dtype=resolve_dtype(cfg.runtime.precision, device))
+        refine = SDSGuidance(configure_prior(photo_prior, cfg.runtime, device), cfg.prior.guidance,
+                             "refine", max(cfg.texture.iterations, 1), seed=cfg.seed + 2)
+    tex = run_texture_stage(run_dir, cfg, tex_guidance, meshes, id_embedding=ident.embedding, subject=subject,
+                            refine_guidance=refine, progress=progress, console=console, stop_after=stop_after,
+                            init_state=photo.field.state_dict() if photo is not None else None)
+    clock.lap("texture SDS")
+    if tex.iterations < cfg.texture.iterations:
+        return GenerateResult(run_dir, ident, geo, texture=tex, photo=photo,
+                              missing=f"stopped at texture iteration {tex.iterations} on request")
+    files = exported_files(run_dir) or export_run(
+        run_dir, cfg, {n: x.atlas for n, x in tex.expressions.items()},
+        lambda i, name, atlas: baked_maps(tex.field, i, atlas, size), console=console, progress=progress)
+    clock.lap("export")
+    return GenerateResult(run_dir, ident, geo, texture=tex, photo=photo, person=person, exported=files,
+                          missing="; ".join(notes) or None, seconds=clock.laps)

@@ -1,0 +1,318 @@
+"""The texture stage (paper sections 3.4, B): SDS on pseudo-albedo renders of a UV texture under random lighting.
+
+The geometry stage's expression meshes are UV-unwrapped once (xatlas; one shared layout when the expressions
+share topology) and the atlas is saved with the run, so a resumed run optimises the same texels. Each
+iteration draws one expression, ``texture.batch_size`` orbit cameras and one environment map (randomly
+rotated about +Y), bakes the expression's albedo/roughness/metallic textures from the texture field, renders
+the pseudo-albedo image of eq. 7 and minimises the SDS loss of the albedo prior. Sub-stages, by iteration:
+
+* ``diffuse``: the first ``diffuse_fraction`` (paper: 80 %), Lambertian shading only, t in [50, 900];
+* ``pbr``: albedo + roughness + metallic under the full GGX material, t in [50, 500];
+* ``refine``: with a refinement model, the last ``refine_iterations`` (paper: 20) are scored by that
+  photorealistic text-to-image model instead (full PBR renders, text prompt only), t in [50, 100].
+
+Checkpoints hold the field, Adam's moments and every random state, so a run stopped at any point and started
+again ends where an uninterrupted run ends.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+
+from idto3d.core.atomic import atomic_write, atomic_write_text
+from idto3d.core.config import Config, TextureConfig
+from idto3d.core.errors import IdtoError
+from idto3d.texture.uv_atlas import UVMesh, shared_atlas
+from idto3d.geometry.mesh_io import weld_degenerate
+from idto3d.stages.geometry_stage import conditioning_key, preview_resolution
+from idto3d.core.progress import progress_bar
+from idto3d.stages.run_folder import prepare_run
+from idto3d.stages.stage_state import StageCounters, StageState
+from idto3d.stages.step_log import StepLog, bad_steps_error, nonfinite_flag, step_unless
+from idto3d.priors.guidance import GuidanceCond, ScoreDistillation, get_schedule
+from idto3d.render.backend import get_rasterizer
+from idto3d.core.device import rasterizer_name, resolve_device, to_device
+from idto3d.render.camera import Camera, orbit_camera, sample_orbit_cameras, view_word
+from idto3d.render.mesh import Mesh
+from idto3d.render.preview import save_png
+from idto3d.render.pseudo_albedo import FLAT_LIGHT, render_pseudo_albedo
+from idto3d.nn.state import load_field_state
+from idto3d.texture.texture_field import TextureField, build_texture_field, texture_optimizer
+from idto3d.texture.lighting import LightingSampler
+from idto3d.texture.texels import TexelMap, texel_map
+
+PROMPT = "A {view} view albedo face portrait of {subject} on a white background"
+SCHEDULE = {"diffuse": "texture_diffuse", "pbr": "texture_pbr", "refine": "refine"}
+
+
+@dataclass
+class TexturedExpression:
+    """One expression's surface as the texture stage sees it."""
+
+    atlas: UVMesh
+    mesh: Mesh                 # welded, for rendering (smooth normals across UV seams)
+    uv: torch.Tensor           # [V', 2] per seam-split vertex
+    attribute_faces: torch.Tensor
+    texels: TexelMap
+
+    @classmethod
+    def from_atlas(cls, atlas: UVMesh, size: int) -> "TexturedExpression":
+        mesh, uv, faces = atlas.render_inputs()
+        return cls(atlas, mesh, uv, faces, texel_map(atlas, size))
+
+    def to(self, device: torch.device | str) -> "TexturedExpression":
+        return TexturedExpression(self.atlas, self.mesh.to(device), self.uv.to(device),
+                                  self.attribute_faces.to(device), self.texels.to(device))
+
+
+@dataclass
+class TextureStageResult:
+    field: TextureField
+    expressions: dict[str, TexturedExpression]
+    iterations: int
+    skipped_steps: int
+    seconds: float
+    resumed_from: int
+
+
+def substage_at(iteration: int, cfg: TextureConfig, refine: bool) -> str:
+    """``diffuse``, ``pbr`` or ``refine`` for ``iteration`` of ``cfg.iterations`` (see the module docstring)."""
+    total = cfg.iterations
+    n_refine = min(cfg.refine_iterations, total) if refine else 0
+    if iteration >= total - n_refine:
+        return "refine"
+    return "diffuse" if iteration < round(cfg.diffuse_fraction * total) else "pbr"
+
+
+def texture_prompts(cameras: Camera, subject: str, template: str = PROMPT) -> list[str]:
+    return [template.format(view=w, subject=subject) for w in view_word(cameras.azimuth_deg.cpu())]
+
+
+# ---------------------------------------------------------------- atlas on disk
+
+_ATLAS_KEYS = ("vertices", "faces", "uvs", "vmapping")
+
+
+def save_atlases(path: Path, atlases: dict[str, UVMesh]) -> None:
+    arrays = {f"{name}.{k}": getattr(a, k) for name, a in atlases.items() for k in _ATLAS_KEYS}
+
+    def write(p: Path) -> None:
+        with p.open("wb") as fh:
+            np.savez(fh, **arrays)
+
+    atomic_write(path, write)
+
+
+def load_atlases(path: Path, names: list[str]) -> dict[str, UVMesh]:
+    with np.load(path, allow_pickle=False) as data:
+        missing = [n for n in names if f"{n}.faces" not in data.files]
+        if missing:
+            raise IdtoError(f"{path} has no UV atlas for {missing}; pass --overwrite to start the run over")
+        return {n: UVMesh(*(np.asarray(data[f"{n}.{k}"]) for k in _ATLAS_KEYS)) for n in names}
+
+
+def unwrap_expressions(meshes: dict[str, Mesh]) -> dict[str, UVMesh]:
+    """UV atlases of the stage's meshes (one shared layout where the topology allows), after merging the
+    coincident vertices marching tets leaves and dropping the faces they collapse."""
+    return dict(zip(meshes, shared_atlas([weld_degenerate(m.detach().cpu()) for m in meshes.values()])))
+
+
+def prepare_expressions(tex_dir: Path, meshes: dict[str, Mesh], size: int) -> dict[str, TexturedExpression]:
+    """Unwrap the expression meshes (or reload the run's atlas) and map their texels."""
+    names = list(meshes)
+    path = tex_dir / "atlas.npz"
+    if path.exists():
+        atlases = load_atlases(path, names)
+    else:
+        atlases = unwrap_expressions(meshes)
+        save_atlases(path, atlases)
+    return {n: TexturedExpression.from_atlas(a, size) for n, a in atlases.items()}
+
+
+# ---------------------------------------------------------------- previews
+
+
+@torch.no_grad()
+def albedo_views(field: TextureField, index: int, expr: TexturedExpression, resolution: int,
+                 n_views: int = 4) -> np.ndarray:
+    """``[H, n_views*W, 3]`` uint8: the albedo from the front, side, back and other side (flat light)."""
+    expr = expr.to(next(field.parameters()).device)
+    tex = field.bake(index, expr.texels)
+    az = torch.linspace(0.0, 360.0, n_views + 1)[:-1]
+    az = torch.where(az > 180.0, az - 360.0, az)
+    cams = orbit_camera(torch.full_like(az, 10.0), az, torch.full_like(az, 3.0), torch.full_like(az, 40.0),
+                        device=expr.mesh.device)
+    light = FLAT_LIGHT if expr.mesh.device.type == "cpu" else FLAT_LIGHT.to(expr.mesh.device)
+    img = render_pseudo_albedo(expr.mesh, cams, resolution, tex["albedo"], tex["roughness"], tex["metallic"],
+                               light, uv=expr.uv, attribute_faces=expr.attribute_faces,
+                               diffuse_only=True).image
+    return (torch.cat(list(img), dim=1).clamp(0, 1) * 255 + 0.5).to(torch.uint8).cpu().numpy()
+
+
+@torch.no_grad()
+def save_texture_progress(field: TextureField, expressions: dict[str, TexturedExpression], path: Path,
+                          resolution: int) -> None:
+    """One row per expression: four albedo views, then the albedo UV map."""
+    rows = []
+    for i, expr in enumerate(expressions.values()):
+        views = albedo_views(field, i, expr, resolution)
+        uvmap = field.bake(i, expr.texels.to(next(field.parameters()).device))["albedo"].permute(2, 0, 1)[None]
+        uvmap = torch.nn.functional.interpolate(uvmap, size=(resolution, resolution), mode="bilinear",
+                                                antialias=True, align_corners=False)[0].permute(1, 2, 0)
+        uvmap = (uvmap.clamp(0, 1) * 255 + 0.5).to(torch.uint8).cpu().numpy()
+        rows.append(np.concatenate([views, uvmap], axis=1))
+    save_png(np.concatenate(rows, axis=0), path)
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def _finished(tex: Path, key: str, field: TextureField, expressions: dict[str, TexturedExpression]
+              ) -> TextureStageResult:
+    info = json.loads((tex / "done.json").read_text(encoding="utf-8"))
+    if info.get("conditioning") != key:
+        raise IdtoError(f"{tex} was made for a different identity, prompt or geometry; pass --overwrite to start "
+                        f"over")
+    state = torch.load(tex / "ckpt.pt", map_location="cpu", weights_only=True)
+    load_field_state(field, state["field"], str(tex / "ckpt.pt"))
+    return TextureStageResult(field, expressions, info["iterations"], info["skipped_steps"], info["seconds"],
+                              info["iterations"])
+
+
+def _mesh_key(meshes: dict[str, Mesh]) -> str:
+    """Ties the texture to the geometry it was made for."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, m in meshes.items():
+        h.update(name.encode())
+        h.update(m.vertices.detach().float().cpu().contiguous().numpy().tobytes())
+        h.update(m.faces.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def run_texture_stage(run_dir: str | Path, cfg: Config, guidance: ScoreDistillation, meshes: dict[str, Mesh], *,
+                      id_embedding: torch.Tensor | None = None, subject: str = "a person",
+                      refine_guidance: ScoreDistillation | None = None, overwrite: bool = False,
+                      progress: bool = True, console: Console | None = None,
+                      stop_after: int | None = None, init_state: dict | None = None) -> TextureStageResult:
+    """Run (or resume, or reuse when finished) the texture SDS stage in ``run_dir`` on ``meshes`` (one per
+    expression of ``cfg.expressions``, in that order: the geometry stage's output).
+
+    ``guidance`` scores pseudo-albedo renders (the albedo prior, or an oracle); its timestep schedule is set
+    per sub-stage. ``refine_guidance`` (schedule ``refine``) scores the last ``texture.refine_iterations``;
+    None = no refinement. ``stop_after`` stops after that many iterations of this call (checkpointed).
+    ``init_state`` is a texture-field state to start from (the photo texture) instead of the fresh grey field.
+    """
+    run_dir = prepare_run(run_dir, cfg, overwrite)
+    tex = run_dir / "texture"
+    tcfg, names = cfg.texture, list(cfg.expressions)
+    if list(meshes) != names:
+        raise IdtoError(f"the texture stage needs one mesh per expression {names}, got {list(meshes)}")
+    key = conditioning_key(id_embedding, subject) + _mesh_key(meshes)
+    device = resolve_device(cfg.runtime.device)
+    # Fails early on a bad environment folder, before unwrapping or any SDS step.
+    lighting = LightingSampler(tcfg, cfg.seed, console, progress, device=device)
+    expressions = prepare_expressions(tex, meshes, tcfg.resolution)
+    field = build_texture_field(tcfg, len(names), seed=cfg.seed, fast_paths=cfg.runtime.fast_paths, device=device)
+    if (tex / "done.json").exists():
+        return _finished(tex, key, field, expressions)
+
+    field.to(device)
+    on_device = {n: x.to(device) for n, x in expressions.items()}
+    rasterizer = get_rasterizer(rasterizer_name(cfg.render.backend, cfg.runtime.fast_paths), device)
+    opt = texture_optimizer(field, tcfg.lr)
+    sampler = torch.Generator().manual_seed(cfg.seed + 1)
+    ckpt_path, log_path = tex / "ckpt.pt", tex / "log.jsonl"
+    stage = StageState(field, opt, sampler, {"guidance": guidance, "refine_guidance": refine_guidance}, key)
+    counters = stage.begin(ckpt_path, log_path, f"{tex} holds a run for a different identity, prompt or geometry; "
+                                                f"pass --overwrite to start over", cfg.seed + 1,
+                           on_fresh=(lambda: field.load_state_dict(init_state)) if init_state is not None else None)
+    start = counters.iteration
+    for g in (guidance, refine_guidance):
+        if g is not None:
+            g.deferred_checks = True
+    if id_embedding is not None:
+        id_embedding = to_device(id_embedding.detach().float(), device)
+
+    def too_many(at: int, c: StageCounters) -> IdtoError:
+        return bad_steps_error("texture", at, c, ckpt_path,
+                               "Lower texture.lr or prior.guidance.guidance_scale, or check the albedo prior")
+
+    def checkpoint(iteration: int) -> None:
+        counters.iteration = iteration
+        stage.save(ckpt_path, counters)
+
+    total = tcfg.iterations
+    end = total if stop_after is None else min(total, start + max(stop_after, 0))
+    cam_cfg = cfg.render.camera
+    preview_res = preview_resolution(cfg.render.resolution)
+    title = f"texture SDS ({lighting.source})" if start == 0 else f"texture SDS (resumed at {start}/{total})"
+    it = start
+    with progress_bar(title, end - start, console, enabled=progress) as update, \
+            log_path.open("a", encoding="utf-8") as log_file:
+        log = StepLog(log_file, cfg.runtime.log_every, counters, tcfg.max_bad_steps, too_many)
+        for it in range(start, end):
+            t0 = time.perf_counter()
+            sub = substage_at(it, tcfg, refine_guidance is not None)
+            e = int(torch.randint(len(names), (1,), generator=sampler))
+            # Drawn and worded on the host (the prompts need the azimuths), then sent to the device.
+            cams = sample_orbit_cameras(tcfg.batch_size, cam_cfg.elevation_deg, cam_cfg.azimuth_deg,
+                                        cam_cfg.radius, cam_cfg.fov_deg, generator=sampler)
+            env = lighting.sample(sampler)
+            shading = "diffuse" if sub == "diffuse" else "pbr"
+            if sub == "refine":
+                g = refine_guidance
+                cond = GuidanceCond(prompts=texture_prompts(cams, subject, tcfg.refine_prompt), cameras=cams.to(device),
+                                    expression_indices=[e] * len(cams), lighting=env, shading=shading)
+            else:
+                g = guidance
+                cond = GuidanceCond(prompts=texture_prompts(cams, subject), id_embedding=id_embedding,
+                                    expressions=[names[e]] * len(cams), cameras=cams.to(device),
+                                    expression_indices=[e] * len(cams), lighting=env, shading=shading)
+            assert g is not None
+            g.schedule = get_schedule(SCHEDULE[sub])
+            opt.zero_grad(set_to_none=True)
+            expr = on_device[names[e]]
+            maps = field.bake(e, expr.texels)
+            images = render_pseudo_albedo(expr.mesh, cond.cameras, cfg.render.resolution, maps["albedo"],
+                                          maps["roughness"], maps["metallic"], env, uv=expr.uv,
+                                          attribute_faces=expr.attribute_faces, diffuse_only=sub == "diffuse",
+                                          rasterizer=rasterizer).for_guidance()
+            out = g(images, cond, it)
+            out.loss.backward()
+            bad = nonfinite_flag(field.parameters(), out.loss, finite=out.finite)
+            step_unless(opt, bad)
+            log.add({"it": it, "expression": names[e], "substage": sub, "t": out.t, "light": env.name,
+                     "light_rotation": round(env.rotation_deg, 2),
+                     "azimuth": [round(a, 2) for a in cams.azimuth_deg.tolist()]},
+                    {"loss": out.loss}, bad, time.perf_counter() - t0)
+            done_its = it + 1
+            at_checkpoint, at_preview = log.after_step(done_its, end, total, tcfg.checkpoint_every,
+                                                       tcfg.preview_every)
+            update(**log.shown)
+            if at_checkpoint:
+                checkpoint(done_its)
+            if at_preview:
+                save_texture_progress(field, expressions, tex / "progress.png", preview_res)
+            it = done_its
+
+    checkpoint(it)
+    skipped, elapsed = counters.skipped_steps, counters.seconds
+    if it < total:
+        return TextureStageResult(field, expressions, it, skipped, elapsed, start)
+    save_texture_progress(field, expressions, tex / "progress.png", preview_res)
+    # Written last: its presence marks the stage as finished.
+    atomic_write_text(tex / "done.json", json.dumps({
+        "iterations": total, "skipped_steps": skipped, "seconds": elapsed, "conditioning": key,
+        "expressions": names, "lighting": lighting.source, "refined": refine_guidance is not None,
+        "texture_resolution": tcfg.resolution,
+        "texel_coverage": {n: round(x.texels.coverage, 4) for n, x in expressions.items()}}, indent=2))
+    return TextureStageResult(field, expressions, total, skipped, elapsed, start)
