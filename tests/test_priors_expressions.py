@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import idto3d.core.expressions as ex
+import idto3d.priors.expression_embeddings as emb
 from idto3d.core.errors import IdtoError
 from idto3d.priors.prior import build_prior
 from idto3d.priors.tiny import make_tiny_base_model
@@ -39,7 +40,7 @@ def test_embeddings_are_cached_per_model(prior, tiny_base: Path, isolated_cache:
     def no_compute(*a, **k):
         raise AssertionError("recomputed despite a cache entry")
 
-    monkeypatch.setattr(ex, "_compute", no_compute)
+    monkeypatch.setattr(emb, "_compute", no_compute)
     again = build_prior(tiny_base, "normal", ID_DIM)  # a fresh prior reads the file
     assert torch.equal(again.encode_expressions(["smile"]), first)
     monkeypatch.undo()
@@ -54,13 +55,13 @@ def test_corrupt_cache_entry_is_recomputed(prior, isolated_cache: Path):
     want = prior.expression_table().clone()
     (path,) = (isolated_cache / "expressions").glob("*.safetensors")
     path.write_bytes(b"garbage")
-    got = ex.expression_embeddings(prior.text_encoder, prior.tokenizer)
+    got = emb.expression_embeddings(prior.text_encoder, prior.tokenizer)
     assert torch.equal(got, want)
     assert path.stat().st_size > 100
 
 
 def test_cache_dir_follows_idto3d_cache(monkeypatch, tmp_path: Path):
     monkeypatch.setenv("IDTO3D_CACHE", str(tmp_path / "c"))
-    assert ex.expression_cache_dir() == tmp_path / "c" / "expressions"
+    assert emb.expression_cache_dir() == tmp_path / "c" / "expressions"
     monkeypatch.delenv("IDTO3D_CACHE")
-    assert ex.expression_cache_dir() == Path.home() / ".cache" / "idto3d" / "expressions"
+    assert emb.expression_cache_dir() == Path.home() / ".cache" / "idto3d" / "expressions"

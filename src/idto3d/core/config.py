@@ -432,10 +432,6 @@ def parse_override(item: str) -> dict:
     return out
 
 
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
-
-
 def _check_scalar(path: str, value: Any, tp: Any, meta: dict) -> Any:
     if tp is bool:
         if not isinstance(value, bool):

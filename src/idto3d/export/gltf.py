@@ -22,11 +22,12 @@ from idto3d.core.units import METRES_PER_UNIT
 
 
 class _Blob:
-    """The GLB binary chunk: buffer views appended at 4-byte aligned offsets."""
+    """The GLB binary chunk: buffer views appended at 4-byte aligned offsets, and the accessors into them."""
 
     def __init__(self) -> None:
         self.data = bytearray()
         self.views: list[g.BufferView] = []
+        self.accessors: list[g.Accessor] = []
 
     def add(self, payload: bytes, target: int | None = None) -> int:
         self.data.extend(b"\x00" * (-len(self.data) % 4))
@@ -34,43 +35,47 @@ class _Blob:
         self.data.extend(payload)
         return len(self.views) - 1
 
+    def accessor(self, payload: bytes, target: int, component: int, count: int, kind: str) -> g.Accessor:
+        acc = g.Accessor(bufferView=self.add(payload, target), componentType=component, count=count, type=kind)
+        self.accessors.append(acc)
+        return acc
 
-def glb_bytes(uv_mesh: UVMesh, maps: PBRMaps, metres_per_unit: float = METRES_PER_UNIT, name: str = "head") -> bytes:
-    """The ``.glb`` file's bytes (see the module docstring for what it contains)."""
-    pos = metric_positions(uv_mesh, metres_per_unit)
-    nrm = smooth_normals(uv_mesh)
-    uv = np.ascontiguousarray(np.stack([uv_mesh.uvs[:, 0], 1.0 - uv_mesh.uvs[:, 1]], axis=1), dtype=np.float32)
-    idx = np.ascontiguousarray(uv_mesh.faces.astype(np.uint32))
-
-    blob = _Blob()
-    accessors = []
-
-    def vec_accessor(arr: np.ndarray, kind: str, bounds: bool) -> int:
-        view = blob.add(arr.tobytes(), g.ARRAY_BUFFER)
-        acc = g.Accessor(bufferView=view, componentType=g.FLOAT, count=len(arr), type=kind)
+    def vectors(self, arr: np.ndarray, kind: str, bounds: bool = False) -> int:
+        """A float vertex attribute; its index among the accessors."""
+        acc = self.accessor(arr.tobytes(), g.ARRAY_BUFFER, g.FLOAT, len(arr), kind)
         if bounds:  # required for POSITION
             acc.min, acc.max = arr.min(0).tolist(), arr.max(0).tolist()
-        accessors.append(acc)
-        return len(accessors) - 1
+        return len(self.accessors) - 1
 
-    a_pos = vec_accessor(pos, g.VEC3, bounds=True)
-    a_nrm = vec_accessor(nrm, g.VEC3, bounds=False)
-    a_uv = vec_accessor(uv, g.VEC2, bounds=False)
-    a_tan = vec_accessor(tangents(uv_mesh, nrm), g.VEC4, bounds=False) if maps.normal is not None else None
-    accessors.append(
-        g.Accessor(
-            bufferView=blob.add(idx.tobytes(), g.ELEMENT_ARRAY_BUFFER),
-            componentType=g.UNSIGNED_INT,
-            count=idx.size,
-            type=g.SCALAR,
-        )
-    )
-    a_idx = len(accessors) - 1
+    def indices(self, idx: np.ndarray) -> int:
+        self.accessor(idx.tobytes(), g.ELEMENT_ARRAY_BUFFER, g.UNSIGNED_INT, idx.size, g.SCALAR)
+        return len(self.accessors) - 1
 
+
+def _add_geometry(blob: _Blob, uv_mesh: UVMesh, metres_per_unit: float, with_tangents: bool) -> g.Primitive:
+    """Vertex attributes and indices into ``blob``; the triangle primitive that uses them (material 0)."""
+    pos = metric_positions(uv_mesh, metres_per_unit)
+    nrm = smooth_normals(uv_mesh)
+    # glTF's v runs down the image, ours up.
+    uv = np.ascontiguousarray(np.stack([uv_mesh.uvs[:, 0], 1.0 - uv_mesh.uvs[:, 1]], axis=1), dtype=np.float32)
+    idx = np.ascontiguousarray(uv_mesh.faces.astype(np.uint32))
+    a_pos = blob.vectors(pos, g.VEC3, bounds=True)
+    a_nrm = blob.vectors(nrm, g.VEC3)
+    a_uv = blob.vectors(uv, g.VEC2)
+    a_tan = blob.vectors(tangents(uv_mesh, nrm), g.VEC4) if with_tangents else None
+    a_idx = blob.indices(idx)
+    return g.Primitive(attributes=g.Attributes(POSITION=a_pos, NORMAL=a_nrm, TANGENT=a_tan, TEXCOORD_0=a_uv),
+                       indices=a_idx, material=0, mode=g.TRIANGLES)
+
+
+def _add_images(blob: _Blob, maps: PBRMaps) -> list[g.Image]:
+    """Base colour, metallic-roughness and (if any) normal map as PNGs in ``blob``, in the material's order."""
     pngs = [albedo_png(maps), metallic_roughness_png(maps)] + ([normal_png(maps)] if maps.normal is not None else [])
-    images = [g.Image(bufferView=blob.add(p), mimeType="image/png") for p in pngs]
-    textures = [g.Texture(sampler=0, source=i) for i in range(len(images))]
-    material = g.Material(
+    return [g.Image(bufferView=blob.add(p), mimeType="image/png") for p in pngs]
+
+
+def _material(name: str, with_normal_map: bool) -> g.Material:
+    return g.Material(
         name=f"{name}_material",
         pbrMetallicRoughness=g.PbrMetallicRoughness(
             baseColorFactor=[1.0, 1.0, 1.0, 1.0],
@@ -79,37 +84,33 @@ def glb_bytes(uv_mesh: UVMesh, maps: PBRMaps, metres_per_unit: float = METRES_PE
             roughnessFactor=1.0,
             metallicRoughnessTexture=g.TextureInfo(index=1),
         ),
-        normalTexture=g.NormalMaterialTexture(index=2, scale=1.0) if maps.normal is not None else None,
+        normalTexture=g.NormalMaterialTexture(index=2, scale=1.0) if with_normal_map else None,
         alphaMode=g.OPAQUE,
         doubleSided=False,
     )
+
+
+def glb_bytes(uv_mesh: UVMesh, maps: PBRMaps, metres_per_unit: float = METRES_PER_UNIT, name: str = "head") -> bytes:
+    """The ``.glb`` file's bytes (see the module docstring for what it contains)."""
+    blob = _Blob()
+    # The binary chunk's layout is vertex data, indices, then images: keep this order (the bytes depend on it).
+    primitive = _add_geometry(blob, uv_mesh, metres_per_unit, with_tangents=maps.normal is not None)
+    images = _add_images(blob, maps)
     gltf = g.GLTF2(
         asset=g.Asset(version="2.0", generator="idto3d"),
         scene=0,
         scenes=[g.Scene(nodes=[0])],
         nodes=[g.Node(mesh=0, name=name)],
-        meshes=[
-            g.Mesh(
-                name=name,
-                primitives=[
-                    g.Primitive(
-                        attributes=g.Attributes(POSITION=a_pos, NORMAL=a_nrm, TANGENT=a_tan, TEXCOORD_0=a_uv),
-                        indices=a_idx,
-                        material=0,
-                        mode=g.TRIANGLES,
-                    )
-                ],
-            )
-        ],
-        materials=[material],
-        textures=textures,
+        meshes=[g.Mesh(name=name, primitives=[primitive])],
+        materials=[_material(name, with_normal_map=maps.normal is not None)],
+        textures=[g.Texture(sampler=0, source=i) for i in range(len(images))],
         images=images,
         samplers=[
             g.Sampler(
                 magFilter=g.LINEAR, minFilter=g.LINEAR_MIPMAP_LINEAR, wrapS=g.CLAMP_TO_EDGE, wrapT=g.CLAMP_TO_EDGE
             )
         ],
-        accessors=accessors,
+        accessors=blob.accessors,
         bufferViews=blob.views,
         buffers=[g.Buffer(byteLength=len(blob.data))],
     )

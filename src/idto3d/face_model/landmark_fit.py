@@ -125,59 +125,83 @@ def _check_inputs(model: MorphableModel, landmarks: Sequence[np.ndarray],
     return out
 
 
-def fit_photos(model: MorphableModel, landmarks: Sequence[np.ndarray], image_sizes: Sequence[tuple[int, int]],
-               cfg: FaceModelConfig | None = None, seed: int = 0,
-               progress: Callable[[int, int], None] | None = None) -> FaceFit:
-    """Fit one shape and per-photo pose + expression to each photo's ``[68, 2]`` landmarks (see module doc).
+@dataclass
+class _Targets:
+    """What the fit matches, in float64 on the host: the model's landmark rows and the photos' landmarks."""
 
-    ``image_sizes`` are ``(H, W)``; ``progress(step, total)`` is called after each L-BFGS iteration.
-    """
-    cfg = cfg or FaceModelConfig()
-    lms = _check_inputs(model, landmarks, image_sizes)
-    n_photos = len(lms)
+    mean: torch.Tensor               # [68, 3]
+    shape_basis: torch.Tensor        # [68, 3, K]
+    expression_basis: torch.Tensor   # [68, 3, E]
+    points: torch.Tensor             # [P, 68, 2] the photos' landmarks, pixels
+    spread: torch.Tensor             # [P] their rms spread, pixels
+    sigma: torch.Tensor              # [P, 1] landmark noise, pixels
+    weight: torch.Tensor             # [68] per-landmark weight (jawline down-weighted)
+
+
+@dataclass
+class _Unknowns:
+    """The fit's parameters: one shape, and per photo a pose and an expression."""
+
+    rot0: torch.Tensor       # [P, 3, 3] the closed-form rotations the axis-angle updates start from (fixed)
+    omega: torch.Tensor      # [P, 3] axis-angle update of rot0
+    log_s: torch.Tensor      # [P] log scale, pixels per unit
+    trans_hat: torch.Tensor  # [P, 2] translation in units of the landmark spread
+    beta: torch.Tensor       # [K] shape
+    psi: torch.Tensor        # [P, E] expressions
+
+    def parameters(self) -> list[torch.Tensor]:
+        return [self.omega, self.log_s, self.trans_hat, self.beta, self.psi]
+
+
+def _targets(model: MorphableModel, lms: list[np.ndarray], cfg: FaceModelConfig) -> _Targets:
     dt = torch.float64
     idx = model.landmarks.cpu()
-    mean = model.mean[idx].to("cpu", dt)            # [68, 3]
-    shp = model.shape_basis[idx].to("cpu", dt)      # [68, 3, K]
-    exp = model.expression_basis[idx].to("cpu", dt)  # [68, 3, E]
-    k, e = shp.shape[-1], exp.shape[-1]
-
-    target = torch.tensor(np.stack(lms), dtype=dt)  # [P, 68, 2]
-    spread = torch.sqrt(((target - target.mean(1, keepdim=True)) ** 2).sum(-1).mean(-1))  # [P]
-    sigma = (cfg.landmark_sigma * spread)[:, None]                                       # [P, 1]
-    c = float(cfg.robust_scale)
+    points = torch.tensor(np.stack(lms), dtype=dt)
+    spread = torch.sqrt(((points - points.mean(1, keepdim=True)) ** 2).sum(-1).mean(-1))
     weight = torch.ones(N_LANDMARKS, dtype=dt)
     weight[list(JAW)] = cfg.jaw_weight
+    return _Targets(mean=model.mean[idx].to("cpu", dt), shape_basis=model.shape_basis[idx].to("cpu", dt),
+                    expression_basis=model.expression_basis[idx].to("cpu", dt), points=points, spread=spread,
+                    sigma=(cfg.landmark_sigma * spread)[:, None], weight=weight)
 
-    rot0, log_s0, t0 = [], [], []
+
+def _initial_unknowns(targets: _Targets, lms: list[np.ndarray]) -> _Unknowns:
+    """Each photo's closed-form pose from its inner landmarks against the mean face; zero shape and expressions."""
+    dt = torch.float64
     inner = list(INNER)
-    for a in lms:
-        r, s, t = _initial_pose(a[inner], mean.numpy()[inner])
-        rot0.append(r)
-        log_s0.append(math.log(s))
-        t0.append(t)
-    rot0_t = torch.tensor(np.stack(rot0), dtype=dt)
-    omega = torch.zeros(n_photos, 3, dtype=dt, requires_grad=True)
-    log_s = torch.tensor(log_s0, dtype=dt).requires_grad_(True)
+    poses = [_initial_pose(a[inner], targets.mean.numpy()[inner]) for a in lms]
+    n_photos = len(lms)
     # Translation is optimised in units of the landmark spread, so all parameters have similar scales.
-    trans_hat = (torch.tensor(np.stack(t0), dtype=dt) / spread[:, None]).requires_grad_(True)
-    beta = torch.zeros(k, dtype=dt, requires_grad=True)
-    psi = torch.zeros(n_photos, e, dtype=dt, requires_grad=True)
-    params = [omega, log_s, trans_hat, beta, psi]
+    trans_hat = torch.tensor(np.stack([t for _, _, t in poses]), dtype=dt) / targets.spread[:, None]
+    return _Unknowns(rot0=torch.tensor(np.stack([r for r, _, _ in poses]), dtype=dt),
+                     omega=torch.zeros(n_photos, 3, dtype=dt, requires_grad=True),
+                     log_s=torch.tensor([math.log(s) for _, s, _ in poses], dtype=dt).requires_grad_(True),
+                     trans_hat=trans_hat.requires_grad_(True),
+                     beta=torch.zeros(targets.shape_basis.shape[-1], dtype=dt, requires_grad=True),
+                     psi=torch.zeros(n_photos, targets.expression_basis.shape[-1], dtype=dt, requires_grad=True))
 
-    def project() -> torch.Tensor:
-        pts = mean + shp @ beta + torch.einsum("lce,pe->plc", exp, psi)            # [P, 68, 3]
-        rot = _rodrigues(omega) @ rot0_t                                             # [P, 3, 3]
-        cam = torch.einsum("pij,plj->pli", rot, pts)
-        s = log_s.exp()[:, None]
-        trans = trans_hat * spread[:, None]
-        return torch.stack([s * cam[..., 0] + trans[:, None, 0], -s * cam[..., 1] + trans[:, None, 1]], -1)
 
-    def energy() -> torch.Tensor:
-        r2 = ((project() - target) ** 2).sum(-1) / sigma ** 2                        # [P, 68]
-        data = (weight * c * c * 2 * (torch.sqrt(1 + r2 / (c * c)) - 1)).sum()
-        return data + cfg.shape_prior_weight * (beta ** 2).sum() + cfg.expression_prior_weight * (psi ** 2).sum()
+def _project(t: _Targets, x: _Unknowns) -> torch.Tensor:
+    """The model's landmarks in each photo's pixels ``[P, 68, 2]``."""
+    pts = t.mean + t.shape_basis @ x.beta + torch.einsum("lce,pe->plc", t.expression_basis, x.psi)  # [P, 68, 3]
+    rot = _rodrigues(x.omega) @ x.rot0                                                              # [P, 3, 3]
+    cam = torch.einsum("pij,plj->pli", rot, pts)
+    s = x.log_s.exp()[:, None]
+    trans = x.trans_hat * t.spread[:, None]
+    return torch.stack([s * cam[..., 0] + trans[:, None, 0], -s * cam[..., 1] + trans[:, None, 1]], -1)
 
+
+def _energy(t: _Targets, x: _Unknowns, cfg: FaceModelConfig) -> torch.Tensor:
+    """The MAP energy of the module docstring: robust reprojection error plus the coefficients' priors."""
+    c = float(cfg.robust_scale)
+    r2 = ((_project(t, x) - t.points) ** 2).sum(-1) / t.sigma ** 2                             # [P, 68]
+    data = (t.weight * c * c * 2 * (torch.sqrt(1 + r2 / (c * c)) - 1)).sum()
+    return data + cfg.shape_prior_weight * (x.beta ** 2).sum() + cfg.expression_prior_weight * (x.psi ** 2).sum()
+
+
+def _minimise(energy: Callable[[], torch.Tensor], params: list[torch.Tensor], iterations: int,
+              progress: Callable[[int, int], None] | None) -> None:
+    """L-BFGS, one iteration per step, until the energy stops changing (relative 1e-8) or ``iterations``."""
     opt = torch.optim.LBFGS(params, lr=1.0, max_iter=1, max_eval=25, history_size=20, line_search_fn="strong_wolfe",
                             tolerance_grad=1e-10, tolerance_change=1e-14)
 
@@ -188,27 +212,45 @@ def fit_photos(model: MorphableModel, landmarks: Sequence[np.ndarray], image_siz
         return loss
 
     previous = math.inf
-    for step in range(cfg.iterations):
+    for step in range(iterations):
         loss = float(opt.step(closure).detach())
         if progress is not None:
-            progress(step + 1, cfg.iterations)
+            progress(step + 1, iterations)
         if not math.isfinite(loss):
             raise IdtoError("the face fit diverged (non-finite energy); check the photos' landmarks")
         if abs(previous - loss) <= 1e-8 * max(1.0, abs(loss)):
             break
         previous = loss
 
+
+def _photo_fits(t: _Targets, x: _Unknowns, landmarks: Sequence[np.ndarray],
+                image_sizes: Sequence[tuple[int, int]]) -> list[PhotoFit]:
     with torch.no_grad():
-        pred = project()
-        rms = torch.sqrt(((pred - target) ** 2).sum(-1).mean(-1))
-        rot = _rodrigues(omega) @ rot0_t
-        scale = log_s.exp()
-        trans = trans_hat * spread[:, None]
-    photos = [PhotoFit(rotation=rot[i].float(), scale=float(scale[i]), translation=trans[i].detach().float(),
-                       expression=psi[i].detach().float(), landmarks=np.asarray(landmarks[i], dtype=np.float32),
-                       rms_px=float(rms[i]), image_size=(int(image_sizes[i][0]), int(image_sizes[i][1])))
-              for i in range(n_photos)]
-    return FaceFit(model_name=model.name, shape=beta.detach().float(), photos=photos)
+        pred = _project(t, x)
+        rms = torch.sqrt(((pred - t.points) ** 2).sum(-1).mean(-1))
+        rot = _rodrigues(x.omega) @ x.rot0
+        scale = x.log_s.exp()
+        trans = x.trans_hat * t.spread[:, None]
+    return [PhotoFit(rotation=rot[i].float(), scale=float(scale[i]), translation=trans[i].detach().float(),
+                     expression=x.psi[i].detach().float(), landmarks=np.asarray(landmarks[i], dtype=np.float32),
+                     rms_px=float(rms[i]), image_size=(int(image_sizes[i][0]), int(image_sizes[i][1])))
+            for i in range(len(landmarks))]
+
+
+def fit_photos(model: MorphableModel, landmarks: Sequence[np.ndarray], image_sizes: Sequence[tuple[int, int]],
+               cfg: FaceModelConfig | None = None, seed: int = 0,
+               progress: Callable[[int, int], None] | None = None) -> FaceFit:
+    """Fit one shape and per-photo pose + expression to each photo's ``[68, 2]`` landmarks (see module doc).
+
+    ``image_sizes`` are ``(H, W)``; ``progress(step, total)`` is called after each L-BFGS iteration.
+    """
+    cfg = cfg or FaceModelConfig()
+    lms = _check_inputs(model, landmarks, image_sizes)
+    targets = _targets(model, lms, cfg)
+    unknowns = _initial_unknowns(targets, lms)
+    _minimise(lambda: _energy(targets, unknowns, cfg), unknowns.parameters(), cfg.iterations, progress)
+    photos = _photo_fits(targets, unknowns, landmarks, image_sizes)
+    return FaceFit(model_name=model.name, shape=unknowns.beta.detach().float(), photos=photos)
 
 
 def weak_perspective_camera(fit: PhotoFit, distance: float = CAMERA_DISTANCE) -> Camera:

@@ -381,8 +381,7 @@ def photo_weights(surface: PhotoSurface, views: Sequence[PhotoView], resolution:
     if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 8:
         raise IdtoError(f"resolution must be an integer >= 8 (long side in pixels), got {resolution!r}")
     cfg = cfg if cfg is not None else PhotoTextureConfig()
-    prepared = _prepare(surface, views, resolution, cfg)
-    return torch.stack([p.texel_weight for p in prepared]).amax(0)
+    return _best_weight(_prepare(surface, views, resolution, cfg))
 
 
 @dataclass
@@ -482,6 +481,152 @@ def _host_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.to(device, non_blocking=device.type == "cuda")
 
 
+def _check_fit_args(field: TextureField, expression: int, log_every: int) -> None:
+    if isinstance(expression, bool) or not isinstance(expression, int) or not 0 <= expression < field.n_expressions:
+        raise IdtoError(f"expression index must be an integer in [0, {field.n_expressions}), got {expression!r}")
+    if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 1:
+        raise IdtoError(f"log_every must be a positive number of steps, got {log_every!r}")
+
+
+def _best_weight(prepared: Sequence[_View]) -> torch.Tensor:
+    """``[N]`` per covered texel: the weight of the photo that sees it best."""
+    return torch.stack([p.texel_weight for p in prepared]).amax(0)
+
+
+def _skin_tone(prepared: Sequence[_View]) -> torch.Tensor:
+    """``[3]`` the per-channel median of the photos' plain-skin pixels (mid-grey if there are none)."""
+    skin_px = torch.cat([p.skin for p in prepared])
+    return skin_px.median(0).values if skin_px.shape[0] else torch.full((3,), 0.5)
+
+
+@dataclass
+class _Photometric:
+    """The photos' term, on the device: each photo's pixels and their taps into the every-step texels."""
+
+    tap_pos: list[torch.Tensor]     # [P, 4] positions in the every-step texels
+    tap_weight: list[torch.Tensor]  # [P, 4]
+    target: list[torch.Tensor]      # [P, 3] photo colours
+    weight: list[torch.Tensor]      # [P] feather x facing, 0 where no tap is left
+
+    def loss(self, albedo: torch.Tensor) -> torch.Tensor:
+        """Charbonnier per photo (weighted mean over its pixels), then the mean over photos."""
+        terms = []
+        for pos, w_tap, target, w_px in zip(self.tap_pos, self.tap_weight, self.target, self.weight):
+            pred = (w_tap[..., None] * albedo[pos]).sum(1)
+            terms.append((w_px[:, None] * _charbonnier(pred - target)).sum() / (3.0 * w_px.sum()))
+        return torch.stack(terms).mean()
+
+
+def _every_step_texels(prepared: Sequence[_View], texels: TexelMap, seen: torch.Tensor, device: torch.device
+                       ) -> tuple[torch.Tensor, torch.Tensor, _Photometric]:
+    """The texels evaluated at every step (host, sorted), each covered texel's position among them (-1 if not
+    one) and the photometric term that reads them.
+
+    They are those the photos' pixels sample and the well-seen ones (the fill's sources); the fill's texels are
+    drawn on top of them, a random subset per step.
+    """
+    taps = [_same_place_taps(p, texels) for p in prepared]
+    well = (seen >= SEEN_WELL).nonzero().squeeze(1)
+    every_step, inverse = torch.unique(torch.cat([t.reshape(-1) for t, _ in taps] + [well]), return_inverse=True)
+    n_taps = sum(t.numel() for t, _ in taps)
+    tap_pos = inverse[:n_taps].split([t.numel() for t, _ in taps])
+    position = torch.full((seen.shape[0],), -1, dtype=torch.long)
+    position[every_step] = torch.arange(every_step.numel())
+    photometric = _Photometric(
+        tap_pos=[pos.view(-1, 4).to(device) for pos in tap_pos], tap_weight=[w.to(device) for _, w in taps],
+        target=[p.target.to(device) for p in prepared],
+        weight=[(p.weight * (w.sum(1) > 0)).to(device) for p, (_, w) in zip(prepared, taps)])
+    return every_step, position, photometric
+
+
+@dataclass
+class _Fill:
+    """The pull of the texels not seen well toward the face's colours carried outward, fading into skin."""
+
+    candidates: torch.Tensor      # [C] host: the texels it may draw (seen weight below SEEN_WELL)
+    on_device: torch.Tensor       # the same on the device: the draw when all are used
+    count: int                    # texels drawn per step
+    share: float                  # C / N: rescales the sampled mean to a mean over all texels
+    unseen: torch.Tensor          # [N] device: the pull's weight, 0 on well-seen texels
+    skin: torch.Tensor            # [3] device
+    kernel: torch.Tensor | None   # [N, K] device, see _Extension (None: no texel is seen well)
+    ramp: torch.Tensor | None     # [N] device
+    source_pos: torch.Tensor | None  # [N, K] device: the extension's sources among the every-step texels
+
+    def draw(self, sampler: torch.Generator, device: torch.device) -> torch.Tensor:
+        # Drawn on the host from the seeded generator: the same texels on any device.
+        if self.count < self.candidates.numel():
+            return _host_to_device(
+                self.candidates[torch.randperm(self.candidates.numel(), generator=sampler)[:self.count]], device)
+        return self.on_device
+
+    def loss(self, fill: torch.Tensor, albedo_every: torch.Tensor, albedo_fill: torch.Tensor) -> torch.Tensor:
+        if self.kernel is None:
+            goal = self.skin.expand_as(albedo_fill)
+        else:
+            near = (self.kernel[fill][..., None] * albedo_every.detach()[self.source_pos[fill]]).sum(1)
+            goal = self.skin + self.ramp[fill][:, None] * (near - self.skin)
+        # Squared, not robust: the fill's targets are smooth (no outliers), and an L1 pull over most
+        # texels keeps tugging the shared network at full strength however small its residual is.
+        return (self.unseen[fill][:, None] * (albedo_fill - goal).square()).mean()
+
+
+def _fill(points: torch.Tensor, seen: torch.Tensor, skin: torch.Tensor, position: torch.Tensor,
+          cfg: PhotoTextureConfig, device: torch.device) -> _Fill:
+    extension = _extension(points, seen, cfg.falloff)
+    # Well-seen texels follow the photos alone; the fill takes over as the seen weight drops to 0.
+    unseen = (1.0 - seen / SEEN_WELL).clamp(min=0.0)
+    candidates = (unseen > 0).nonzero().squeeze(1)
+    count = candidates.numel() if cfg.fill_texels == 0 else min(cfg.fill_texels, candidates.numel())
+    kernel = ramp = source_pos = None
+    if extension is not None:
+        source_pos = position[extension.source]  # sources are well-seen, hence evaluated every step
+        assert bool((source_pos >= 0).all())
+        # Everything a step indexes lives on the device from here on; only the fill's draw is made on the host.
+        kernel, ramp, source_pos = (t.to(device) for t in (extension.kernel, extension.ramp, source_pos))
+    return _Fill(candidates=candidates, on_device=candidates.to(device), count=count,
+                 share=candidates.numel() / points.shape[0], unseen=unseen.to(device), skin=skin.to(device),
+                 kernel=kernel, ramp=ramp, source_pos=source_pos)
+
+
+def _lr_scale(step: int, iterations: int) -> float:
+    # Cosine decay to a tenth: Adam at a constant rate keeps the colours jittering at the end.
+    return _FINAL_LR + (1.0 - _FINAL_LR) * 0.5 * (1.0 + math.cos(math.pi * step / max(iterations, 1)))
+
+
+def _optimise(field: TextureField, cfg: PhotoTextureConfig, step_loss: Callable[[], torch.Tensor],
+              progress: Callable[[int, float], None] | None, log_every: int) -> None:
+    opt = texture_optimizer(field, cfg.lr)
+    base_lr = [g["lr"] for g in opt.param_groups]
+    latest = float("nan")
+    for step in range(cfg.iterations):
+        scale = _lr_scale(step, cfg.iterations)
+        for group, lr in zip(opt.param_groups, base_lr):
+            group["lr"] = lr * scale
+        loss = step_loss()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if progress is not None:
+            if step % log_every == 0 or step == cfg.iterations - 1:
+                latest = float(loss.detach())  # waits for the device: only every log_every steps
+            progress(step + 1, latest)
+
+
+@torch.no_grad()
+def _photometric_rmse(field: TextureField, expression: int, texels: TexelMap, prepared: Sequence[_View],
+                      device: torch.device) -> float:
+    """The face region's sRGB error through the renderer's own path: the full baked texture, sampled."""
+    texture = field.bake(expression, texels.to(device), chunk=1 << 15)["albedo"]
+    sq, count = 0.0, 0
+    for p in prepared:
+        pred = sample_texture(texture, p.uv.to(device).view(1, -1, 1, 2)).view(-1, 3)
+        core = p.core.to(device)
+        sq += float((pred - p.target.to(device))[core].square().sum())
+        count += int(p.core.sum()) * 3
+    return (sq / count) ** 0.5 if count else float("nan")
+
+
 def fit_photo_texture(field: TextureField, expression: int, expr: PhotoSurface, views: Sequence[PhotoView],
                       cfg: PhotoTextureConfig, *, seed: int = 0,
                       progress: Callable[[int, float], None] | None = None,
@@ -494,109 +639,34 @@ def fit_photo_texture(field: TextureField, expression: int, expr: PhotoSurface, 
     ``device``: where the steps run (None = where ``field`` is); the field is moved there and stays there.
     """
     t0 = time.perf_counter()
-    if isinstance(expression, bool) or not isinstance(expression, int) or not 0 <= expression < field.n_expressions:
-        raise IdtoError(f"expression index must be an integer in [0, {field.n_expressions}), got {expression!r}")
-    if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 1:
-        raise IdtoError(f"log_every must be a positive number of steps, got {log_every!r}")
+    _check_fit_args(field, expression, log_every)
     prepared = _prepare(expr, views, cfg.resolution, cfg)
     device = field.codes.device if device is None else torch.device(device)
     field.to(device)
     texels = expr.texels.to("cpu")
     points = texels.points.detach().float()
-    n_texels = points.shape[0]
-
-    seen = torch.stack([p.texel_weight for p in prepared]).amax(0)
-    seen_fraction = float((seen >= SEEN_WELL).float().mean())
-    skin_px = torch.cat([p.skin for p in prepared])
-    skin = skin_px.median(0).values if skin_px.shape[0] else torch.full((3,), 0.5)
-    skin_tone = tuple(float(c) for c in skin)
-
-    # Texels evaluated at every step: those the photos' pixels sample, and the well-seen ones (the fill's
-    # sources). The fill's texels are drawn on top of them, a random subset per step.
-    taps = [_same_place_taps(p, texels) for p in prepared]
-    well = (seen >= SEEN_WELL).nonzero().squeeze(1)
-    every_step, inverse = torch.unique(torch.cat([t.reshape(-1) for t, _ in taps] + [well]), return_inverse=True)
-    n_taps = sum(t.numel() for t, _ in taps)
-    tap_pos = list(inverse[:n_taps].split([t.numel() for t, _ in taps]))
-    tap_pos = [pos.view(-1, 4).to(device) for pos in tap_pos]
-    tap_weight = [w.to(device) for _, w in taps]
-    position = torch.full((n_texels,), -1, dtype=torch.long)
-    position[every_step] = torch.arange(every_step.numel())
-
-    extension = _extension(points, seen, cfg.falloff)
-    # Well-seen texels follow the photos alone; the fill takes over as the seen weight drops to 0.
-    unseen = (1.0 - seen / SEEN_WELL).clamp(min=0.0)
-    fill_candidates = (unseen > 0).nonzero().squeeze(1)
-    n_fill = fill_candidates.numel() if cfg.fill_texels == 0 else min(cfg.fill_texels, fill_candidates.numel())
-    fill_share = fill_candidates.numel() / n_texels  # the sampled mean, rescaled to a mean over all texels
-    if extension is not None:
-        source_pos = position[extension.source]  # sources are well-seen, hence evaluated every step
-        assert bool((source_pos >= 0).all())
-        # Everything a step indexes lives on the device from here on; only the fill's draw is made on the host.
-        kernel, ramp, source_pos = (t.to(device) for t in (extension.kernel, extension.ramp, source_pos))
-
+    seen = _best_weight(prepared)
+    skin = _skin_tone(prepared)
+    every_step, position, photometric = _every_step_texels(prepared, texels, seen, device)
+    fill = _fill(points, seen, skin, position, cfg, device)
     _warm_start(field, expression, points.to(device), skin.to(device))
-    skin = skin.to(device)
-    targets = [p.target.to(device) for p in prepared]
-    weights = [(p.weight * (w.sum(1) > 0)).to(device) for p, (_, w) in zip(prepared, taps)]  # no tap left: skip
-    points, every_step, unseen = points.to(device), every_step.to(device), unseen.to(device)
-    all_fill = fill_candidates.to(device)
+    points, every_step = points.to(device), every_step.to(device)
     sampler = torch.Generator().manual_seed(seed)
 
     def step_loss() -> torch.Tensor:
-        if n_fill < fill_candidates.numel():
-            fill = _host_to_device(
-                fill_candidates[torch.randperm(fill_candidates.numel(), generator=sampler)[:n_fill]], device)
-        else:
-            fill = all_fill
-        out = field(expression, points[torch.cat([every_step, fill])])
-        albedo_e, albedo_f = out["albedo"].split([every_step.numel(), fill.numel()])
-        terms = []
-        for pos, w_tap, target, w_px in zip(tap_pos, tap_weight, targets, weights):
-            pred = (w_tap[..., None] * albedo_e[pos]).sum(1)
-            terms.append((w_px[:, None] * _charbonnier(pred - target)).sum() / (3.0 * w_px.sum()))
-        loss = torch.stack(terms).mean()
-        if fill.numel():
-            if extension is None:
-                goal = skin.expand_as(albedo_f)
-            else:
-                near = (kernel[fill][..., None] * albedo_e.detach()[source_pos[fill]]).sum(1)
-                goal = skin + ramp[fill][:, None] * (near - skin)
-            # Squared, not robust: the fill's targets are smooth (no outliers), and an L1 pull over most
-            # texels keeps tugging the shared network at full strength however small its residual is.
-            fill_term = (unseen[fill][:, None] * (albedo_f - goal).square()).mean()
-            loss = loss + cfg.skin_weight * fill_share * fill_term
+        drawn = fill.draw(sampler, device)
+        out = field(expression, points[torch.cat([every_step, drawn])])
+        albedo_e, albedo_f = out["albedo"].split([every_step.numel(), drawn.numel()])
+        loss = photometric.loss(albedo_e)
+        if drawn.numel():
+            loss = loss + cfg.skin_weight * fill.share * fill.loss(drawn, albedo_e, albedo_f)
         return loss + (out["roughness"] - SKIN_ROUGHNESS).square().mean() + \
             (out["metallic"] - SKIN_METALLIC).square().mean()
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        opt = texture_optimizer(field, cfg.lr)
-        base_lr = [g["lr"] for g in opt.param_groups]
-        latest = float("nan")
-        for step in range(cfg.iterations):
-            # Cosine decay to a tenth: Adam at a constant rate keeps the colours jittering at the end.
-            scale = _FINAL_LR + (1.0 - _FINAL_LR) * 0.5 * (1.0 + math.cos(math.pi * step / max(cfg.iterations, 1)))
-            for group, lr in zip(opt.param_groups, base_lr):
-                group["lr"] = lr * scale
-            loss = step_loss()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if progress is not None:
-                if step % log_every == 0 or step == cfg.iterations - 1:
-                    latest = float(loss.detach())  # waits for the device: only every log_every steps
-                progress(step + 1, latest)
-
-        # The reported error goes through the renderer's own path: the full baked texture, sampled.
-        with torch.no_grad():
-            texture = field.bake(expression, expr.texels.to(device), chunk=1 << 15)["albedo"]
-            sq, count = 0.0, 0
-            for p in prepared:
-                pred = sample_texture(texture, p.uv.to(device).view(1, -1, 1, 2)).view(-1, 3)
-                core = p.core.to(device)
-                sq += float((pred - p.target.to(device))[core].square().sum())
-                count += int(p.core.sum()) * 3
-    rmse = (sq / count) ** 0.5 if count else float("nan")
-    return PhotoTextureReport(seen_fraction=seen_fraction, skin_tone=skin_tone,  # type: ignore[arg-type]
+        _optimise(field, cfg, step_loss, progress, log_every)
+        rmse = _photometric_rmse(field, expression, expr.texels, prepared, device)
+    return PhotoTextureReport(seen_fraction=float((seen >= SEEN_WELL).float().mean()),
+                              skin_tone=tuple(float(c) for c in skin),  # type: ignore[arg-type]
                               photometric_rmse=rmse, seconds=time.perf_counter() - t0)

@@ -19,7 +19,7 @@ import hashlib
 import json
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -247,6 +247,115 @@ class RenderDatasetReport:
     index: Path
 
 
+def _check_render_args(views: int, resolution: int, up: str, forward: str) -> None:
+    if isinstance(views, bool) or not isinstance(views, int) or views < 1:
+        raise DatasetBuildError(f"--views must be a positive integer, got {views!r}")
+    if isinstance(resolution, bool) or not isinstance(resolution, int) or not 16 <= resolution <= 4096:
+        raise DatasetBuildError(f"--resolution must be an integer in [16, 4096], got {resolution!r}")
+    axis_rotation(up, forward)  # validate before any work
+
+
+def _subjects_with_metadata(entries: list[ScanEntry], metadata: str | Path
+                            ) -> tuple[list[str], dict[str, SubjectInfo]]:
+    """The scanned subjects (sorted) and the metadata rows; every scanned subject needs a row."""
+    meta = read_subject_metadata(metadata)
+    subjects = sorted({e.subject for e in entries})
+    missing = [s for s in subjects if _subject_key(s) not in meta]
+    if missing:
+        raise DatasetBuildError(f"{metadata} has no row for subject(s) {', '.join(missing)}; add one per scanned "
+                                "subject (columns subject, gender, age, ethnicity)")
+    return subjects, meta
+
+
+def _image_record(entry: ScanEntry, cams, k: int, word: str, domain: str, info: SubjectInfo, rel: str,
+                  id_path: str | None) -> dict:
+    """One ``index.jsonl`` line: view ``k`` of ``entry`` in ``domain``."""
+    return {
+        "image": rel, "domain": domain, "prompt": make_prompt(word, domain, info),
+        "subject": entry.subject, "expression": entry.expression,
+        "expression_id": entry.expression_id, "view": word,
+        "camera": {"elevation": float(cams.elevation_deg[k]), "azimuth": float(cams.azimuth_deg[k]),
+                   "radius": float(cams.radius[k]), "fov": float(cams.fov_deg[k])},
+        "id_embedding": id_path,
+    }
+
+
+def _load_for_domains(entry: ScanEntry, up: str, forward: str, domains: Sequence[str], device: torch.device):
+    """The scan on ``device``; one without colours is refused before any albedo is rendered."""
+    surface = load_scan(entry.path, up, forward)
+    if "albedo" in domains and not surface.has_color:
+        raise DatasetBuildError(
+            f"scan {entry.path} has no vertex colours or texture image, so it has no albedo; "
+            "give it colours, or pass --normals-only to render normal maps only")
+    return surface.to(device)
+
+
+def _render_views(mesh, surface, cams, domain: str, resolution: int, rasterizer) -> torch.Tensor:
+    """``[B, H, W, 3]`` images of ``surface`` (as ``mesh``) from ``cams``: camera-space normals or albedo."""
+    from idto3d.render.albedo import render_albedo
+    from idto3d.render.normals import render_normal_map
+
+    with torch.no_grad():
+        if domain == "normal":
+            return render_normal_map(mesh, cams, resolution, rasterizer=rasterizer).image
+        return render_albedo(mesh, cams, resolution, surface.vertex_colors, uv=surface.uv, texture=surface.texture,
+                             attribute_faces=surface.attribute_faces, rasterizer=rasterizer).image
+
+
+@dataclass
+class _RenderJob:
+    """What every scan shares: where the images go and how they are rendered."""
+
+    out: Path
+    domains: tuple[str, ...]
+    views: int
+    resolution: int
+    seed: int
+    camera: CameraConfig
+    up: str
+    forward: str
+    views_per_batch: int
+    device: torch.device
+    rasterizer: object
+    update: Callable[..., None]
+
+
+def _render_scan(job: _RenderJob, entry: ScanEntry, info: SubjectInfo, id_path: str | None
+                 ) -> tuple[list[dict], int, int]:
+    """Records for all of ``entry``'s images, rendering those not on disk yet; ``(records, rendered, skipped)``."""
+    from idto3d.render.camera import view_word
+    from idto3d.render.mesh import Mesh
+    from idto3d.render.preview import save_png
+
+    cams = scan_cameras(entry, job.views, job.seed, job.camera)
+    words = view_word(cams.azimuth_deg)
+    stem = f"{entry.subject}_{entry.expression_id}"
+    records, todo, skipped = [], {d: [] for d in job.domains}, 0
+    for k in range(job.views):
+        for d in job.domains:
+            rel = f"{d}/{stem}_{k:03d}.png"
+            records.append(_image_record(entry, cams, k, words[k], d, info, rel, id_path))
+            if (job.out / rel).is_file():
+                skipped += 1
+                job.update()
+            else:
+                todo[d].append(k)
+    if not any(todo.values()):
+        return records, 0, skipped
+    surface = _load_for_domains(entry, job.up, job.forward, job.domains, job.device)
+    mesh = Mesh(surface.vertices, surface.faces)
+    rendered = 0
+    for d, ks in todo.items():
+        for start in range(0, len(ks), job.views_per_batch):
+            chunk = ks[start:start + job.views_per_batch]
+            images = _render_views(mesh, surface, cams[torch.tensor(chunk)], d, job.resolution, job.rasterizer)
+            for k, im in zip(chunk, images):
+                save_png(_to_png(im), job.out / d / f"{stem}_{k:03d}.png")
+                rendered += 1
+                job.update()
+    return records, rendered, skipped
+
+
 def build_render_dataset(
     scans: str | Path,
     out: str | Path,
@@ -269,28 +378,14 @@ def build_render_dataset(
 ) -> RenderDatasetReport:
     """Render every scan under ``scans`` into ``out`` (see the module doc); resumable and deterministic."""
     from idto3d.core.progress import progress_bar
-    from idto3d.render.albedo import render_albedo
     from idto3d.render.backend import get_rasterizer
-    from idto3d.render.camera import view_word
-    from idto3d.render.mesh import Mesh
-    from idto3d.render.normals import render_normal_map
-    from idto3d.render.preview import save_png
 
-    if isinstance(views, bool) or not isinstance(views, int) or views < 1:
-        raise DatasetBuildError(f"--views must be a positive integer, got {views!r}")
-    if isinstance(resolution, bool) or not isinstance(resolution, int) or not 16 <= resolution <= 4096:
-        raise DatasetBuildError(f"--resolution must be an integer in [16, 4096], got {resolution!r}")
-    axis_rotation(up, forward)  # validate before any work
+    _check_render_args(views, resolution, up, forward)
     camera = camera if camera is not None else CameraConfig()
     names = tuple(get_expression(n).name for n in expression_names) if expression_names else EXPRESSION_NAMES
     out = Path(out)
     entries = find_scans(scans, names)
-    meta = read_subject_metadata(metadata)
-    subjects = sorted({e.subject for e in entries})
-    missing = [s for s in subjects if _subject_key(s) not in meta]
-    if missing:
-        raise DatasetBuildError(f"{metadata} has no row for subject(s) {', '.join(missing)}; add one per scanned "
-                                "subject (columns subject, gender, age, ethnicity)")
+    subjects, meta = _subjects_with_metadata(entries, metadata)
     out.mkdir(parents=True, exist_ok=True)
     id_paths = _copy_identities(Path(identities), subjects, out) if identities is not None else {}
     _check_manifest(out, {
@@ -304,52 +399,14 @@ def build_render_dataset(
     records, rendered, skipped = [], 0, 0
     with progress_bar("render-dataset", total=len(entries) * views * len(domains), enabled=progress,
                       console=console) as update:
+        job = _RenderJob(out, domains, views, resolution, seed, camera, up, forward, views_per_batch, device,
+                         rasterizer, update)
         for entry in entries:
-            cams = scan_cameras(entry, views, seed, camera)
-            words = view_word(cams.azimuth_deg)
-            info = meta[_subject_key(entry.subject)]
-            stem = f"{entry.subject}_{entry.expression_id}"
-            todo: dict[str, list[int]] = {d: [] for d in domains}
-            for k in range(views):
-                for d in domains:
-                    rel = f"{d}/{stem}_{k:03d}.png"
-                    records.append({
-                        "image": rel, "domain": d, "prompt": make_prompt(words[k], d, info),
-                        "subject": entry.subject, "expression": entry.expression,
-                        "expression_id": entry.expression_id, "view": words[k],
-                        "camera": {"elevation": float(cams.elevation_deg[k]), "azimuth": float(cams.azimuth_deg[k]),
-                                   "radius": float(cams.radius[k]), "fov": float(cams.fov_deg[k])},
-                        "id_embedding": id_paths.get(entry.subject),
-                    })
-                    if (out / rel).is_file():
-                        skipped += 1
-                        update()
-                    else:
-                        todo[d].append(k)
-            if not any(todo.values()):
-                continue
-            surface = load_scan(entry.path, up, forward)
-            if "albedo" in domains and not surface.has_color:
-                raise DatasetBuildError(
-                    f"scan {entry.path} has no vertex colours or texture image, so it has no albedo; "
-                    "give it colours, or pass --normals-only to render normal maps only")
-            surface = surface.to(device)
-            mesh = Mesh(surface.vertices, surface.faces)
-            for d, ks in todo.items():
-                for start in range(0, len(ks), views_per_batch):
-                    chunk = ks[start:start + views_per_batch]
-                    sub = cams[torch.tensor(chunk)]
-                    with torch.no_grad():
-                        if d == "normal":
-                            img = render_normal_map(mesh, sub, resolution, rasterizer=rasterizer).image
-                        else:
-                            img = render_albedo(mesh, sub, resolution, surface.vertex_colors, uv=surface.uv,
-                                                texture=surface.texture, attribute_faces=surface.attribute_faces,
-                                                rasterizer=rasterizer).image
-                    for k, im in zip(chunk, img):
-                        save_png(_to_png(im), out / d / f"{stem}_{k:03d}.png")
-                        rendered += 1
-                        update()
+            scan_records, scan_rendered, scan_skipped = _render_scan(
+                job, entry, meta[_subject_key(entry.subject)], id_paths.get(entry.subject))
+            records += scan_records
+            rendered += scan_rendered
+            skipped += scan_skipped
     index = out / "index.jsonl"
     atomic_write_text(index, "".join(json.dumps(r) + "\n" for r in records))
     return RenderDatasetReport(images=len(records), rendered=rendered, skipped=skipped, scans=len(entries),

@@ -23,6 +23,7 @@ import json
 import math
 import shutil
 import time
+from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -138,29 +139,20 @@ def train_prior(
         GradientState._reset_state()
 
 
-def _train_prior(domain: str, data: Path, out: Path, cfg: Config, *, base_model: str | Path | None,
-                 init: str | Path | None, ip_adapter: str | Path | None, resume: bool, progress: bool,
-                 console: Any) -> TrainReport:
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
-    from torch.utils.data import DataLoader
-
-    from idto3d.core.progress import progress_bar
-    from idto3d.priors import prior as prior_model
-
-    tc: PriorTrainConfig = cfg.prior.train
+def _check_args(domain: str, tc: PriorTrainConfig) -> None:
     if domain not in ("normal", "albedo"):
         raise TrainError(f"unknown domain {domain!r}; choose normal or albedo")
     if tc.resolution % 8:
         raise TrainError(f"prior.train.resolution must be a multiple of 8 (the VAE's downsampling), "
                          f"got {tc.resolution}")
-    out = Path(out)
-    base = str(base_model if base_model is not None else cfg.prior.base_model)
 
-    # Check the data before spending minutes on loading weights.
-    dataset = PriorDataset(data, domain, tc.resolution)
+
+def _accelerator(tc: PriorTrainConfig, out: Path):
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
+
     try:
-        accelerator = Accelerator(
+        return Accelerator(
             mixed_precision=tc.mixed_precision,
             project_config=ProjectConfiguration(project_dir=str(out), automatic_checkpoint_naming=False),
             # A batch whose samples all drop the ID (or expression) leaves that branch without gradients.
@@ -169,29 +161,35 @@ def _train_prior(domain: str, data: Path, out: Path, cfg: Config, *, base_model:
     except ValueError as exc:
         raise TrainError(f"cannot set up training with mixed_precision={tc.mixed_precision!r}: {exc}") from None
 
-    main = accelerator.is_main_process
-    run = _run_description(domain, Path(data), base, None if init is None else str(init),
-                           None if ip_adapter is None else str(ip_adapter), cfg)
-    if main:
+
+def _start_step(accelerator: Any, out: Path, run: dict, resume: bool) -> int:
+    """The step to start from; the main process writes (or checks) ``run.json`` before the others read it."""
+    if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         start = _check_run(out, run, resume)
     accelerator.wait_for_everyone()
-    if not main:
+    if not accelerator.is_main_process:
         start = _check_run(out, run, True) if resume else 0
+    return start
+
+
+def _prior_matching_data(dataset: PriorDataset, domain: str, base: str, init: str | Path | None,
+               ip_adapter: str | Path | None, cfg: Config):
+    """The prior to fine-tune, with its ID size matched to the data's (or the identity backend's)."""
+    from accelerate.utils import set_seed
 
     id_dim = dataset.id_dim if dataset.id_dim is not None else ID_DIMS[cfg.identity.backend]
-    set_seed(tc.seed)  # fresh adapters are drawn from the global RNG
+    set_seed(cfg.prior.train.seed)  # fresh adapters are drawn from the global RNG
     prior = _build(domain, base, init, ip_adapter, id_dim, cfg)
     dataset.use_id_dim(int(prior.spec.id_dim))
-    params = prior.trainable_parameters()
-    n_trainable = sum(p.numel() for p in params)
+    return prior
 
-    objective = DenoisingObjective(prior)
-    optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=WEIGHT_DECAY)
-    objective, optimizer = accelerator.prepare(objective, optimizer)
+
+def _register_state_hooks(accelerator: Any, prior: Any) -> None:
+    """Checkpoints hold only the adapters; the frozen base model stays where it came from."""
+    main = accelerator.is_main_process
 
     def save_hook(models: list, weights: list, folder: str) -> None:
-        # Only the adapters change; the frozen base model stays where it came from.
         if main:
             save_trainable(prior, Path(folder) / TRAINABLE_FILE)
         while weights:
@@ -205,74 +203,148 @@ def _train_prior(domain: str, data: Path, out: Path, cfg: Config, *, base_model:
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
 
-    log_path = out / "train_log.jsonl"
+
+def _restore(accelerator: Any, out: Path, start: int, log_path: Path) -> None:
     if start > 0:
         accelerator.load_state(str(out / CHECKPOINTS / f"step_{start:06d}"))
-    if main:
+    if accelerator.is_main_process:
         # Drop log lines past the checkpoint: they are recomputed identically.
         kept = [r for r in read_log(log_path) if r["step"] <= start]
         atomic_write_text(log_path, "".join(json.dumps(r) + "\n" for r in kept))
 
-    ga, world, rank = tc.gradient_accumulation, accelerator.num_processes, accelerator.process_index
-    sampler = StepBatches(len(dataset), tc.batch_size, tc.seed, start=start * ga, world=world, rank=rank)
+
+def _batches(dataset: PriorDataset, tc: PriorTrainConfig, start: int, accelerator: Any) -> Iterator:
+    """Micro-batches from step ``start`` on, this process's share (see ``StepBatches``)."""
+    from torch.utils.data import DataLoader
+
+    sampler = StepBatches(len(dataset), tc.batch_size, tc.seed, start=start * tc.gradient_accumulation,
+                          world=accelerator.num_processes, rank=accelerator.process_index)
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=tc.num_workers,
                         persistent_workers=tc.num_workers > 0)
-    batches = iter(loader)
+    return iter(loader)
 
-    def checkpoint(step: int) -> None:
-        folder = out / CHECKPOINTS / f"step_{step:06d}"
-        accelerator.wait_for_everyone()
-        accelerator.save_state(str(folder))
-        if main:
-            atomic_write_text(folder / STATE_FILE, json.dumps({"step": step, "domain": domain}) + "\n")
-            prior_model.save_prior(prior, out)
-            for _, old in list_checkpoints(out)[:-tc.keep_checkpoints]:
-                shutil.rmtree(old, ignore_errors=True)
-            log = read_log(log_path)
-            if log:
-                plot_loss(log, out / "loss.png", f"{domain} prior: L_simple")
-        accelerator.wait_for_everyone()
 
-    t0 = time.perf_counter()
+@dataclass
+class _Training:
+    """One run's moving parts, as ``accelerator.prepare`` left them."""
+
+    accelerator: Any
+    prior: Any                      # the unwrapped prior (inputs, saving)
+    objective: Any                  # DenoisingObjective, possibly wrapped for DDP
+    optimizer: Any
+    params: list[torch.Tensor]
+    tc: PriorTrainConfig
+    domain: str
+    out: Path
+    log_path: Path
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+
+def _train_step(t: _Training, step: int, batches: Iterator) -> float:
+    """One optimiser step over ``gradient_accumulation`` micro-batches; the loss averaged over processes."""
+    accelerator, tc = t.accelerator, t.tc
+    ga, rank = tc.gradient_accumulation, accelerator.process_index
+    total = torch.zeros((), device=accelerator.device)
+    for micro in range(ga):
+        m = (step - 1) * ga + micro
+        batch = next(batches)
+        inputs = prepare_inputs(t.prior, batch, generator_for(tc.seed, "noise", m, rank), tc.condition_dropout)
+        sync = accelerator.no_sync(t.objective) if micro < ga - 1 else nullcontext()
+        with sync, accelerator.autocast():
+            loss = denoising_loss(t.objective, inputs)
+            accelerator.backward(loss / ga)
+        total += loss.detach() / ga
+    accelerator.clip_grad_norm_(t.params, MAX_GRAD_NORM)
+    t.optimizer.step()
+    t.optimizer.zero_grad(set_to_none=True)
+    mean = float(accelerator.reduce(total, reduction="mean"))
+    if not math.isfinite(mean):
+        raise TrainError(f"the loss became {mean} at step {step}; lower prior.train.lr or use "
+                         "mixed_precision=no / bf16, then resume from the last checkpoint")
+    return mean
+
+
+def _checkpoint(t: _Training, step: int) -> None:
+    """Save the state at ``step``, publish the prior, keep the newest ``keep_checkpoints``, redraw the curve."""
+    from idto3d.priors import prior as prior_model
+
+    folder = t.out / CHECKPOINTS / f"step_{step:06d}"
+    t.accelerator.wait_for_everyone()
+    t.accelerator.save_state(str(folder))
+    if t.main:
+        atomic_write_text(folder / STATE_FILE, json.dumps({"step": step, "domain": t.domain}) + "\n")
+        prior_model.save_prior(t.prior, t.out)
+        for _, old in list_checkpoints(t.out)[:-t.tc.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+        log = read_log(t.log_path)
+        if log:
+            plot_loss(log, t.out / "loss.png", f"{t.domain} prior: L_simple")
+    t.accelerator.wait_for_everyone()
+
+
+def _train_loop(t: _Training, start: int, batches: Iterator, t0: float, progress: bool, console: Any
+                ) -> float | None:
+    """Steps ``start + 1 .. steps``, logged and checkpointed; the last step's loss (None if none ran)."""
+    from idto3d.core.progress import progress_bar
+
+    tc = t.tc
     last = None
-    objective.train()
+    t.objective.train()
     # Only the main process writes the log; the others get None and never touch it.
-    log_file = log_path.open("a", encoding="utf-8") if main else nullcontext()
-    with progress_bar(f"train-prior {domain}", total=tc.steps, enabled=progress and main,
+    log_file = t.log_path.open("a", encoding="utf-8") if t.main else nullcontext()
+    with progress_bar(f"train-prior {t.domain}", total=tc.steps, enabled=progress and t.main,
                       console=console) as update, log_file as log:
         if start:
             update(advance=min(start, tc.steps))
         for step in range(start + 1, tc.steps + 1):
-            total = torch.zeros((), device=accelerator.device)
-            for micro in range(ga):
-                m = (step - 1) * ga + micro
-                batch = next(batches)
-                inputs = prepare_inputs(prior, batch, generator_for(tc.seed, "noise", m, rank), tc.condition_dropout)
-                sync = accelerator.no_sync(objective) if micro < ga - 1 else nullcontext()
-                with sync, accelerator.autocast():
-                    loss = denoising_loss(objective, inputs)
-                    accelerator.backward(loss / ga)
-                total += loss.detach() / ga
-            accelerator.clip_grad_norm_(params, MAX_GRAD_NORM)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            mean = float(accelerator.reduce(total, reduction="mean"))
-            if not math.isfinite(mean):
-                raise TrainError(f"the loss became {mean} at step {step}; lower prior.train.lr or use "
-                                 "mixed_precision=no / bf16, then resume from the last checkpoint")
-            last = mean
-            if main:
-                log.write(json.dumps({"step": step, "loss": mean, "lr": tc.lr,
+            last = _train_step(t, step, batches)
+            if t.main:
+                log.write(json.dumps({"step": step, "loss": last, "lr": tc.lr,
                                       "seconds": round(time.perf_counter() - t0, 3)}) + "\n")
-            update(loss=mean)
+            update(loss=last)
             if step % tc.checkpoint_every == 0 or step == tc.steps:
-                if main:
+                if t.main:
                     log.flush()
-                checkpoint(step)
-    if start >= tc.steps and main:
+                _checkpoint(t, step)
+    return last
+
+
+def _train_prior(domain: str, data: Path, out: Path, cfg: Config, *, base_model: str | Path | None,
+                 init: str | Path | None, ip_adapter: str | Path | None, resume: bool, progress: bool,
+                 console: Any) -> TrainReport:
+    from idto3d.priors import prior as prior_model
+
+    tc: PriorTrainConfig = cfg.prior.train
+    _check_args(domain, tc)
+    out = Path(out)
+    base = str(base_model if base_model is not None else cfg.prior.base_model)
+
+    # Check the data before spending minutes on loading weights.
+    dataset = PriorDataset(data, domain, tc.resolution)
+    accelerator = _accelerator(tc, out)
+    run = _run_description(domain, Path(data), base, None if init is None else str(init),
+                           None if ip_adapter is None else str(ip_adapter), cfg)
+    start = _start_step(accelerator, out, run, resume)
+
+    prior = _prior_matching_data(dataset, domain, base, init, ip_adapter, cfg)
+    params = prior.trainable_parameters()
+    objective = DenoisingObjective(prior)
+    optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=WEIGHT_DECAY)
+    objective, optimizer = accelerator.prepare(objective, optimizer)
+    _register_state_hooks(accelerator, prior)
+    training = _Training(accelerator, prior, objective, optimizer, params, tc, domain, out, out / "train_log.jsonl")
+    _restore(accelerator, out, start, training.log_path)
+    batches = _batches(dataset, tc, start, accelerator)
+
+    t0 = time.perf_counter()
+    last = _train_loop(training, start, batches, t0, progress, console)
+    if start >= tc.steps and training.main:
         prior_model.save_prior(prior, out)
     seconds = time.perf_counter() - t0
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return TrainReport(out=out, steps=tc.steps, start_step=start, final_loss=last, seconds=seconds,
-                       trainable_parameters=n_trainable, samples=len(dataset))
+                       trainable_parameters=sum(p.numel() for p in params), samples=len(dataset))
