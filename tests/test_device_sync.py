@@ -26,7 +26,8 @@ from torch.utils import _pytree as pytree
 from idto3d.core.config import load_config
 from idto3d.geometry.template import build_head_template
 from idto3d.stages.geometry_stage import run_geometry_stage
-from idto3d.stages.run_folder import ensure_init, prepare_run
+from idto3d.stages.initial_geometry import ensure_init
+from idto3d.stages.run_folder import prepare_run
 from idto3d.stages.texture_stage import run_texture_stage
 from idto3d.priors.guidance import SDSGuidance
 from idto3d.priors.prior import build_prior
@@ -41,7 +42,7 @@ SRC = str(Path(__file__).resolve().parents[1] / "src" / "idto3d")
 
 # Functions run for checkpoints and previews (every checkpoint_every / preview_every steps) and at the end of a
 # stage, not every step.
-OUTSIDE_LOOP = {"current_meshes", "save_progress", "save_texture_progress", "_finished", "save_mesh",
+OUTSIDE_LOOP = {"current_meshes", "save_progress", "save_texture_progress", "finished", "save_mesh",
                 "cpu_state_dict"}
 # (module file, function) pairs allowed to read device values, with the reason.
 ALLOWED = {
@@ -156,14 +157,14 @@ def _geometry_reads(tmp_path: Path, prior, monkeypatch, deferred: bool = True) -
     cfg = load_config("preview", None, FAST)
     run = tmp_path / "geo"
     prepare_run(run, cfg)
-    ensure_init(run, cfg, progress=False)
+    field = ensure_init(run, cfg, progress=False)
     cls = SDSGuidance if deferred else EagerChecks  # the audit's own check: a guidance that reads every step
     guidance = cls(prior, cfg.prior.guidance, "geometry", cfg.geometry.iterations, seed=0)
     ident = torch.nn.functional.normalize(torch.randn(512, generator=torch.Generator().manual_seed(0)), dim=0)
-    audit = DeviceReadAudit(_module_tensors(prior))
-    _mark_modules_after(audit, "load_state_dict", monkeypatch)  # the stage reloads the template fit
+    audit = DeviceReadAudit(_module_tensors(prior, field))  # the template fit the stage starts from lives there
+    _mark_modules_after(audit, "load_state_dict", monkeypatch)  # a stage that restores a checkpoint
     with audit:
-        run_geometry_stage(run, cfg, guidance, id_embedding=ident, progress=False)
+        run_geometry_stage(run, cfg, guidance, field, id_embedding=ident, progress=False)
     return audit.reads
 
 
@@ -185,6 +186,7 @@ def test_texture_stage_reads_device_values_only_where_allowed(tmp_path, tiny_bas
     cfg = load_config("preview", None, FAST)
     prior = build_prior(tiny_base, "albedo", 512, seed=0)
     guidance = SDSGuidance(prior, cfg.prior.guidance, "texture_diffuse", cfg.texture.iterations, seed=1)
+    prepare_run(tmp_path / "tex", cfg)
     audit = DeviceReadAudit(_module_tensors(prior))
     _mark_modules_after(audit, "to", monkeypatch)  # the stage moves its texture field to the device
     with audit:

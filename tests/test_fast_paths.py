@@ -36,7 +36,7 @@ from idto3d.nn.state import cpu_state_dict, load_field_state
 from idto3d.geometry.template import build_head_template
 from idto3d.geometry.template_fit import fit_field_to_mesh
 from idto3d.stages.export_stage import baked_maps
-from idto3d.stages.run_folder import ensure_init
+from idto3d.stages.initial_geometry import ensure_init
 from idto3d.render import Mesh, orbit_camera, render_normal_map
 from idto3d.render.albedo import render_albedo
 from idto3d.render.backend import NvdiffrastRasterizer, TorchRasterizer, available_backends, get_rasterizer

@@ -21,10 +21,12 @@ from typer.testing import CliRunner
 
 from idto3d.cli import app
 from idto3d.core.config import AdapterConfig, GuidanceConfig, load_config
+from idto3d.core.device import resolve_device
 from idto3d.core.errors import IdtoError
 from idto3d.identity.io import IdentityEmbedding, save_identity
 from idto3d.stages.geometry_stage import run_geometry_stage
-from idto3d.stages.run_folder import ensure_init, prepare_run
+from idto3d.stages.initial_geometry import ensure_init
+from idto3d.stages.run_folder import prepare_run
 from idto3d.priors.guidance import OracleGuidance
 from idto3d.priors.prior import build_prior, save_prior
 
@@ -58,6 +60,13 @@ def _run(tmp_path: Path, name: str, fitted: Path) -> Path:
         (run / "geometry").mkdir(parents=True, exist_ok=True)
         shutil.copy(fitted / f, run / "geometry" / f)
     return run
+
+
+def _stage(run: Path, cfg, guidance, *, overwrite: bool = False, **kw):
+    """The geometry stage as ``generate`` runs it: the run folder prepared and its initial field loaded first."""
+    prepare_run(run, cfg, overwrite)
+    field = ensure_init(run, cfg, progress=False, device=resolve_device(cfg.runtime.device))
+    return run_geometry_stage(run, cfg, guidance, field, **kw)
 
 
 def _oracle(cfg, nan_steps: set[int] | None = None, policy: str = "raise") -> OracleGuidance:
@@ -105,14 +114,14 @@ def _load_vertices(path: Path) -> np.ndarray:
 
 def test_stopped_and_resumed_run_equals_an_uninterrupted_one(tmp_path, fitted):
     cfg = _cfg()
-    full = run_geometry_stage(_run(tmp_path, "full", fitted), cfg, _oracle(cfg), progress=False)
+    full = _stage(_run(tmp_path, "full", fitted), cfg, _oracle(cfg), progress=False)
     assert full.iterations == 6 and full.resumed_from == 0 and full.skipped_steps == 0
     # Stops at 3 (between checkpoints) and 5, then finishes: each call resumes with fresh objects.
-    part = run_geometry_stage(_run(tmp_path, "part", fitted), cfg, _oracle(cfg), progress=False, stop_after=3)
+    part = _stage(_run(tmp_path, "part", fitted), cfg, _oracle(cfg), progress=False, stop_after=3)
     assert part.iterations == 3 and not (tmp_path / "part" / "geometry" / "done.json").exists()
-    part = run_geometry_stage(tmp_path / "part", cfg, _oracle(cfg), progress=False, stop_after=2)
+    part = _stage(tmp_path / "part", cfg, _oracle(cfg), progress=False, stop_after=2)
     assert (part.iterations, part.resumed_from) == (5, 3)
-    part = run_geometry_stage(tmp_path / "part", cfg, _oracle(cfg), progress=False)
+    part = _stage(tmp_path / "part", cfg, _oracle(cfg), progress=False)
     assert (part.iterations, part.resumed_from) == (6, 5)
     for name in cfg.expressions:
         a, b = full.meshes[name].vertices, part.meshes[name].vertices
@@ -129,7 +138,7 @@ def test_stopped_and_resumed_run_equals_an_uninterrupted_one(tmp_path, fitted):
 
 def test_run_folder_outputs_and_a_finished_stage_is_reused(tmp_path):
     cfg = _cfg()
-    first = run_geometry_stage(tmp_path, cfg, _oracle(cfg), progress=False)
+    first = _stage(tmp_path, cfg, _oracle(cfg), progress=False)
     geo = tmp_path / "geometry"
     for name in ("ckpt.pt", "progress.png", "log.jsonl", "done.json", "neutral.ply", "neutral.obj", "smile.ply"):
         assert (geo / name).stat().st_size > 0, name
@@ -139,33 +148,33 @@ def test_run_folder_outputs_and_a_finished_stage_is_reused(tmp_path):
     ckpt = torch.load(geo / "ckpt.pt", weights_only=True)
     assert ckpt["iteration"] == 6 and {"optimizer", "sampler", "guidance", "torch_rng"} <= set(ckpt)
     stamp = (geo / "ckpt.pt").stat().st_mtime_ns
-    again = run_geometry_stage(tmp_path, cfg, _oracle(cfg), progress=False)
+    again = _stage(tmp_path, cfg, _oracle(cfg), progress=False)
     assert (geo / "ckpt.pt").stat().st_mtime_ns == stamp
     assert torch.equal(again.meshes["smile"].vertices, first.meshes["smile"].vertices)
     assert np.allclose(_load_vertices(geo / "smile.ply"), first.meshes["smile"].vertices.numpy(), atol=1e-6)
     assert not list(tmp_path.rglob("*.tmp*")), "temp files left behind"
     # Same folder, another identity: refused rather than silently mixed.
     with pytest.raises(IdtoError, match="different identity or prompt"):
-        run_geometry_stage(tmp_path, cfg, _oracle(cfg), progress=False, subject="a child")
+        _stage(tmp_path, cfg, _oracle(cfg), progress=False, subject="a child")
 
 
 def test_a_different_config_is_refused_unless_overwrite(tmp_path, fitted):
     cfg = _cfg()
     tmp_path = _run(tmp_path, "run", fitted)
-    run_geometry_stage(tmp_path, cfg, _oracle(cfg), progress=False, stop_after=2)
+    _stage(tmp_path, cfg, _oracle(cfg), progress=False, stop_after=2)
     other = _cfg(["seed=1"])
     with pytest.raises(IdtoError, match="different config.*--overwrite"):
-        run_geometry_stage(tmp_path, other, _oracle(other), progress=False)
-    res = run_geometry_stage(tmp_path, other, _oracle(other), progress=False, overwrite=True, stop_after=1)
+        _stage(tmp_path, other, _oracle(other), progress=False)
+    res = _stage(tmp_path, other, _oracle(other), progress=False, overwrite=True, stop_after=1)
     assert res.resumed_from == 0 and res.iterations == 1  # started over, not resumed from seed 0's checkpoint
 
 
 def test_non_finite_steps_are_skipped_and_counted(tmp_path, fitted):
     cfg = _cfg(["geometry.max_bad_steps=2"])
     with pytest.warns(RuntimeWarning, match="not finite"):
-        res = run_geometry_stage(_run(tmp_path, "skip", fitted), cfg, _oracle(cfg, {1, 3}, policy="skip"),
+        res = _stage(_run(tmp_path, "skip", fitted), cfg, _oracle(cfg, {1, 3}, policy="skip"),
                                  progress=False)
-    res_raise = run_geometry_stage(_run(tmp_path, "raise", fitted), cfg, _oracle(cfg, {1, 3}), progress=False)
+    res_raise = _stage(_run(tmp_path, "raise", fitted), cfg, _oracle(cfg, {1, 3}), progress=False)
     for r in (res, res_raise):
         assert r.iterations == 6 and r.skipped_steps == 2
     log = [json.loads(x) for x in (tmp_path / "raise" / "geometry" / "log.jsonl").read_text().splitlines()]
@@ -178,12 +187,12 @@ def test_bad_steps_in_a_row_stop_the_run_leaving_the_last_good_checkpoint(tmp_pa
     tmp_path = _run(tmp_path, "run", fitted)
     bad = set(range(5, 12))
     with pytest.raises(IdtoError, match=r"3 steps in a row.*non-finite.*iteration 4\)"):
-        run_geometry_stage(tmp_path, cfg, _oracle(cfg, bad), progress=False)
+        _stage(tmp_path, cfg, _oracle(cfg, bad), progress=False)
     geo = tmp_path / "geometry"
     assert torch.load(geo / "ckpt.pt", weights_only=True)["iteration"] == 4
     assert not (geo / "done.json").exists()
     # The checkpoint is usable: a fixed guidance resumes from it and finishes.
-    res = run_geometry_stage(tmp_path, cfg, _oracle(cfg), progress=False)
+    res = _stage(tmp_path, cfg, _oracle(cfg), progress=False)
     assert (res.resumed_from, res.iterations, res.skipped_steps) == (4, 12, 0)
 
 

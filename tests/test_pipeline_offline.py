@@ -41,7 +41,7 @@ def offline_run(astronaut, tmp_path_factory):
 
 @pytest.mark.slow
 def test_offline_head_has_the_photos_identity(offline_run):
-    from idto3d.stages.subject_check import identity_distances
+    from subject_check import identity_distances
 
     result, cfg = offline_run
     distances, threshold, _ = identity_distances(result.person, result.photo.field,

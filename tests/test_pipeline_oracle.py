@@ -19,10 +19,13 @@ from oracle_targets import small_head, wide_head
 from priors_fixtures import isolated_cache, prior, tiny_base  # noqa: F401
 
 from idto3d.core.config import GuidanceConfig, load_config
+from idto3d.core.device import resolve_device
 from idto3d.core.errors import IdtoError
 from idto3d.geometry.mesh_io import load_mesh
 from idto3d.geometry.metrics import chamfer_distance
 from idto3d.stages.geometry_stage import render_for_guidance, run_geometry_stage
+from idto3d.stages.initial_geometry import ensure_init
+from idto3d.stages.run_folder import prepare_run
 from idto3d.priors.mesh_oracle import MeshOracleGuidance
 from idto3d.priors.guidance import GuidanceCond
 from idto3d.render.camera import orbit_camera
@@ -42,7 +45,9 @@ def _run(tmp_path, expressions, targets):
     guidance = MeshOracleGuidance(targets, cfg.render.resolution, cfg.prior.guidance, "geometry",
                                   total_steps=cfg.geometry.iterations, seed=cfg.seed)
     start = time.perf_counter()
-    result = run_geometry_stage(tmp_path, cfg, guidance, progress=False)
+    prepare_run(tmp_path, cfg)
+    field = ensure_init(tmp_path, cfg, progress=False, device=resolve_device(cfg.runtime.device))
+    result = run_geometry_stage(tmp_path, cfg, guidance, field, progress=False)
     seconds = time.perf_counter() - start
     init = {name: load_mesh(tmp_path / "geometry" / f"init_{name}.ply") for name in expressions}
     return result, init, seconds

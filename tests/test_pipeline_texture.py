@@ -16,6 +16,7 @@ from idto3d.core.errors import IdtoError
 from idto3d.texture.uv_atlas import shared_atlas
 from idto3d.geometry.template import build_head_template
 from idto3d.priors.texture_oracle import TexturedTarget, TextureOracleGuidance
+from idto3d.stages.run_folder import prepare_run
 from idto3d.stages.texture_stage import run_texture_stage, save_atlases, substage_at
 from idto3d.render.envmap import EnvMapError, save_hdr, srgb_to_linear
 from idto3d.render.pbr import linear_to_srgb
@@ -60,12 +61,17 @@ def _oracle(head: dict, cfg, seed: int = 0, target_lighting: str = "scene") -> T
                                  target_lighting=target_lighting)
 
 
+def _stage(run: Path, cfg, guidance, meshes: dict[str, Mesh], **kw):
+    """The texture stage as ``generate`` runs it: in a prepared run folder."""
+    prepare_run(run, cfg)
+    return run_texture_stage(run, cfg, guidance, meshes, progress=False, **kw)
+
+
 def _run(tmp_path: Path, name: str, head: dict, cfg, **kw):
     run = tmp_path / name
     # The target's textures live in this atlas: give the run the same one (xatlas is deterministic anyway).
     save_atlases(run / "texture" / "atlas.npz", {"neutral": head["atlas"]})
-    return run_texture_stage(run, cfg, kw.pop("guidance", None) or _oracle(head, cfg), {"neutral": head["mesh"]},
-                             progress=False, **kw)
+    return _stage(run, cfg, kw.pop("guidance", None) or _oracle(head, cfg), {"neutral": head["mesh"]}, **kw)
 
 
 def albedo_psnr(result, head: dict) -> tuple[float, float]:
@@ -213,7 +219,7 @@ def test_a_different_geometry_is_refused(tmp_path, head):
     _run(tmp_path, "run", head, cfg, stop_after=1)
     moved = Mesh(head["mesh"].vertices * 1.01, head["mesh"].faces)
     with pytest.raises(IdtoError, match="different identity, prompt or geometry"):
-        run_texture_stage(tmp_path / "run", cfg, _oracle(head, cfg), {"neutral": moved}, progress=False)
+        _stage(tmp_path / "run", cfg, _oracle(head, cfg), {"neutral": moved})
 
 
 def test_exposure_rule_makes_a_white_diffuse_sphere_average_white():

@@ -188,7 +188,7 @@ def test_bad_values_raise_and_leave_the_prior_untouched(tiny_base, field, value,
 
 
 def test_bench_variants_parse_to_runtime_configs():
-    from idto3d.bench.prior_runtime import parse_variants, variant_config
+    from idto3d.bench.prior_options import parse_variants, variant_config
 
     assert parse_variants("math,bf16+channels_last") == ["fp32", "math", "bf16+channels_last"]
     assert variant_config("bf16+channels_last") == RuntimeConfig(precision="bf16", channels_last=True)

@@ -152,7 +152,7 @@ def test_same_seed_same_steps(prior):
 
 
 def test_bench_guidance_quick_reports_the_tiny_prior():
-    from idto3d.bench.guidance import bench_guidance
+    from idto3d.bench.sds_guidance import bench_guidance
 
     rows = bench_guidance(repeats=1, quick=True)
     assert [r["baseline"] for r in rows] == ["tiny vae"] * 2 and rows[0]["ratio"] == 1.0

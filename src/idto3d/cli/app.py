@@ -6,13 +6,17 @@ import functools
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
 
 from idto3d import __version__
 from idto3d.core.errors import IdtoError
+
+if TYPE_CHECKING:  # imported where used: the CLI starts without loading the pipeline
+    from idto3d.core.config import Config
+    from idto3d.stages.generate import GenerateResult
 
 app = typer.Typer(name="idto3d", no_args_is_help=True, add_completion=False,
                   help="ID-to-3D: expressive, relightable 3D heads from 1-5 photos via score distillation.")
@@ -34,7 +38,8 @@ def user_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except IdtoError as exc:
-            console.print(f"[bold red]error:[/] {exc}", highlight=False)
+            # soft_wrap: one line whatever the terminal width (scripts and tests match on it)
+            console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
             raise typer.Exit(code=2) from None
 
     return wrapper  # type: ignore[return-value]
@@ -121,10 +126,10 @@ def fit_template_cmd(
 
     Re-running the same command on a finished folder reuses its result.
     """
-    from idto3d.stages.template_init import run_template_fit
+    from idto3d.core.config import load_config
+    from idto3d.stages.initial_geometry import fit_template
 
-    report = run_template_fit(out, preset=preset, config_file=config, overrides=set_, console=console,
-                              overwrite=overwrite)
+    report = fit_template(out, load_config(preset, config, set_), overwrite=overwrite, console=console)
     empty = [i for i, c in enumerate(report.chamfer) if c == float("inf")]
     if empty:
         console.print(f"[yellow]warning:[/] expression(s) {empty} have no surface yet; "
@@ -309,6 +314,13 @@ def generate_cmd(
         cfg = load_config(preset, config, overrides)
     result = generate(inputs, out, cfg, normal_prior=normal_prior, albedo_prior=albedo_prior, prompt=prompt,
                       overwrite=overwrite, console=console)
+    _print_generate_summary(result, cfg, out)
+
+
+def _print_generate_summary(result: GenerateResult, cfg: Config, out: Path) -> None:
+    """What ``generate`` did, for the user."""
+    from idto3d.core.run_layout import RunLayout
+
     if result.geometry is not None and result.geometry.iterations >= cfg.geometry.iterations:
         geo = result.geometry
         console.print(f"geometry: {geo.iterations} iterations ({geo.skipped_steps} skipped), {geo.seconds:.1f} s",
@@ -319,8 +331,9 @@ def generate_cmd(
                       highlight=False)
     if result.exported:
         glbs = sum(p.suffix == ".glb" for p in result.exported)
-        console.print(f"wrote {glbs} GLB heads and {len(result.exported) - glbs} more files to {out / 'export'} "
-                      f"and {out / 'renders'}", highlight=False)
+        layout = RunLayout(out)
+        console.print(f"wrote {glbs} GLB heads and {len(result.exported) - glbs} more files to {layout.export} "
+                      f"and {layout.renders}", highlight=False)
     if result.missing:
         console.print(f"[yellow]{'note' if result.exported else 'stopped'}:[/] {result.missing}", highlight=False)
 

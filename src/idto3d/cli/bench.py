@@ -69,7 +69,7 @@ def bench_guidance_cmd(
     quick: Annotated[bool, typer.Option(help="Skip the full-size SD1.5 UNet (tens of seconds per step).")] = False,
 ) -> None:
     """One SDS step (fwd+bwd, CFG) with the tiny prior and with a full-size SD1.5 UNet from config."""
-    from idto3d.bench.guidance import bench_guidance
+    from idto3d.bench.sds_guidance import bench_guidance
 
     _check_repeats(repeats)
     rows = bench_guidance(repeats=repeats, quick=quick)
@@ -112,7 +112,7 @@ def bench_generate_cmd(
     preset: PresetOpt = None, set_: SetOpt = None,
 ) -> None:
     """Seconds of the whole offline generate on one photo (scikit-image's astronaut), per step and in total."""
-    from idto3d.bench.generate import bench_generate
+    from idto3d.bench.offline_run import bench_generate
 
     _print_rows(bench_generate(preset or "preview", list(set_ or [])), as_json)
 
@@ -158,7 +158,7 @@ def bench_runtime_cmd(
 ) -> None:
     """The prior's runtime options (precision, channels-last, attention kernel, torch.compile): ms of one SDS
     call + backward to the renders for each, with its ratio to fp32 + SDPA and the peak memory."""
-    from idto3d.bench.prior_runtime import bench_runtime
+    from idto3d.bench.prior_options import bench_runtime
 
     if repeats is not None:
         _check_repeats(repeats)

@@ -14,14 +14,18 @@ RUN/texture/                    atlas.npz, photo.pt, photo_report.json (photo te
                                 progress.png, done.json (texture SDS)
 RUN/export/                     <expr>.glb/.obj/.mtl/_*.png, done.json
 RUN/renders/                    <expr>_turntable.png/.mp4
-RUN/report/                     index.html, metrics.json, plots, viewer/
+RUN/report/                     index.html, metrics.json, plots, viewer/, vendor/three/
 ```
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
+
+TURNTABLE = "_turntable"  # renders/<expression>_turntable.png/.mp4
+TURNTABLE_SUFFIXES = (".png", ".mp4")
 
 
 @dataclass(frozen=True)
@@ -88,6 +92,14 @@ class RunLayout:
     def report(self) -> Path:
         return self.root / "report"
 
+    def relative(self, path: str | Path) -> str:
+        """``path`` (inside the run) relative to the run folder, with ``/``: how reports and metrics name files."""
+        return Path(path).relative_to(self.root).as_posix()
+
+    def from_report(self, path: str | Path) -> str:
+        """``path`` (inside the run) as the report page (``report/index.html``) links to it, with ``/``."""
+        return Path(os.path.relpath(path, self.report)).as_posix()
+
     @property
     def derived(self) -> tuple[Path, ...]:
         """The folders computed from the config (what a run that starts over clears)."""
@@ -153,7 +165,12 @@ class RunLayout:
         return self.export / f"{expression}.glb"
 
     def turntable(self, expression: str, suffix: str = ".png") -> Path:
-        return self.renders / f"{expression}_turntable{suffix}"
+        return self.renders / f"{expression}{TURNTABLE}{suffix}"
+
+    def turntable_expressions(self) -> list[str]:
+        """The expressions that have a turntable (PNG or MP4) in ``renders/``, sorted."""
+        return sorted({p.name[: -len(TURNTABLE + suffix)] for suffix in TURNTABLE_SUFFIXES
+                       for p in self.renders.glob(f"*{TURNTABLE}{suffix}")})
 
     @property
     def report_index(self) -> Path:
@@ -162,3 +179,20 @@ class RunLayout:
     @property
     def metrics(self) -> Path:
         return self.report / "metrics.json"
+
+    @property
+    def report_viewer(self) -> Path:
+        """The report's viewer scripts (viewer.js, boot.js, embedded.js)."""
+        return self.report / "viewer"
+
+    @property
+    def report_three(self) -> Path:
+        """The vendored three.js the viewer imports."""
+        return self.report / "vendor" / "three"
+
+    # ---- what each step records
+    @property
+    def stage_reports(self) -> dict[str, Path]:
+        """Each step's finished-marker JSON (it records the step's wall time, ``seconds``), in pipeline order."""
+        return {"template_fit": self.init_report, "geometry_sds": self.geometry_sds.done,
+                "photo_texture": self.photo_report, "texture_sds": self.texture_sds.done}

@@ -18,6 +18,7 @@ import yaml
 from PIL import Image
 
 from idto3d.core.errors import IdtoError
+from idto3d.core.run_layout import RunLayout
 from idto3d.export.maps import PBRMaps
 from idto3d.core.units import METRES_PER_UNIT
 from idto3d.identity.photos import IMAGE_SUFFIXES
@@ -84,7 +85,7 @@ def load_exported_head(glb: str | Path, metres_per_unit: float = METRES_PER_UNIT
 
 def run_expressions(run_dir: Path) -> list[str]:
     """The expressions named in the run's ``config.yaml``, in order."""
-    config = run_dir / "config.yaml"
+    config = RunLayout(run_dir).config
     try:
         data = yaml.safe_load(config.read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError) as exc:
@@ -98,7 +99,8 @@ def run_expressions(run_dir: Path) -> list[str]:
 def run_heads(run_dir: str | Path) -> dict[str, Path]:
     """``{expression: RUN/export/<expression>.glb}`` in the order of the run's config. Raises ``IdtoError``
     when the folder is missing or empty, is not a run, or has not been exported yet."""
-    run_dir = Path(run_dir)
+    layout = RunLayout(run_dir)
+    run_dir = layout.root
     if not run_dir.exists():
         raise IdtoError(f"run folder not found: {run_dir}")
     if not run_dir.is_dir():
@@ -108,16 +110,17 @@ def run_heads(run_dir: str | Path) -> dict[str, Path]:
         raise IdtoError(f"{run_dir} is a file; give a run folder made by `idto3d generate`")
     if not any(run_dir.iterdir()):
         raise IdtoError(f"run folder {run_dir} is empty; make a run with `idto3d generate PHOTOS --out {run_dir}`")
-    if not (run_dir / "config.yaml").is_file():
-        raise IdtoError(f"{run_dir} is not a run folder (no config.yaml); give a folder made by `idto3d generate`")
+    if not layout.config.is_file():
+        raise IdtoError(f"{run_dir} is not a run folder (no {layout.config.name}); give a folder made by "
+                        "`idto3d generate`")
     names = run_expressions(run_dir)
-    export = run_dir / "export"
-    heads = {n: export / f"{n}.glb" for n in names}
+    heads = {n: layout.glb(n) for n in names}
     missing = [n for n, p in heads.items() if not p.is_file()]
+    export = layout.relative(layout.export)
     if len(missing) == len(names):
-        raise IdtoError(f"{run_dir} has no exported heads (export/*.glb); run `idto3d generate` first (re-running "
+        raise IdtoError(f"{run_dir} has no exported heads ({export}/*.glb); run `idto3d generate` first (re-running "
                         "the same command finishes an interrupted run)")
     if missing:
-        raise IdtoError(f"{run_dir} lacks the export of expression(s) {', '.join(missing)} (export/<name>.glb); "
+        raise IdtoError(f"{run_dir} lacks the export of expression(s) {', '.join(missing)} ({export}/<name>.glb); "
                         "re-run the same `idto3d generate` command to finish the export")
     return heads

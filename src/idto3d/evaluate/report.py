@@ -27,6 +27,7 @@ from rich.console import Console
 from idto3d import __version__
 from idto3d.core.atomic import atomic_write_text
 from idto3d.core.errors import IdtoError
+from idto3d.core.run_layout import RunLayout
 from idto3d.evaluate import viewer_assets
 
 EMBED_LIMIT_BYTES = 48 * 2**20
@@ -37,13 +38,9 @@ PLOTS = {
     "tsne.png": "t-SNE of render embeddings (colour: identity, marker: expression)",
     "comparison.png": "Runs side by side",
 }
-# Stage reports a run folder may hold: (label, path relative to the run).
-STAGE_FILES = (
-    ("template fit", "geometry/init_report.json"),
-    ("geometry SDS", "geometry/done.json"),
-    ("photo texture", "texture/photo_report.json"),
-    ("texture SDS", "texture/done.json"),
-)
+# How the timings table names each step's record (``RunLayout.stage_reports``).
+STAGE_LABELS = {"template_fit": "template fit", "geometry_sds": "geometry SDS", "photo_texture": "photo texture",
+                "texture_sds": "texture SDS"}
 VIEWER_FILE_NOTE = ("The 3D viewer cannot load the heads from a file:// page here (the GLBs are too large "
                     "to embed): run `idto3d view RUN` and open the address it prints.")
 
@@ -118,10 +115,11 @@ def _read_json(path: Path) -> tuple[dict | None, str | None]:
 
 def exported_expressions(run_dir: Path) -> list[str]:
     """Names with an ``export/<name>.glb``, in the config's expression order, then the rest sorted."""
-    found = {p.stem for p in (run_dir / "export").glob("*.glb") if p.is_file()}
+    layout = RunLayout(run_dir)
+    found = {p.stem for p in layout.export.glob("*.glb") if p.is_file()}
     order: list[str] = []
     try:
-        cfg = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
+        cfg = yaml.safe_load(layout.config.read_text(encoding="utf-8"))
         order = [str(x) for x in (cfg or {}).get("expressions", []) or []]
     except (OSError, yaml.YAMLError, AttributeError, TypeError):
         pass
@@ -175,8 +173,9 @@ def _metrics_section(metrics: dict) -> str:
 
 def _timings_section(run_dir: Path, metrics: dict) -> str:
     rows = []
-    for label, rel in STAGE_FILES:
-        path = run_dir / rel
+    layout = RunLayout(run_dir)
+    for stage, path in layout.stage_reports.items():
+        label, rel = STAGE_LABELS[stage], layout.relative(path)
         if not path.is_file():
             continue
         data, problem = _read_json(path)
@@ -211,43 +210,45 @@ def _plots_section(report_dir: Path) -> str:
 
 
 def _turntables_section(run_dir: Path) -> str:
-    renders = run_dir / "renders"
-    names = sorted({p.name[: -len("_turntable.png")] for p in renders.glob("*_turntable.png")}
-                   | {p.name[: -len("_turntable.mp4")] for p in renders.glob("*_turntable.mp4")})
+    layout = RunLayout(run_dir)
+    names = layout.turntable_expressions()
     parts = []
     for name in names:
         media = []
-        if (renders / f"{name}_turntable.mp4").is_file():
-            media.append(f'<video src="../renders/{_url(name)}_turntable.mp4" controls loop muted playsinline '
+        video, still = layout.turntable(name, ".mp4"), layout.turntable(name, ".png")
+        if video.is_file():
+            media.append(f'<video src="{_url(layout.from_report(video))}" controls loop muted playsinline '
                          f'preload="metadata"></video>')
-        if (renders / f"{name}_turntable.png").is_file():
-            media.append(f'<img src="../renders/{_url(name)}_turntable.png" alt="{_e(name)} turntable" '
+        if still.is_file():
+            media.append(f'<img src="{_url(layout.from_report(still))}" alt="{_e(name)} turntable" '
                          f'loading="lazy">')
         parts.append(f"<figure>{''.join(media)}<figcaption>{_e(name)}</figcaption></figure>")
-    done = run_dir / "export" / "done.json"
+    done = layout.export_done
     if done.is_file():
         data, _ = _read_json(done)
         for note in (data or {}).get("notes", []) or []:
             parts.append(f'<p class="note">{_e(note)}</p>')
     if not names:
-        parts.insert(0, '<p class="note">No turntables in <code>renders/</code> yet.</p>')
+        parts.insert(0, f'<p class="note">No turntables in <code>{_e(layout.relative(layout.renders))}/</code> '
+                        'yet.</p>')
     return _section("turntables", "Turntables", "\n".join(parts))
 
 
-def _viewer_section(names: list[str], three: Path | None, embedded: bool) -> str:
+def _viewer_section(layout: RunLayout, names: list[str], three: Path | None, embedded: bool) -> str:
     if not names:
-        return _section("viewer", "3D viewer", '<p class="note">No exported heads (<code>export/*.glb</code>) '
-                        "in this run yet.</p>")
+        return _section("viewer", "3D viewer", f'<p class="note">No exported heads (<code>'
+                        f'{_e(layout.relative(layout.export))}/*.glb</code>) in this run yet.</p>')
     if three is None:
         return _section("viewer", "3D viewer", '<p class="warning" id="viewer-missing">The 3D viewer is not '
                         f"included: three.js was not found. To add it, {_e(viewer_assets.INSTALL_HINT)}.</p>")
+    vendored, viewer = layout.from_report(layout.report_three), layout.from_report(layout.report_viewer)
     data = {
         "names": names,
-        "glbs": {n: f"../export/{_url(n)}.glb" for n in names},
-        "importMap": {"three": "./vendor/three/build/three.module.js",
-                      "three/addons/": "./vendor/three/examples/jsm/",
-                      "idto3d/viewer": "./viewer/viewer.js"},
-        "embedded": "viewer/embedded.js" if embedded else None,
+        "glbs": {n: _url(layout.from_report(layout.glb(n))) for n in names},
+        "importMap": {"three": f"./{vendored}/build/three.module.js",
+                      "three/addons/": f"./{vendored}/examples/jsm/",
+                      "idto3d/viewer": f"./{viewer}/viewer.js"},
+        "embedded": f"{viewer}/embedded.js" if embedded else None,
         "fileNote": VIEWER_FILE_NOTE,
     }
     blob = json.dumps(data).replace("</", "<\\/")
@@ -257,34 +258,33 @@ def _viewer_section(names: list[str], three: Path | None, embedded: bool) -> str
 <p class="note" id="viewer-status">Loading the 3D viewer (three.js {_e(viewer_assets.package_version(three))})...</p>
 <noscript><p class="warning">The 3D viewer needs JavaScript.</p></noscript>
 <script type="application/json" id="idto3d-viewer-data">{blob}</script>
-<script src="viewer/boot.js"></script>"""
+<script src="{viewer}/boot.js"></script>"""
     return _section("viewer", "3D viewer", body)
 
 
 def _config_section(run_dir: Path) -> str:
-    path = run_dir / "config.yaml"
+    path = RunLayout(run_dir).config
     if not path.is_file():
-        return _section("config", "Config", '<p class="note">No <code>config.yaml</code> in this run.</p>')
+        return _section("config", "Config", f'<p class="note">No <code>{_e(path.name)}</code> in this run.</p>')
     return _section("config", "Config", f"<pre>{_e(path.read_text(encoding='utf-8'))}</pre>")
 
 
 # ---------------------------------------------------------------- the page
 
 
-def _install_viewer(run_dir: Path, report_dir: Path, names: list[str], three: Path,
-                    embed_limit_bytes: int) -> bool:
+def _install_viewer(layout: RunLayout, names: list[str], three: Path, embed_limit_bytes: int) -> bool:
     """Vendor three.js, write the viewer's scripts; returns whether the GLBs were embedded for file://."""
-    vendor = report_dir / "vendor" / "three"
+    vendor = layout.report_three
     if vendor.exists():
         shutil.rmtree(vendor)  # a different three.js version may have left other files
     module_files = viewer_assets.vendor_three(three, vendor)
     templates = files("idto3d.evaluate") / "templates"
     viewer_js = (templates / "viewer.js").read_text(encoding="utf-8")
-    atomic_write_text(report_dir / "viewer" / "viewer.js", viewer_js)
-    atomic_write_text(report_dir / "viewer" / "boot.js", (templates / "boot.js").read_text(encoding="utf-8"))
-    glbs = [run_dir / "export" / f"{n}.glb" for n in names]
+    atomic_write_text(layout.report_viewer / "viewer.js", viewer_js)
+    atomic_write_text(layout.report_viewer / "boot.js", (templates / "boot.js").read_text(encoding="utf-8"))
+    glbs = [layout.glb(n) for n in names]
     embed = sum(p.stat().st_size for p in glbs) <= embed_limit_bytes
-    embedded_js = report_dir / "viewer" / "embedded.js"
+    embedded_js = layout.report_viewer / "embedded.js"
     if embed:
         modules = {**viewer_assets.bare_sources(three, module_files), "idto3d/viewer": viewer_js}
         payload = {"modules": modules, "glbs": {n: b64encode(p.read_bytes()).decode("ascii")
@@ -305,19 +305,20 @@ def write_report(run_dir: Path, metrics: dict, *, console: Console | None = None
     if not isinstance(metrics, dict):
         raise IdtoError(f"metrics must be a dict (the contents of metrics.json), got {type(metrics).__name__}")
     console = console or Console(stderr=True)
-    report_dir = run_dir / "report"
+    layout = RunLayout(run_dir)
+    report_dir = layout.report
     report_dir.mkdir(parents=True, exist_ok=True)
     names = exported_expressions(run_dir)
     three = viewer_assets.find_three(console=console) if names else None
     embedded = False
     if three is not None:
-        embedded = _install_viewer(run_dir, report_dir, names, three, embed_limit_bytes)
+        embedded = _install_viewer(layout, names, three, embed_limit_bytes)
     elif names:
         console.print(f"[yellow]warning:[/] report written without the 3D viewer: three.js was not found; "
                       f"{viewer_assets.INSTALL_HINT}", highlight=False)
     css = (files("idto3d.evaluate") / "templates" / "report.css").read_text(encoding="utf-8")
     title = f"idto3d report: {run_dir.resolve().name}"
-    sections = [_viewer_section(names, three, embedded), _metrics_section(metrics), _plots_section(report_dir),
+    sections = [_viewer_section(layout, names, three, embedded), _metrics_section(metrics), _plots_section(report_dir),
                 _turntables_section(run_dir), _timings_section(run_dir, metrics), _config_section(run_dir)]
     nav = " ".join(f'<a href="#{i}">{t}</a>' for i, t in (("viewer", "3D viewer"), ("metrics", "Metrics"),
                                                           ("plots", "Plots"), ("turntables", "Turntables"),
@@ -340,7 +341,7 @@ def write_report(run_dir: Path, metrics: dict, *, console: Console | None = None
 </body>
 </html>
 """
-    return atomic_write_text(report_dir / "index.html", page)
+    return atomic_write_text(layout.report_index, page)
 
 
 # ---------------------------------------------------------------- idto3d view
@@ -351,11 +352,11 @@ def ensure_report(run_dir: Path, console: Console | None = None) -> Path:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise IdtoError(f"run folder {run_dir} does not exist; pass the folder `idto3d generate --out` wrote")
-    index = run_dir / "report" / "index.html"
-    if index.is_file():
-        return index
+    layout = RunLayout(run_dir)
+    if layout.report_index.is_file():
+        return layout.report_index
     metrics: dict = {}
-    metrics_path = run_dir / "report" / "metrics.json"
+    metrics_path = layout.metrics
     if metrics_path.is_file():
         data, problem = _read_json(metrics_path)
         if data is None:

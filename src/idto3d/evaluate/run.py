@@ -35,6 +35,7 @@ from idto3d import __version__
 from idto3d.core.atomic import atomic_write, atomic_write_text
 from idto3d.core.config import Config
 from idto3d.core.errors import IdtoError
+from idto3d.core.run_layout import RunLayout
 from idto3d.evaluate import plots
 from idto3d.evaluate.assets import load_exported_head, run_heads
 from idto3d.evaluate.similarity import (
@@ -45,12 +46,8 @@ from idto3d.export.turntable import camera_radius, frame_grid
 from idto3d.core.progress import progress_bar
 
 FORMAT = "idto3d.metrics/1"
-REPORT_DIR = "report"
 NEUTRAL = "neutral"
 FRONT = (0.0, 0.0)  # (elevation, azimuth) of the reference render across expressions (paper figure 6 right)
-# Where each stage of a run records its wall time (seconds), in the order the pipeline runs them.
-STAGE_REPORTS = (("template_fit", "geometry/init_report.json"), ("geometry_sds", "geometry/done.json"),
-                 ("photo_texture", "texture/photo_report.json"), ("texture_sds", "texture/done.json"))
 # The top-level keys of metrics.json (format idto3d.metrics/1); the README documents each.
 METRICS_KEYS = ("format", "version", "created", "run", "name", "references", "backend", "grid", "identity",
                 "expressions", "reference_view", "fid", "timings", "files")
@@ -145,10 +142,11 @@ def _measure_run(run_dir: Path, label: str, heads: dict[str, Path], grid: Camera
 
 
 def _stage_timings(run_dir: Path) -> dict[str, float]:
+    """The wall time (``seconds``) each finished step recorded, in the order the pipeline runs them."""
     out = {}
-    for stage, rel in STAGE_REPORTS:
+    for stage, path in RunLayout(run_dir).stage_reports.items():
         try:
-            seconds = json.loads((run_dir / rel).read_text(encoding="utf-8")).get("seconds")
+            seconds = json.loads(path.read_text(encoding="utf-8")).get("seconds")
         except (OSError, ValueError, AttributeError):
             continue
         if isinstance(seconds, (int, float)) and math.isfinite(seconds):
@@ -262,7 +260,8 @@ def _report_run(data: _RunData, ident: dict, joint: _Joint) -> dict:
     """Write one run's PNGs, then its ``metrics.json`` (last); returns the metrics."""
     t = time.perf_counter()
     grid, run_dir = joint.grid, data.run_dir
-    out = run_dir / REPORT_DIR
+    layout = RunLayout(run_dir)
+    out = layout.report
     renders = {n: _save_png(out / f"renders_{n}.png", _contact_sheet(data.renders[n], grid)) for n in data.names}
     to_refs = {n: [v["cosine"] for v in ident["per_view"] if v["expression"] == n and v["cosine"] is not None]
                for n in data.names}
@@ -287,7 +286,7 @@ def _report_run(data: _RunData, ident: dict, joint: _Joint) -> dict:
     data.seconds["plots"] = time.perf_counter() - t + joint.seconds
     data.seconds["total"] = sum(data.seconds.values())
     fid_images, fid_normals, inception = joint.fid_inputs
-    turntables = {n: run_dir / "renders" / f"{n}_turntable.png" for n in data.names}
+    turntables = {n: layout.turntable(n) for n in data.names}
     metrics = {
         "format": FORMAT,
         "version": __version__,
@@ -307,7 +306,7 @@ def _report_run(data: _RunData, ident: dict, joint: _Joint) -> dict:
                                for k, p in (("inception", inception), ("images", fid_images),
                                             ("normals", fid_normals))}},
         "timings": {"stages": _stage_timings(run_dir), "evaluate": {k: round(v, 3) for k, v in data.seconds.items()}},
-        "files": {"metrics": f"{REPORT_DIR}/metrics.json", "similarity": _rel(similarity, run_dir),
+        "files": {"metrics": layout.relative(layout.metrics), "similarity": _rel(similarity, run_dir),
                   "per_view": _rel(per_view, run_dir), "tsne": _rel(tsne, run_dir),
                   "comparison": _rel(comparison, run_dir),
                   "renders": {n: _rel(p, run_dir) for n, p in renders.items()},
@@ -315,7 +314,7 @@ def _report_run(data: _RunData, ident: dict, joint: _Joint) -> dict:
                   "turntables": {n: _rel(p, run_dir) for n, p in turntables.items() if p.is_file()}},
     }
     # Written last: a metrics.json is only ever beside complete plots.
-    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2, allow_nan=False) + "\n")
+    atomic_write_text(layout.metrics, json.dumps(metrics, indent=2, allow_nan=False) + "\n")
     return metrics
 
 

@@ -78,6 +78,28 @@ def _host_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.to(device, non_blocking=device.type == "cuda")
 
 
+def _expression_pools(targets: list[Mesh], field_: ExpressionField, n_near: int, gen: torch.Generator,
+                      device: torch.device) -> dict[int, SdfPool]:
+    """Each expression's pool on ``device``; expressions with the same target mesh share one."""
+    pools: dict[int, SdfPool] = {}
+    for e, t in enumerate(targets):
+        same = next((k for k in pools if targets[k] is t), None)
+        pools[e] = pools[same] if same is not None else build_sdf_pool(t, field_, n_near, gen).to(device)
+    return pools
+
+
+@torch.no_grad()
+def _chamfers(field_: ExpressionField, targets: list[Mesh], seed: int) -> list[float]:
+    """Each expression's Chamfer distance to its target (inf: no surface)."""
+    chamfers = []
+    for e in range(field_.n_expressions):
+        # Measured on the host: the metric samples with a CPU generator and libigl.
+        mesh = field_(e).detach().to("cpu")
+        chamfers.append(float("inf") if mesh.faces.shape[0] == 0 else chamfer_distance(
+            mesh, targets[e], generator=torch.Generator().manual_seed(seed)))
+    return chamfers
+
+
 def fit_field_to_mesh(field_: ExpressionField, template: Mesh | Sequence[Mesh], cfg: TemplateConfig, seed: int = 0,
                       on_step: Callable[[int, float], None] | None = None, *,
                       device: torch.device | str | None = None, log_every: int = 10) -> FitReport:
@@ -100,11 +122,7 @@ def fit_field_to_mesh(field_: ExpressionField, template: Mesh | Sequence[Mesh], 
     device = field_.grid_vertices.device if device is None else torch.device(device)
     field_.to(device)
     gen = torch.Generator().manual_seed(seed)
-    n_near = max(4 * cfg.points_per_step, 50_000)
-    pools: dict[int, SdfPool] = {}
-    for e, t in enumerate(targets):  # one pool per distinct target
-        same = next((k for k in pools if targets[k] is t), None)
-        pools[e] = pools[same] if same is not None else build_sdf_pool(t, field_, n_near, gen).to(device)
+    pools = _expression_pools(targets, field_, max(4 * cfg.points_per_step, 50_000), gen, device)
     opt = torch.optim.Adam(field_parameter_groups(field_, cfg.lr), lr=cfg.lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(cfg.iterations, 1), eta_min=cfg.lr * 0.05)
     band = 2.0 * field_.edge_length
@@ -133,14 +151,7 @@ def fit_field_to_mesh(field_: ExpressionField, template: Mesh | Sequence[Mesh], 
             on_step(step, latest)
     losses = history.tolist()
     diag = bbox_diagonal(targets[0])
-    chamfers = []
-    with torch.no_grad():
-        for e in range(field_.n_expressions):
-            # Measured on the host: the metric samples with a CPU generator and libigl.
-            mesh = field_(e).detach().to("cpu")
-            cd = float("inf") if mesh.faces.shape[0] == 0 else chamfer_distance(
-                mesh, targets[e], generator=torch.Generator().manual_seed(seed))
-            chamfers.append(cd)
+    chamfers = _chamfers(field_, targets, seed)
     return FitReport(chamfer=chamfers, chamfer_relative=[c / diag for c in chamfers], bbox_diagonal=diag,
                      final_loss=losses[-1] if losses else float("nan"), seconds=time.perf_counter() - start,
                      losses=losses)

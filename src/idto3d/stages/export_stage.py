@@ -20,6 +20,7 @@ from idto3d.core.config import Config
 from idto3d.export import PBRMaps, UVMesh, export_expression
 from idto3d.export.turntable import find_ffmpeg, write_turntable
 from idto3d.core.progress import progress_bar
+from idto3d.core.run_layout import RunLayout
 from idto3d.texture.texture_field import TextureField
 from idto3d.texture.texels import texel_map
 
@@ -50,29 +51,29 @@ def export_run(run_dir: str | Path, cfg: Config, atlases: dict[str, UVMesh],
 
     ``export/done.json`` lists what was written, last, so a run killed mid-export exports again on resume.
     """
-    run_dir = Path(run_dir)
+    layout = RunLayout(run_dir)
     ecfg = cfg.export
     written: list[Path] = []
     video = ecfg.video and find_ffmpeg() is not None
     with progress_bar("export + turntables", len(atlases), console, enabled=progress) as update:
         for i, (name, atlas) in enumerate(atlases.items()):
             maps = maps_for(i, name, atlas)
-            written += list(export_expression(run_dir / "export", name, atlas, maps).values())
-            written += list(write_turntable(run_dir / "renders", name, atlas, maps, ecfg.turntable_views,
+            written += list(export_expression(layout.export, name, atlas, maps).values())
+            written += list(write_turntable(layout.renders, name, atlas, maps, ecfg.turntable_views,
                                             ecfg.turntable_resolution, video).values())
             update()
     notes = []
     if ecfg.video and not video:
         notes.append("no MP4 turntables: ffmpeg not found (install ffmpeg, or pip install imageio-ffmpeg)")
-    atomic_write_text(run_dir / "export" / "done.json", json.dumps({
-        "files": [str(p.relative_to(run_dir)) for p in written], "notes": notes}, indent=2))
+    atomic_write_text(layout.export_done, json.dumps({
+        "files": [str(p.relative_to(layout.root)) for p in written], "notes": notes}, indent=2))
     return written
 
 
 def exported_files(run_dir: str | Path) -> list[Path] | None:
     """The files of a finished export, or None when the export has not finished."""
-    done = Path(run_dir) / "export" / "done.json"
-    if not done.exists():
+    layout = RunLayout(run_dir)
+    if not layout.export_done.exists():
         return None
-    files = [Path(run_dir) / f for f in json.loads(done.read_text(encoding="utf-8"))["files"]]
+    files = [layout.root / f for f in json.loads(layout.export_done.read_text(encoding="utf-8"))["files"]]
     return files if all(f.exists() for f in files) else None

@@ -1,28 +1,40 @@
-"""``idto3d generate``: photos (or an identity file) -> identity -> template fit -> geometry SDS -> texture SDS
--> export (GLB/OBJ + PBR maps, turntables)."""
+"""``idto3d generate``: photos (or an identity file) -> identity -> initial geometry -> geometry SDS -> texture
+(photo texture and/or texture SDS) -> export (GLB/OBJ + PBR maps, turntables)."""
 
 from __future__ import annotations
 
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 
 from idto3d.core.config import Config
+from idto3d.core.device import resolve_device, resolve_dtype
 from idto3d.core.errors import IdtoError
+from idto3d.core.run_layout import RunLayout
+from idto3d.export import PBRMaps, UVMesh
 from idto3d.identity.io import IdentityEmbedding, load_identity
+from idto3d.render.mesh import Mesh
 from idto3d.stages.export_stage import baked_maps, export_run, exported_files, grey_maps
 from idto3d.stages.geometry_stage import GeometryStageResult, current_meshes, run_geometry_stage
+from idto3d.stages.initial_geometry import ensure_init
 from idto3d.stages.photo_texture_stage import PhotoTextureResult, run_photo_texture
-from idto3d.stages.subject_init import SubjectFit, check_template_for_subject, fit_subject, subject_targets
-from idto3d.stages.texture_stage import TextureStageResult, run_texture_stage
-from idto3d.stages.run_folder import ensure_init, prepare_run
-from idto3d.core.device import resolve_device, resolve_dtype
+from idto3d.stages.run_folder import prepare_run
+from idto3d.stages.subject_init import SubjectFit, subject_for_run, subject_targets
+from idto3d.stages.texture_stage import TextureStageResult, run_texture_stage, unwrap_expressions
 
-IDENTITY_FILE = "identity.safetensors"
+NO_PHOTOS = ("the identity's photos are not at hand, so the head starts from the generic template (no face fit, no "
+             "photo texture); give the photos instead of the identity file to fit the face")
+NO_NORMAL_PRIOR = ("no normal prior: the geometry is the face-model fit merged into the template (pass "
+                   "--normal-prior to refine it with the geometry SDS stage)")
+PHOTO_TEXTURE_ONLY = ("no albedo prior: the texture comes from the photos (regions no photo sees get the mean skin "
+                      "tone); pass --albedo-prior to run the texture SDS stage")
+GREY_ONLY = ("no albedo prior: the meshes were exported with a plain grey material; pass --albedo-prior FOLDER or "
+             "set prior.albedo to run the texture stage")
 
 
 @dataclass
@@ -49,9 +61,10 @@ def resolve_identity(inputs: Sequence[str | Path], run_dir: Path, cfg: Config,
     inputs = [Path(p) for p in inputs]
     if not inputs:
         raise IdtoError("give 1-5 photos of one person (files or folders), or one identity .safetensors file")
-    out = run_dir / IDENTITY_FILE
+    layout = RunLayout(run_dir)
+    out = layout.identity
     if _is_identity_file(inputs):
-        ident = load_identity(inputs[0])  # validates before anything is copied
+        load_identity(inputs[0])  # validates before anything is copied
         if inputs[0].resolve() != out.resolve():
             from idto3d.core.atomic import atomic_write
 
@@ -61,7 +74,7 @@ def resolve_identity(inputs: Sequence[str | Path], run_dir: Path, cfg: Config,
         raise IdtoError("give either photos or a single identity .safetensors file, not both")
     from idto3d.identity.extract import compute_identity
 
-    return compute_identity(inputs, out, cfg.identity, crops_dir=run_dir / "crops", console=console,
+    return compute_identity(inputs, out, cfg.identity, crops_dir=layout.crops, console=console,
                             show_progress=progress)
 
 
@@ -102,6 +115,26 @@ def _load_checked(ref: str | None, ident: IdentityEmbedding, domain: str, cfg: C
     return configure_prior(prior, cfg.runtime, device)
 
 
+def _guidance(prior, cfg: Config, schedule: str, iterations: int, seed: int):
+    from idto3d.priors.guidance import SDSGuidance
+
+    return SDSGuidance(prior, cfg.prior.guidance, schedule, max(iterations, 1), seed=seed)
+
+
+def _refine_guidance(cfg: Config):
+    """The texture stage's last iterations' photorealistic text-to-image guidance, when configured."""
+    if not (cfg.texture.refine_model and cfg.texture.refine_iterations > 0):
+        return None
+    from idto3d.priors.prior import load_photo_prior
+    from idto3d.priors.prior_runtime import configure_prior
+
+    device = resolve_device(cfg.runtime.device)
+    photo_prior = load_photo_prior(cfg.texture.refine_model, vae=cfg.prior.vae, device=device,
+                                   dtype=resolve_dtype(cfg.runtime.precision, device))
+    return _guidance(configure_prior(photo_prior, cfg.runtime, device), cfg, "refine", cfg.texture.iterations,
+                     cfg.seed + 2)
+
+
 class _Clock:
     def __init__(self) -> None:
         self.laps: dict[str, float] = {}
@@ -117,6 +150,36 @@ def _remaining(stop_after: int | None, done_now: int) -> int | None:
     return None if stop_after is None else max(stop_after - done_now, 0)
 
 
+def _start(inputs: Sequence[str | Path], run_dir: str | Path, cfg: Config, overwrite: bool,
+           priors: tuple[str | None, str | None], console: Console | None, progress: bool, clock: _Clock
+           ) -> tuple[Path, IdentityEmbedding, Any, Any]:
+    """The run folder (prepared once, here), its identity and both priors, loaded and checked before the
+    template fit spends any time: ``(run_dir, identity, normal prior, albedo prior)``."""
+    created = not Path(run_dir).exists()
+    run_dir = prepare_run(run_dir, cfg, overwrite)
+    try:
+        ident = resolve_identity(inputs, run_dir, cfg, console, progress)
+        clock.lap("identity")
+        check_one_person(ident)
+        normal = _load_checked(priors[0] or cfg.prior.normal, ident, "normal", cfg)
+        albedo = _load_checked(priors[1] or cfg.prior.albedo, ident, "albedo", cfg)
+    except IdtoError:
+        if created:  # nothing was computed yet: leave no half-written run folder behind
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    return run_dir, ident, normal, albedo
+
+
+def _export_source(tex: TextureStageResult | None, photo: PhotoTextureResult | None, meshes: dict[str, Mesh],
+                   size: int) -> tuple[dict[str, UVMesh], Callable[[int, str, UVMesh], PBRMaps]]:
+    """What the export bakes: the texture SDS result, else the photo texture, else a plain grey material."""
+    textured = tex if tex is not None else photo
+    if textured is not None:
+        return ({n: x.atlas for n, x in textured.expressions.items()},
+                lambda i, name, atlas: baked_maps(textured.field, i, atlas, size))
+    return unwrap_expressions(meshes), lambda i, name, atlas: grey_maps()
+
+
 def generate(inputs: Sequence[str | Path], run_dir: str | Path, cfg: Config, *, normal_prior: str | None = None,
              albedo_prior: str | None = None, prompt: str | None = None, overwrite: bool = False,
              console: Console | None = None, progress: bool = True, stop_after: int | None = None) -> GenerateResult:
@@ -125,41 +188,20 @@ def generate(inputs: Sequence[str | Path], run_dir: str | Path, cfg: Config, *, 
     ``stop_after`` stops after that many SDS iterations of this call, counted across the geometry and texture
     stages (checkpointed; the next call goes on from there).
     """
-    created = not Path(run_dir).exists()
-    run_dir = prepare_run(run_dir, cfg, overwrite)
     clock = _Clock()
-    try:
-        ident = resolve_identity(inputs, run_dir, cfg, console, progress)
-        clock.lap("identity")
-        check_one_person(ident)
-        # Both priors are loaded and checked before the template fit spends any time.
-        device = resolve_device(cfg.runtime.device)
-        normal = _load_checked(normal_prior or cfg.prior.normal, ident, "normal", cfg)
-        albedo = _load_checked(albedo_prior or cfg.prior.albedo, ident, "albedo", cfg)
-    except IdtoError:
-        if created:  # nothing was computed yet: leave no half-written run folder behind
-            shutil.rmtree(run_dir, ignore_errors=True)
-        raise
-    person = None
-    if cfg.face_model.enabled:
-        check_template_for_subject(cfg)
-        person = fit_subject(run_dir, cfg, ident, console if progress else None)
+    run_dir, ident, normal, albedo = _start(inputs, run_dir, cfg, overwrite, (normal_prior, albedo_prior), console,
+                                            progress, clock)
+    device = resolve_device(cfg.runtime.device)
+    person = subject_for_run(run_dir, cfg, ident, console if progress else None)
     clock.lap("face fit")
-    init = ensure_init(run_dir, cfg, console, progress,
-                       targets=(lambda: subject_targets(person, cfg)) if person is not None else None, device=device)
+    targets = (lambda: subject_targets(person, cfg)) if person is not None else None
+    init = ensure_init(run_dir, cfg, console, progress, targets=targets, device=device)
     clock.lap("template regression")
-    notes = []
-    if cfg.face_model.enabled and person is None:
-        notes.append("the identity's photos are not at hand, so the head starts from the generic template (no face "
-                     "fit, no photo texture); give the photos instead of the identity file to fit the face")
-    subject = prompt or "a person"
-    geo = None
+    notes = [NO_PHOTOS] if cfg.face_model.enabled and person is None else []
+    subject, geo, tex, photo = prompt or "a person", None, None, None
     if normal is not None:
-        from idto3d.priors.guidance import SDSGuidance
-
-        guidance = SDSGuidance(normal, cfg.prior.guidance, "geometry", max(cfg.geometry.iterations, 1),
-                               seed=cfg.seed)
-        geo = run_geometry_stage(run_dir, cfg, guidance, id_embedding=ident.embedding, subject=subject,
+        guidance = _guidance(normal, cfg, "geometry", cfg.geometry.iterations, cfg.seed)
+        geo = run_geometry_stage(run_dir, cfg, guidance, init, id_embedding=ident.embedding, subject=subject,
                                  progress=progress, console=console, stop_after=stop_after)
         if geo.iterations < cfg.geometry.iterations:
             return GenerateResult(run_dir, ident, geo, missing=f"stopped at geometry iteration {geo.iterations} "
@@ -169,55 +211,26 @@ def generate(inputs: Sequence[str | Path], run_dir: str | Path, cfg: Config, *, 
         clock.lap("geometry SDS")
     else:
         meshes = current_meshes(init, list(cfg.expressions))
-        notes.append("no normal prior: the geometry is the face-model fit merged into the template "
-                     "(pass --normal-prior to refine it with the geometry SDS stage)")
-    photo = None
+        notes.append(NO_NORMAL_PRIOR)
     if person is not None:
         photo = run_photo_texture(run_dir, cfg, meshes, person, console=console, progress=progress, device=device)
         clock.lap("photo texture")
-    size = cfg.export.texture_size
-    if albedo is None:
-        if photo is not None:
-            notes.append("no albedo prior: the texture comes from the photos (regions no photo sees get the mean "
-                         "skin tone); pass --albedo-prior to run the texture SDS stage")
-            files = exported_files(run_dir) or export_run(
-                run_dir, cfg, {n: x.atlas for n, x in photo.expressions.items()},
-                lambda i, name, atlas: baked_maps(photo.field, i, atlas, size), console=console, progress=progress)
-        else:
-            from idto3d.stages.texture_stage import unwrap_expressions
-
-            notes.append("no albedo prior: the meshes were exported with a plain grey material; pass "
-                         "--albedo-prior FOLDER or set prior.albedo to run the texture stage")
-            files = exported_files(run_dir) or export_run(
-                run_dir, cfg, unwrap_expressions(meshes),
-                lambda i, name, atlas: grey_maps(), console=console, progress=progress)
-        clock.lap("export")
-        return GenerateResult(run_dir, ident, geo, photo=photo, person=person, exported=files, missing="; ".join(notes) or None,
-                              seconds=clock.laps)
-    from idto3d.priors.guidance import SDSGuidance
-
-    tex_guidance = SDSGuidance(albedo, cfg.prior.guidance, "texture_diffuse", max(cfg.texture.iterations, 1),
-                               seed=cfg.seed + 1)
-    refine = None
-    if cfg.texture.refine_model and cfg.texture.refine_iterations > 0:
-        from idto3d.priors.prior import load_photo_prior
-
-        from idto3d.priors.prior_runtime import configure_prior
-
-        photo_prior = load_photo_prior(cfg.texture.refine_model, vae=cfg.prior.vae, device=device,
-                                       dtype=resolve_dtype(cfg.runtime.precision, device))
-        refine = SDSGuidance(configure_prior(photo_prior, cfg.runtime, device), cfg.prior.guidance,
-                             "refine", max(cfg.texture.iterations, 1), seed=cfg.seed + 2)
-    tex = run_texture_stage(run_dir, cfg, tex_guidance, meshes, id_embedding=ident.embedding, subject=subject,
-                            refine_guidance=refine, progress=progress, console=console, stop_after=stop_after,
-                            init_state=photo.field.state_dict() if photo is not None else None)
-    clock.lap("texture SDS")
-    if tex.iterations < cfg.texture.iterations:
-        return GenerateResult(run_dir, ident, geo, texture=tex, photo=photo,
-                              missing=f"stopped at texture iteration {tex.iterations} on request")
-    files = exported_files(run_dir) or export_run(
-        run_dir, cfg, {n: x.atlas for n, x in tex.expressions.items()},
-        lambda i, name, atlas: baked_maps(tex.field, i, atlas, size), console=console, progress=progress)
+    if albedo is not None:
+        tex_guidance = _guidance(albedo, cfg, "texture_diffuse", cfg.texture.iterations, cfg.seed + 1)
+        start = photo.field.state_dict() if photo is not None else None  # the SDS refines the photo texture
+        tex = run_texture_stage(run_dir, cfg, tex_guidance, meshes, id_embedding=ident.embedding, subject=subject,
+                                refine_guidance=_refine_guidance(cfg), progress=progress, console=console,
+                                stop_after=stop_after, init_state=start)
+        clock.lap("texture SDS")
+        if tex.iterations < cfg.texture.iterations:
+            return GenerateResult(run_dir, ident, geo, texture=tex, photo=photo,
+                                  missing=f"stopped at texture iteration {tex.iterations} on request")
+    else:
+        notes.append(PHOTO_TEXTURE_ONLY if photo is not None else GREY_ONLY)
+    files = exported_files(run_dir)  # a finished export is reused: its source (UV unwrap...) is not even built
+    if not files:
+        atlases, maps_for = _export_source(tex, photo, meshes, cfg.export.texture_size)
+        files = export_run(run_dir, cfg, atlases, maps_for, console=console, progress=progress)
     clock.lap("export")
     return GenerateResult(run_dir, ident, geo, texture=tex, photo=photo, person=person, exported=files,
                           missing="; ".join(notes) or None, seconds=clock.laps)

@@ -18,14 +18,13 @@ from rich.console import Console
 from idto3d.core.atomic import atomic_torch_save, atomic_write_text
 from idto3d.core.config import Config
 from idto3d.core.progress import progress_bar
+from idto3d.core.run_layout import RunLayout
 from idto3d.stages.subject_init import SubjectFit
 from idto3d.stages.texture_stage import TexturedExpression, prepare_expressions
 from idto3d.render.mesh import Mesh
 from idto3d.nn.state import cpu_state_dict, load_field_state
 from idto3d.texture.texture_field import TextureField, build_texture_field
 from idto3d.texture.photo_texture import PhotoView, fit_photo_texture
-
-STATE, REPORT = "photo.pt", "photo_report.json"
 
 
 @dataclass
@@ -43,16 +42,16 @@ def run_photo_texture(run_dir: Path, cfg: Config, meshes: dict[str, Mesh], subje
     ``device``: where the fit runs and the returned field lives (None = the CPU). ``photo.pt`` is saved with
     CPU tensors, so it loads on any machine.
     """
-    tex = Path(run_dir) / "texture"
+    layout = RunLayout(run_dir)
+    state, report_path = layout.photo_texture, layout.photo_report
     names = list(meshes)
     device = torch.device(device) if device is not None else torch.device("cpu")
-    expressions = prepare_expressions(tex, meshes, cfg.texture.resolution)
+    expressions = prepare_expressions(layout.texture, meshes, cfg.texture.resolution)
     field = build_texture_field(cfg.texture, len(names), seed=cfg.seed, fast_paths=cfg.runtime.fast_paths,
                                 device=device)
-    if (tex / REPORT).exists() and (tex / STATE).exists():
-        load_field_state(field, torch.load(tex / STATE, map_location="cpu", weights_only=True), tex / STATE)
-        return PhotoTextureResult(field, expressions,
-                                  json.loads((tex / REPORT).read_text(encoding="utf-8")))
+    if report_path.exists() and state.exists():
+        load_field_state(field, torch.load(state, map_location="cpu", weights_only=True), state)
+        return PhotoTextureResult(field, expressions, json.loads(report_path.read_text(encoding="utf-8")))
     views = [PhotoView(img, subject.camera(i), subject.fit.photos[i].landmarks)
              for i, img in enumerate(subject.images)]
     with progress_bar("photo texture", cfg.photo_texture.iterations, console, enabled=progress) as update:
@@ -61,7 +60,7 @@ def run_photo_texture(run_dir: Path, cfg: Config, meshes: dict[str, Mesh], subje
                                    log_every=cfg.runtime.log_every)
     with torch.no_grad():
         field.codes[1:] = field.codes[0]
-    atomic_torch_save(tex / STATE, cpu_state_dict(field))
+    atomic_torch_save(state, cpu_state_dict(field))
     info = {**asdict(report), "photos": [str(p) for p in subject.photos]}
-    atomic_write_text(tex / REPORT, json.dumps(info, indent=2))  # written last: marks the step finished
+    atomic_write_text(report_path, json.dumps(info, indent=2))  # written last: marks the step finished
     return PhotoTextureResult(field, expressions, info)

@@ -1,12 +1,13 @@
-"""What an SDS stage checkpoints so that a stopped run, started again, ends where an uninterrupted one ends:
-the field, Adam's moments, every random state (sampling, each guidance's, torch's) and the counters."""
+"""What an SDS stage checkpoints (the runner's part, see ``stages.sds_runner``) so that a stopped run, started
+again, ends where an uninterrupted one ends: the field, Adam's moments, every random state (sampling, each
+guidance's, torch's) and the counters."""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-
-import json
 
 import torch
 
@@ -58,7 +59,8 @@ class StageState:
         torch.set_rng_state(state["torch_rng"])
         return StageCounters(state["iteration"], state["skipped_steps"], state["bad_in_row"], state["seconds"])
 
-    def begin(self, ckpt: Path, log: Path, refusal: str, seed: int, on_fresh=None) -> StageCounters:  # noqa: ANN001
+    def begin(self, ckpt: Path, log: Path, refusal: str, seed: int,
+              on_fresh: Callable[[], object] | None = None) -> StageCounters:
         """Resume from ``ckpt`` when it exists; else start fresh (``on_fresh()``, then seed torch). The log keeps
         only the lines of iterations before the start."""
         if ckpt.exists():

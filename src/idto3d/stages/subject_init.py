@@ -5,7 +5,7 @@ fitted jointly to the 68 dlib landmarks of every photo the identity used (shared
 expression), its neutral face places it on the built-in template (``geometry.face_merge``), and each run
 expression gets a target head: the fitted shape with that expression's coefficients (``morphable.expressions``;
 neutral = none) merged into the template. The geometry field is regressed to these targets
-(``run_folder.ensure_init``), so every later stage starts from the subject's face. The fit is saved in
+(``initial_geometry.ensure_init``), so every later stage starts from the subject's face. The fit is saved in
 ``geometry/face_fit.json`` (what users read) and ``geometry/face_fit.pt`` (tensors: shape, per-photo pose,
 expression and the placement), and the photos' cameras are rebuilt from it for the photo texture.
 """
@@ -23,14 +23,14 @@ from rich.console import Console
 from idto3d.core.atomic import atomic_torch_save, atomic_write_text
 from idto3d.core.config import Config
 from idto3d.core.errors import IdtoError
+from idto3d.core.run_layout import RunLayout
 from idto3d.geometry.face_merge import Similarity, border_falloff, merge_face, placement
 from idto3d.identity.io import IdentityEmbedding
 from idto3d.identity.photos import load_photo
-from idto3d.stages.template_init import resolve_template
+from idto3d.stages.initial_geometry import resolve_template
 from idto3d.render.camera import Camera
 from idto3d.render.mesh import Mesh
 
-FIT_JSON, FIT_PT = "face_fit.json", "face_fit.pt"
 FALLOFF_WIDTH = 0.12  # working-space units (2.4 cm) over which the face blends into the template
 
 
@@ -90,13 +90,13 @@ def fit_subject(run_dir: Path, cfg: Config, ident: IdentityEmbedding, console: C
     landmarks = [detect_landmarks68(img, box) for img, (_, box) in zip(images, photos)]
     fit = fit_photos(model, landmarks, [img.shape[:2] for img in images], cfg.face_model, seed=cfg.seed)
     place = placement(fit.neutral_vertices(model), model.landmarks)
-    geo = run_dir / "geometry"
-    atomic_torch_save(geo / FIT_PT, {
+    layout = RunLayout(run_dir)
+    atomic_torch_save(layout.face_fit_tensors, {
         "shape": fit.shape, "place_scale": torch.tensor(place.scale), "place_rotation": place.rotation,
         "place_translation": place.translation,
         "photos": [{"rotation": p.rotation, "scale": torch.tensor(p.scale), "translation": p.translation,
                     "expression": p.expression} for p in fit.photos]})
-    atomic_write_text(geo / FIT_JSON, json.dumps({
+    atomic_write_text(layout.face_fit_json, json.dumps({
         "model": model.name, "licence": model.licence,
         "photos": [{"path": str(path), "rms_px": round(float(p.rms_px), 3), "image_size": list(p.image_size)}
                    for (path, _), p in zip(photos, fit.photos)],
@@ -122,6 +122,16 @@ def subject_targets(subject: SubjectFit, cfg: Config) -> list[Mesh]:
         verts = subject.place(model.vertices(fit.shape, coeffs))
         targets.append(merge_face(template, Mesh(verts, faces), weights))
     return targets
+
+
+def subject_for_run(run_dir: Path, cfg: Config, ident: IdentityEmbedding, console: Console | None = None
+                    ) -> SubjectFit | None:
+    """The run's face-model fit (``fit_subject``); None when ``face_model.enabled`` is off or the photos are not
+    at hand. Refuses a user template first: the face is placed by the built-in template's landmarks."""
+    if not cfg.face_model.enabled:
+        return None
+    check_template_for_subject(cfg)
+    return fit_subject(run_dir, cfg, ident, console)
 
 
 def check_template_for_subject(cfg: Config) -> None:

@@ -17,39 +17,36 @@ again ends where an uninterrupted run ends.
 
 from __future__ import annotations
 
-import json
-import time
-from dataclasses import dataclass
+import hashlib
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from rich.console import Console
 
-from idto3d.core.atomic import atomic_write, atomic_write_text
+from idto3d.core.atomic import atomic_write
 from idto3d.core.config import Config, TextureConfig
+from idto3d.core.device import resolve_device
 from idto3d.core.errors import IdtoError
-from idto3d.texture.uv_atlas import UVMesh, shared_atlas
+from idto3d.core.run_layout import RunLayout, SDSFiles
 from idto3d.geometry.mesh_io import weld_degenerate
-from idto3d.stages.geometry_stage import conditioning_key, preview_resolution
-from idto3d.core.progress import progress_bar
-from idto3d.stages.run_folder import prepare_run
-from idto3d.stages.stage_state import StageCounters, StageState
-from idto3d.stages.step_log import StepLog, bad_steps_error, nonfinite_flag, step_unless
 from idto3d.priors.guidance import GuidanceCond, ScoreDistillation, get_schedule
-from idto3d.render.backend import get_rasterizer
-from idto3d.core.device import rasterizer_name, resolve_device, to_device
-from idto3d.render.camera import Camera, orbit_camera, sample_orbit_cameras, view_word
+from idto3d.render.backend import Rasterizer
+from idto3d.render.camera import Camera, orbit_camera, view_word
 from idto3d.render.mesh import Mesh
 from idto3d.render.preview import save_png
 from idto3d.render.pseudo_albedo import FLAT_LIGHT, render_pseudo_albedo
-from idto3d.nn.state import load_field_state
-from idto3d.texture.texture_field import TextureField, build_texture_field, texture_optimizer
+from idto3d.stages.sds_runner import (SDSProgress, SDSStage, SDSStep, conditioning_key, draw_views, embedding_on,
+                                      finished, preview_resolution, run_sds, stage_rasterizer, write_done)
 from idto3d.texture.lighting import LightingSampler
 from idto3d.texture.texels import TexelMap, texel_map
+from idto3d.texture.texture_field import TextureField, build_texture_field, texture_optimizer
+from idto3d.texture.uv_atlas import UVMesh, shared_atlas
 
 PROMPT = "A {view} view albedo face portrait of {subject} on a white background"
 SCHEDULE = {"diffuse": "texture_diffuse", "pbr": "texture_pbr", "refine": "refine"}
+CONDITIONED_ON = "identity, prompt or geometry"
 
 
 @dataclass
@@ -73,13 +70,9 @@ class TexturedExpression:
 
 
 @dataclass
-class TextureStageResult:
+class TextureStageResult(SDSProgress):
     field: TextureField
     expressions: dict[str, TexturedExpression]
-    iterations: int
-    skipped_steps: int
-    seconds: float
-    resumed_from: int
 
 
 def substage_at(iteration: int, cfg: TextureConfig, refine: bool) -> str:
@@ -125,9 +118,10 @@ def unwrap_expressions(meshes: dict[str, Mesh]) -> dict[str, UVMesh]:
 
 
 def prepare_expressions(tex_dir: Path, meshes: dict[str, Mesh], size: int) -> dict[str, TexturedExpression]:
-    """Unwrap the expression meshes (or reload the run's atlas) and map their texels."""
+    """Unwrap the expression meshes (or reload the run's atlas) and map their texels; ``tex_dir`` is the run's
+    ``texture`` folder."""
     names = list(meshes)
-    path = tex_dir / "atlas.npz"
+    path = RunLayout(Path(tex_dir).parent).atlas
     if path.exists():
         atlases = load_atlases(path, names)
     else:
@@ -174,22 +168,8 @@ def save_texture_progress(field: TextureField, expressions: dict[str, TexturedEx
 # ---------------------------------------------------------------- the stage
 
 
-def _finished(tex: Path, key: str, field: TextureField, expressions: dict[str, TexturedExpression]
-              ) -> TextureStageResult:
-    info = json.loads((tex / "done.json").read_text(encoding="utf-8"))
-    if info.get("conditioning") != key:
-        raise IdtoError(f"{tex} was made for a different identity, prompt or geometry; pass --overwrite to start "
-                        f"over")
-    state = torch.load(tex / "ckpt.pt", map_location="cpu", weights_only=True)
-    load_field_state(field, state["field"], str(tex / "ckpt.pt"))
-    return TextureStageResult(field, expressions, info["iterations"], info["skipped_steps"], info["seconds"],
-                              info["iterations"])
-
-
 def _mesh_key(meshes: dict[str, Mesh]) -> str:
     """Ties the texture to the geometry it was made for."""
-    import hashlib
-
     h = hashlib.sha256()
     for name, m in meshes.items():
         h.update(name.encode())
@@ -198,21 +178,78 @@ def _mesh_key(meshes: dict[str, Mesh]) -> str:
     return h.hexdigest()[:16]
 
 
+@dataclass
+class _TextureStep:
+    """One iteration: an expression, ``texture.batch_size`` orbit cameras and an environment map; the baked
+    textures rendered as eq. 7's pseudo-albedo and scored by the sub-stage's guidance."""
+
+    cfg: Config
+    field: TextureField
+    surfaces: dict[str, TexturedExpression]  # on the device
+    lighting: LightingSampler
+    guidance: ScoreDistillation
+    refine_guidance: ScoreDistillation | None
+    sampler: torch.Generator
+    id_embedding: torch.Tensor | None        # on the device
+    subject: str
+    device: torch.device
+    rasterizer: Rasterizer
+
+    def __call__(self, it: int) -> SDSStep:
+        tcfg, names = self.cfg.texture, self.cfg.expressions
+        sub = substage_at(it, tcfg, self.refine_guidance is not None)
+        e, cams = draw_views(self.sampler, len(names), tcfg.batch_size, self.cfg.render.camera)
+        env = self.lighting.sample(self.sampler)
+        shading = "diffuse" if sub == "diffuse" else "pbr"
+        if sub == "refine":  # the text-to-image model knows no identity or expression
+            g = self.refine_guidance
+            cond = GuidanceCond(prompts=texture_prompts(cams, self.subject, tcfg.refine_prompt),
+                                cameras=cams.to(self.device), expression_indices=[e] * len(cams), lighting=env,
+                                shading=shading)
+        else:
+            g = self.guidance
+            cond = GuidanceCond(prompts=texture_prompts(cams, self.subject), id_embedding=self.id_embedding,
+                                expressions=[names[e]] * len(cams), cameras=cams.to(self.device),
+                                expression_indices=[e] * len(cams), lighting=env, shading=shading)
+        assert g is not None
+        g.schedule = get_schedule(SCHEDULE[sub])
+        expr = self.surfaces[names[e]]
+        maps = self.field.bake(e, expr.texels)
+        images = render_pseudo_albedo(expr.mesh, cond.cameras, self.cfg.render.resolution, maps["albedo"],
+                                      maps["roughness"], maps["metallic"], env, uv=expr.uv,
+                                      attribute_faces=expr.attribute_faces, diffuse_only=sub == "diffuse",
+                                      rasterizer=self.rasterizer).for_guidance()
+        out = g(images, cond, it)
+        record = {"it": it, "expression": names[e], "substage": sub, "t": out.t, "light": env.name,
+                  "light_rotation": round(env.rotation_deg, 2),
+                  "azimuth": [round(a, 2) for a in cams.azimuth_deg.tolist()]}
+        return SDSStep(record, {"loss": out.loss}, out.finite)
+
+
+def _stage(files: SDSFiles, cfg: Config, guidances: dict[str, ScoreDistillation | None], field: TextureField,
+           key: str, lighting: LightingSampler) -> SDSStage:
+    tcfg = cfg.texture
+    return SDSStage("texture", files, CONDITIONED_ON, key, field, texture_optimizer(field, tcfg.lr), guidances,
+                    cfg.seed + 1, tcfg.iterations, tcfg.checkpoint_every, tcfg.preview_every, tcfg.max_bad_steps,
+                    "Lower texture.lr or prior.guidance.guidance_scale, or check the albedo prior",
+                    cfg.runtime.log_every, f"texture SDS ({lighting.source})")
+
+
 def run_texture_stage(run_dir: str | Path, cfg: Config, guidance: ScoreDistillation, meshes: dict[str, Mesh], *,
                       id_embedding: torch.Tensor | None = None, subject: str = "a person",
-                      refine_guidance: ScoreDistillation | None = None, overwrite: bool = False,
-                      progress: bool = True, console: Console | None = None,
-                      stop_after: int | None = None, init_state: dict | None = None) -> TextureStageResult:
-    """Run (or resume, or reuse when finished) the texture SDS stage in ``run_dir`` on ``meshes`` (one per
-    expression of ``cfg.expressions``, in that order: the geometry stage's output).
+                      refine_guidance: ScoreDistillation | None = None, progress: bool = True,
+                      console: Console | None = None, stop_after: int | None = None,
+                      init_state: dict | None = None) -> TextureStageResult:
+    """Run (or resume, or reuse when finished) the texture SDS stage in ``run_dir`` (prepared by the caller:
+    ``stages.run_folder.prepare_run``) on ``meshes`` (one per expression of ``cfg.expressions``, in that order:
+    the geometry stage's output).
 
     ``guidance`` scores pseudo-albedo renders (the albedo prior, or an oracle); its timestep schedule is set
     per sub-stage. ``refine_guidance`` (schedule ``refine``) scores the last ``texture.refine_iterations``;
     None = no refinement. ``stop_after`` stops after that many iterations of this call (checkpointed).
     ``init_state`` is a texture-field state to start from (the photo texture) instead of the fresh grey field.
     """
-    run_dir = prepare_run(run_dir, cfg, overwrite)
-    tex = run_dir / "texture"
+    layout = RunLayout(run_dir)
     tcfg, names = cfg.texture, list(cfg.expressions)
     if list(meshes) != names:
         raise IdtoError(f"the texture stage needs one mesh per expression {names}, got {list(meshes)}")
@@ -220,99 +257,24 @@ def run_texture_stage(run_dir: str | Path, cfg: Config, guidance: ScoreDistillat
     device = resolve_device(cfg.runtime.device)
     # Fails early on a bad environment folder, before unwrapping or any SDS step.
     lighting = LightingSampler(tcfg, cfg.seed, console, progress, device=device)
-    expressions = prepare_expressions(tex, meshes, tcfg.resolution)
+    expressions = prepare_expressions(layout.texture, meshes, tcfg.resolution)
     field = build_texture_field(tcfg, len(names), seed=cfg.seed, fast_paths=cfg.runtime.fast_paths, device=device)
-    if (tex / "done.json").exists():
-        return _finished(tex, key, field, expressions)
+    done = finished(layout.texture_sds, key, field, CONDITIONED_ON)
+    if done is not None:
+        return TextureStageResult(**asdict(done), field=field, expressions=expressions)
 
     field.to(device)
-    on_device = {n: x.to(device) for n, x in expressions.items()}
-    rasterizer = get_rasterizer(rasterizer_name(cfg.render.backend, cfg.runtime.fast_paths), device)
-    opt = texture_optimizer(field, tcfg.lr)
-    sampler = torch.Generator().manual_seed(cfg.seed + 1)
-    ckpt_path, log_path = tex / "ckpt.pt", tex / "log.jsonl"
-    stage = StageState(field, opt, sampler, {"guidance": guidance, "refine_guidance": refine_guidance}, key)
-    counters = stage.begin(ckpt_path, log_path, f"{tex} holds a run for a different identity, prompt or geometry; "
-                                                f"pass --overwrite to start over", cfg.seed + 1,
-                           on_fresh=(lambda: field.load_state_dict(init_state)) if init_state is not None else None)
-    start = counters.iteration
-    for g in (guidance, refine_guidance):
-        if g is not None:
-            g.deferred_checks = True
-    if id_embedding is not None:
-        id_embedding = to_device(id_embedding.detach().float(), device)
-
-    def too_many(at: int, c: StageCounters) -> IdtoError:
-        return bad_steps_error("texture", at, c, ckpt_path,
-                               "Lower texture.lr or prior.guidance.guidance_scale, or check the albedo prior")
-
-    def checkpoint(iteration: int) -> None:
-        counters.iteration = iteration
-        stage.save(ckpt_path, counters)
-
-    total = tcfg.iterations
-    end = total if stop_after is None else min(total, start + max(stop_after, 0))
-    cam_cfg = cfg.render.camera
-    preview_res = preview_resolution(cfg.render.resolution)
-    title = f"texture SDS ({lighting.source})" if start == 0 else f"texture SDS (resumed at {start}/{total})"
-    it = start
-    with progress_bar(title, end - start, console, enabled=progress) as update, \
-            log_path.open("a", encoding="utf-8") as log_file:
-        log = StepLog(log_file, cfg.runtime.log_every, counters, tcfg.max_bad_steps, too_many)
-        for it in range(start, end):
-            t0 = time.perf_counter()
-            sub = substage_at(it, tcfg, refine_guidance is not None)
-            e = int(torch.randint(len(names), (1,), generator=sampler))
-            # Drawn and worded on the host (the prompts need the azimuths), then sent to the device.
-            cams = sample_orbit_cameras(tcfg.batch_size, cam_cfg.elevation_deg, cam_cfg.azimuth_deg,
-                                        cam_cfg.radius, cam_cfg.fov_deg, generator=sampler)
-            env = lighting.sample(sampler)
-            shading = "diffuse" if sub == "diffuse" else "pbr"
-            if sub == "refine":
-                g = refine_guidance
-                cond = GuidanceCond(prompts=texture_prompts(cams, subject, tcfg.refine_prompt), cameras=cams.to(device),
-                                    expression_indices=[e] * len(cams), lighting=env, shading=shading)
-            else:
-                g = guidance
-                cond = GuidanceCond(prompts=texture_prompts(cams, subject), id_embedding=id_embedding,
-                                    expressions=[names[e]] * len(cams), cameras=cams.to(device),
-                                    expression_indices=[e] * len(cams), lighting=env, shading=shading)
-            assert g is not None
-            g.schedule = get_schedule(SCHEDULE[sub])
-            opt.zero_grad(set_to_none=True)
-            expr = on_device[names[e]]
-            maps = field.bake(e, expr.texels)
-            images = render_pseudo_albedo(expr.mesh, cond.cameras, cfg.render.resolution, maps["albedo"],
-                                          maps["roughness"], maps["metallic"], env, uv=expr.uv,
-                                          attribute_faces=expr.attribute_faces, diffuse_only=sub == "diffuse",
-                                          rasterizer=rasterizer).for_guidance()
-            out = g(images, cond, it)
-            out.loss.backward()
-            bad = nonfinite_flag(field.parameters(), out.loss, finite=out.finite)
-            step_unless(opt, bad)
-            log.add({"it": it, "expression": names[e], "substage": sub, "t": out.t, "light": env.name,
-                     "light_rotation": round(env.rotation_deg, 2),
-                     "azimuth": [round(a, 2) for a in cams.azimuth_deg.tolist()]},
-                    {"loss": out.loss}, bad, time.perf_counter() - t0)
-            done_its = it + 1
-            at_checkpoint, at_preview = log.after_step(done_its, end, total, tcfg.checkpoint_every,
-                                                       tcfg.preview_every)
-            update(**log.shown)
-            if at_checkpoint:
-                checkpoint(done_its)
-            if at_preview:
-                save_texture_progress(field, expressions, tex / "progress.png", preview_res)
-            it = done_its
-
-    checkpoint(it)
-    skipped, elapsed = counters.skipped_steps, counters.seconds
-    if it < total:
-        return TextureStageResult(field, expressions, it, skipped, elapsed, start)
-    save_texture_progress(field, expressions, tex / "progress.png", preview_res)
-    # Written last: its presence marks the stage as finished.
-    atomic_write_text(tex / "done.json", json.dumps({
-        "iterations": total, "skipped_steps": skipped, "seconds": elapsed, "conditioning": key,
-        "expressions": names, "lighting": lighting.source, "refined": refine_guidance is not None,
-        "texture_resolution": tcfg.resolution,
-        "texel_coverage": {n: round(x.texels.coverage, 4) for n, x in expressions.items()}}, indent=2))
-    return TextureStageResult(field, expressions, total, skipped, elapsed, start)
+    spec = _stage(layout.texture_sds, cfg, {"guidance": guidance, "refine_guidance": refine_guidance}, field, key,
+                  lighting)
+    step = _TextureStep(cfg, field, {n: x.to(device) for n, x in expressions.items()}, lighting, guidance,
+                        refine_guidance, spec.sampler, embedding_on(id_embedding, device), subject, device,
+                        stage_rasterizer(cfg, device))
+    res = preview_resolution(cfg.render.resolution)
+    run = run_sds(spec, step, lambda: save_texture_progress(field, expressions, spec.files.progress, res),
+                  stop_after=stop_after, console=console, progress=progress,
+                  on_fresh=(lambda: field.load_state_dict(init_state)) if init_state is not None else None)
+    if run.iterations == tcfg.iterations:
+        write_done(spec.files, run, key, names, lighting=lighting.source, refined=refine_guidance is not None,
+                   texture_resolution=tcfg.resolution,
+                   texel_coverage={n: round(x.texels.coverage, 4) for n, x in expressions.items()})
+    return TextureStageResult(**asdict(run), field=field, expressions=expressions)
