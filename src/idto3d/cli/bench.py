@@ -164,6 +164,3 @@ def bench_runtime_cmd(
         _check_repeats(repeats)
     _print_rows(bench_runtime(device=device, full_size=full_size, repeats=repeats, variants=variants), as_json)
 
-
-if __name__ == "__main__":  # pragma: no cover
-    app()
