@@ -1,17 +1,13 @@
 """Drive the geometry SDS stage cheaply from tests that check one property of it (the Laplacian term, atomic
 checkpoints): a field regressed (a few seconds of Adam) to a sphere's closed-form SDF instead of a template fit,
-zero or oracle guidance, and one helper that calls ``run_geometry_stage`` whatever its current signature.
-
-``run_geometry_stage`` is moving from ``(run_dir, cfg, guidance, *, ...)`` (it prepares the folder and fits the
-initial field itself) to ``(run_dir, cfg, guidance, field, *, ...)`` (the caller prepares both):
-``run_geometry`` inspects the signature, so a change there is a one-line fix here.
+zero or oracle guidance, and ``run_geometry``, which prepares the run folder and its initial field as
+``generate`` does and runs the stage.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import inspect
 import json
 from pathlib import Path
 
@@ -88,35 +84,22 @@ def zero_guidance(cfg: Config) -> ZeroGuidance:
     return ZeroGuidance(torch.full((1, 4, 64, 64), 1.0), gcfg, "geometry", cfg.geometry.iterations, seed=cfg.seed)
 
 
-def _write_init(run_dir: Path, cfg: Config, field: ExpressionField) -> None:
-    """The old stage fits its own initial field unless ``geometry/init.pt`` + ``init_report.json`` exist."""
-    from idto3d.nn.state import cpu_state_dict
-
-    geo = run_dir / "geometry"
-    geo.mkdir(parents=True, exist_ok=True)
-    torch.save({"field": cpu_state_dict(field), "expressions": list(cfg.expressions)}, geo / "init.pt")
-    (geo / "init_report.json").write_text(json.dumps({"note": "sphere field written by the test"}))
-
-
 def run_geometry(run_dir: Path, cfg: Config, guidance, field: ExpressionField, **kwargs):  # noqa: ANN001
-    """Run the geometry stage from ``field``: it becomes the run's ``geometry/init.pt`` (unless the folder has
-    one), which the stage (old signature) or ``ensure_init`` (new signature) loads. Returns the stage's result."""
+    """Run the geometry stage from ``field``, which becomes the run's ``geometry/init.pt`` unless the folder has
+    one (so a resumed run starts from the same field, through ``ensure_init`` as ``generate`` does)."""
+    from idto3d.core.atomic import atomic_torch_save, atomic_write_text
+    from idto3d.core.run_layout import RunLayout
+    from idto3d.nn.state import cpu_state_dict
     from idto3d.stages.geometry_stage import run_geometry_stage
+    from idto3d.stages.initial_geometry import ensure_init
     from idto3d.stages.run_folder import prepare_run
 
-    run_dir = Path(run_dir)
-    params = inspect.signature(run_geometry_stage).parameters
+    layout = RunLayout(prepare_run(run_dir, cfg))
+    if not layout.init_field.exists():
+        atomic_torch_save(layout.init_field, {"field": cpu_state_dict(field), "expressions": list(cfg.expressions)})
+        atomic_write_text(layout.init_report, json.dumps({"note": "field written by the test"}))
     kwargs.setdefault("progress", False)
-    takes_field = "field" in params and params["field"].kind in (inspect.Parameter.POSITIONAL_ONLY,
-                                                                 inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    prepare_run(run_dir, cfg)
-    if not (run_dir / "geometry" / "init.pt").exists():
-        _write_init(run_dir, cfg, field)
-    if takes_field:
-        from idto3d.stages.initial_geometry import ensure_init
-
-        return run_geometry_stage(run_dir, cfg, guidance, ensure_init(run_dir, cfg, progress=False), **kwargs)
-    return run_geometry_stage(run_dir, cfg, guidance, **kwargs)
+    return run_geometry_stage(layout.root, cfg, guidance, ensure_init(layout.root, cfg, progress=False), **kwargs)
 
 
 def read_log(run_dir: Path) -> list[dict]:
