@@ -6,6 +6,7 @@ On 2 shared, busy cores the small tensor ops of these tests (tiny UNets, 64 px r
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 
@@ -16,3 +17,10 @@ class one_thread:  # noqa: N801  (used like a function)
 
     def __exit__(self, *exc) -> None:  # noqa: ANN002
         torch.set_num_threads(self.before)
+
+
+@pytest.fixture
+def single_thread():
+    """The fixture form: a module uses it with ``pytestmark = pytest.mark.usefixtures("single_thread")``."""
+    with one_thread():
+        yield

@@ -17,8 +17,6 @@ from idto3d.core.config import Config, GuidanceConfig, load_config
 from idto3d.geometry.expression_field import ExpressionField, build_field
 from idto3d.priors.guidance import OracleGuidance
 
-from cpu_threads import one_thread  # noqa: F401  (re-exported for the stage tests)
-
 # One expression (each iteration then optimises the same mesh), a 16-cell grid, 64 px renders, no previews
 # or checkpoints but the final ones.
 FAST = ["expressions=[neutral]", "geometry.grid_resolution=16", "render.resolution=64",

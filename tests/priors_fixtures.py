@@ -43,3 +43,14 @@ def randomize_adapters(prior: Prior, seed: int = 1) -> None:
 def id_vector(seed: int, dim: int = ID_DIM) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.nn.functional.normalize(torch.randn(dim, generator=g), dim=0)
+
+
+def attention_layers(unet: torch.nn.Module, cross: bool) -> list[tuple[str, torch.nn.Module, object]]:
+    """(processor name, attention module, processor) of every cross- (``attn2``) or self-attention (``attn1``)
+    layer of ``unet``."""
+    out = []
+    for name, proc in unet.attn_processors.items():
+        attn = unet.get_submodule(name.removesuffix(".processor"))
+        if attn.is_cross_attention == cross:
+            out.append((name, attn, proc))
+    return out

@@ -17,13 +17,9 @@ from PIL import Image
 
 from idto3d.evaluate.similarity import cosine_and_distance, embed_references
 
-from cpu_threads import one_thread
+from cpu_threads import single_thread  # noqa: F401  (fixture)
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small renders and a 6-point t-SNE: ~10x slower with 2 torch threads on 2 busy cores."""
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 REF_SIZE = (40, 48)  # (W, H) of the reference photos: the renders are square, so the stand-in tells them apart

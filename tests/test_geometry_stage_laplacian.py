@@ -10,15 +10,13 @@ import torch
 
 from idto3d.geometry.laplacian import laplacian_loss
 
+from cpu_threads import single_thread  # noqa: F401  (fixture)
 from geometry_stage_driver import (
-    one_thread, oracle_guidance, read_log, run_geometry, sphere_field, stage_config, zero_guidance,
+    oracle_guidance, read_log, run_geometry, sphere_field, stage_config, zero_guidance,
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _initial_mesh(cfg):

@@ -12,23 +12,17 @@ from diffusers import UNet2DConditionModel
 from idto3d.priors.adapters import DecoupledCrossAttnProcessor, install_adapters
 from idto3d.priors.tiny import tiny_unet_config
 
-from cpu_threads import one_thread
-from priors_fixtures import isolated_cache, prior, tiny_base  # noqa: F401  (fixtures)
+from cpu_threads import single_thread  # noqa: F401  (fixture)
+from priors_fixtures import attention_layers, isolated_cache, prior, tiny_base  # noqa: F401  (fixtures)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _cross_layers(unet: torch.nn.Module) -> list[tuple[str, torch.nn.Module, DecoupledCrossAttnProcessor]]:
-    out = []
-    for name, proc in unet.attn_processors.items():
-        attn = unet.get_submodule(name.removesuffix(".processor"))
-        if attn.is_cross_attention:
-            assert isinstance(proc, DecoupledCrossAttnProcessor), name
-            out.append((name, attn, proc))
+    out = attention_layers(unet, cross=True)
+    for name, _, proc in out:
+        assert isinstance(proc, DecoupledCrossAttnProcessor), name
     assert len(out) == 16  # SD1.5's layout
     return out
 

@@ -14,26 +14,18 @@ from diffusers import UNet2DConditionModel
 from idto3d.priors.adapters import LoRALinear, LoRASelfAttnProcessor, install_adapters
 from idto3d.priors.tiny import tiny_unet_config
 
-from cpu_threads import one_thread
-from priors_fixtures import isolated_cache, prior, tiny_base  # noqa: F401  (fixtures)
+from cpu_threads import single_thread  # noqa: F401  (fixture)
+from priors_fixtures import attention_layers, isolated_cache, prior, tiny_base  # noqa: F401  (fixtures)
 
 RANK = 4
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _self_attention_layers(unet: torch.nn.Module) -> list[tuple[str, torch.nn.Module, object]]:
     """(name, attention module, processor) of every self-attention layer (diffusers' ``attn1``)."""
-    out = []
-    for name, proc in unet.attn_processors.items():
-        attn = unet.get_submodule(name.removesuffix(".processor"))
-        if not attn.is_cross_attention:
-            out.append((name, attn, proc))
-    return out
+    return attention_layers(unet, cross=False)
 
 
 def _fresh_unet() -> UNet2DConditionModel:

@@ -14,14 +14,11 @@ import torch
 from idto3d.core.config import GuidanceConfig
 from idto3d.priors.guidance import OracleGuidance, SDSGuidance, downsample_latents
 
-from cpu_threads import one_thread
+from cpu_threads import single_thread  # noqa: F401  (fixture)
 from priors_fixtures import isolated_cache, prior, tiny_base  # noqa: F401  (fixtures)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _normals_and_coverage(size: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
