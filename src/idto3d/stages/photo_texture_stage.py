@@ -46,7 +46,7 @@ def run_photo_texture(run_dir: Path, cfg: Config, meshes: dict[str, Mesh], subje
     state, report_path = layout.photo_texture, layout.photo_report
     names = list(meshes)
     device = torch.device(device) if device is not None else torch.device("cpu")
-    expressions = prepare_expressions(layout.texture, meshes, cfg.texture.resolution)
+    expressions = prepare_expressions(layout.atlas, meshes, cfg.texture.resolution)
     field = build_texture_field(cfg.texture, len(names), seed=cfg.seed, fast_paths=cfg.runtime.fast_paths,
                                 device=device)
     if report_path.exists() and state.exists():

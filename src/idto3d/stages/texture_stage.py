@@ -117,11 +117,10 @@ def unwrap_expressions(meshes: dict[str, Mesh]) -> dict[str, UVMesh]:
     return dict(zip(meshes, shared_atlas([weld_degenerate(m.detach().cpu()) for m in meshes.values()])))
 
 
-def prepare_expressions(tex_dir: Path, meshes: dict[str, Mesh], size: int) -> dict[str, TexturedExpression]:
-    """Unwrap the expression meshes (or reload the run's atlas) and map their texels; ``tex_dir`` is the run's
-    ``texture`` folder."""
+def prepare_expressions(path: Path, meshes: dict[str, Mesh], size: int) -> dict[str, TexturedExpression]:
+    """Unwrap the expression meshes, or reload the run's atlas at ``path`` (``RunLayout.atlas``: the texture
+    stage and the photo texture share one layout), and map their texels."""
     names = list(meshes)
-    path = RunLayout(Path(tex_dir).parent).atlas
     if path.exists():
         atlases = load_atlases(path, names)
     else:
@@ -257,7 +256,7 @@ def run_texture_stage(run_dir: str | Path, cfg: Config, guidance: ScoreDistillat
     device = resolve_device(cfg.runtime.device)
     # Fails early on a bad environment folder, before unwrapping or any SDS step.
     lighting = LightingSampler(tcfg, cfg.seed, console, progress, device=device)
-    expressions = prepare_expressions(layout.texture, meshes, tcfg.resolution)
+    expressions = prepare_expressions(layout.atlas, meshes, tcfg.resolution)
     field = build_texture_field(tcfg, len(names), seed=cfg.seed, fast_paths=cfg.runtime.fast_paths, device=device)
     done = finished(layout.texture_sds, key, field, CONDITIONED_ON)
     if done is not None:
