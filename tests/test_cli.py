@@ -114,9 +114,17 @@ def test_fit_template_with_zero_grid_resolution_is_one_clear_line(tmp_path):
     assert not (tmp_path / "run").exists(), "a refused config must not create the run folder"
 
 
-def test_fit_template_warns_when_an_expression_has_no_surface(tmp_path):
-    # Zero iterations: the untrained field outputs SDF 0 everywhere, so there is no surface.
-    result = runner.invoke(app, ["fit-template", "-o", str(tmp_path / "run"), "--set", "template.iterations=0",
+def test_fit_template_with_zero_iterations_is_refused_by_validation(tmp_path):
+    result = runner.invoke(app, ["fit-template", "-o", str(tmp_path / "run"), "--set", "template.iterations=0"])
+    _assert_clean_error(result, "template.iterations")
+    assert not (tmp_path / "run").exists()
+
+
+def test_fit_template_with_no_surface_is_an_error_and_never_marked_done(tmp_path):
+    # One iteration: the barely trained field has no zero crossing yet, so no surface.
+    result = runner.invoke(app, ["fit-template", "-o", str(tmp_path / "run"), "--set", "template.iterations=1",
                                  "--set", "geometry.grid_resolution=16", "--set", "template.build_resolution=32"])
-    assert result.exit_code == 0, result.output
-    assert "no surface yet" in result.output
+    _assert_clean_error(result, "no surface")
+    assert not (tmp_path / "run").exists(), "a fit with nothing to resume must leave no run folder"
+
+

@@ -10,9 +10,11 @@ import yaml
 from idto3d.core.config import load_config
 from idto3d.core.errors import IdtoError
 from idto3d.stages.initial_geometry import ensure_init, fit_template
-from idto3d.stages.run_folder import prepare_run
+from idto3d.core.atomic import atomic_write_bytes
+from idto3d.stages.run_folder import open_run, prepare_run
 
-FAST = ["template.iterations=5", "template.points_per_step=500", "template.build_resolution=32",
+# 80 steps: the fewest at which both expressions have a surface (a fit with none is an error, never saved).
+FAST = ["template.iterations=80", "template.points_per_step=500", "template.build_resolution=32",
         "geometry.grid_resolution=16", "expressions=[neutral, smile]"]
 
 
@@ -28,7 +30,7 @@ def test_run_folder_holds_config_meshes_and_report(tmp_path):
     for name in ("init.pt", "init_neutral.ply", "init_smile.ply", "init_report.json", "init_preview.png"):
         assert (tmp_path / "geometry" / name).stat().st_size > 0
     stored = json.loads((tmp_path / "geometry" / "init_report.json").read_text())
-    assert stored["chamfer"] == report.chamfer and len(report.losses) == 5
+    assert stored["chamfer"] == report.chamfer and len(report.losses) == 80
     assert not list(tmp_path.rglob("*.tmp*")), "temp files left behind"
 
 
@@ -44,8 +46,9 @@ def test_different_config_is_refused_unless_overwrite(tmp_path):
     _fit(tmp_path)
     with pytest.raises(IdtoError, match="different config.*--overwrite"):
         _fit(tmp_path, ["seed=1"])
-    stale = tmp_path / "geometry" / "ckpt.pt"  # e.g. a geometry stage of the old config
-    stale.write_bytes(b"old")
+    stale = tmp_path / "geometry" / "ckpt.pt"  # e.g. a geometry stage of the old config, written by idto3d
+    with open_run(tmp_path):
+        atomic_write_bytes(stale, b"old")
     _fit(tmp_path, ["seed=1"], overwrite=True)
     assert yaml.safe_load((tmp_path / "config.yaml").read_text())["seed"] == 1
     assert not stale.exists()  # started over: nothing of the old config is left to resume

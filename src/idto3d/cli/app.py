@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from idto3d import __version__
 from idto3d.core.errors import IdtoError
@@ -30,6 +33,15 @@ SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override 
                                                   "(repeatable).")]
 
 
+# File-system errors a user causes (and fixes) with the path or the disk, not bugs: one line, exit 2.
+_FS_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR, errno.EDQUOT}
+
+
+def _error_line(message: str) -> None:
+    # soft_wrap and no newlines: one line whatever the terminal (scripts and tests match on it)
+    console.print(f"[bold red]error:[/] {escape(' '.join(message.split()))}", highlight=False, soft_wrap=True)
+
+
 def user_errors(fn: F) -> F:
     """Show user-caused errors as one clear line (exit 2) instead of a traceback."""
 
@@ -38,9 +50,17 @@ def user_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except IdtoError as exc:
-            # soft_wrap: one line whatever the terminal width (scripts and tests match on it)
-            console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            _error_line(str(exc))
             raise typer.Exit(code=2) from None
+        except OSError as exc:
+            if exc.errno not in _FS_ERRNOS:
+                raise
+            where = f": {exc.filename}" if exc.filename else ""
+            _error_line(f"cannot write{where} ({os.strerror(exc.errno)})")
+            raise typer.Exit(code=2) from None
+        except KeyboardInterrupt:
+            console.print("interrupted; run the same command again to resume", highlight=False, soft_wrap=True)
+            raise typer.Exit(code=130) from None
 
     return wrapper  # type: ignore[return-value]
 
@@ -130,10 +150,6 @@ def fit_template_cmd(
     from idto3d.stages.initial_geometry import fit_template
 
     report = fit_template(out, load_config(preset, config, set_), overwrite=overwrite, console=console)
-    empty = [i for i, c in enumerate(report.chamfer) if c == float("inf")]
-    if empty:
-        console.print(f"[yellow]warning:[/] expression(s) {empty} have no surface yet; "
-                      "raise template.iterations (the preview preset uses 400)")
     rel = ", ".join(f"{r * 100:.3f}%" for r in report.chamfer_relative)
     console.print(f"Chamfer to template / bbox diagonal: {rel}  ({report.seconds:.1f} s) -> {out}")
 
@@ -371,8 +387,12 @@ def evaluate_cmd(
     for r in references:  # a quoted glob ('refs/*.jpg') is expanded here; unquoted, the shell did it
         matches = sorted(Path(p) for p in glob.glob(str(r))) if glob.has_magic(str(r)) and not r.exists() else []
         refs += matches or [r]
-    result = evaluate_runs(runs, refs, cfg, grid=camera_grid(elevations, azimuths), resolution=resolution,
-                           fid_images=fid_images, fid_normals=fid_normals, inception=inception, console=console)
+    from idto3d.stages.run_folder import hold_runs
+
+    with hold_runs(runs):
+        result = evaluate_runs(runs, refs, cfg, grid=camera_grid(elevations, azimuths), resolution=resolution,
+                               fid_images=fid_images, fid_normals=fid_normals, inception=inception,
+                               console=console)
     first = result["runs"][0]
     table = Table(title=f"identity similarity ({first['backend']}, {len(first['references'])} reference photo(s), "
                         f"{first['grid']['views']} views per expression)")

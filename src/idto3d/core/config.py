@@ -86,7 +86,7 @@ class TemplateConfig:
 
     path: str | None = _opt(None, help="mesh file (OBJ/PLY/...) +Y up facing +Z; null = built-in head")
     build_resolution: int = _opt(96, ge=16, le=512, help="tet grid used to mesh the built-in template")
-    iterations: int = _opt(500, ge=0)
+    iterations: int = _opt(500, ge=1, help="regression steps (a field with too few has no surface yet)")
     lr: float = _opt(3e-3, gt=0.0)
     points_per_step: int = _opt(20000, ge=100)
     surface_fraction: float = _opt(0.7, ge=0.0, le=1.0)
@@ -164,7 +164,7 @@ class TextureConfig:
 class PhotoTextureConfig:
     """The offline texture: the texture field fitted to the subject's photos through their fitted cameras."""
 
-    iterations: int = _opt(200, ge=0, help="optimisation steps of the photometric fit")
+    iterations: int = _opt(200, ge=1, help="optimisation steps of the photometric fit")
     lr: float = _opt(0.01, gt=0.0, help="Adam learning rate of the texture field during the fit")
     resolution: int = _opt(256, ge=32, le=2048, help="long side in pixels of the working renders (photos are "
                            "downscaled to it, never upscaled)")

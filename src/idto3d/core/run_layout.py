@@ -8,13 +8,15 @@ folders made by earlier versions resume.
 RUN/config.yaml                 the resolved config (first file written)
 RUN/identity.safetensors        the identity embedding (+ RUN/crops/ aligned face crops)
 RUN/geometry/                   init.pt, init_report.json, init_<expr>.ply, init_preview.png (initial field),
-                                face_fit.json/.pt (face-model fit), ckpt.pt, log.jsonl, progress.png,
+                                face_fit.json/.pt (face-model fit), ckpt.pt (+ ckpt.prev.pt), log.jsonl, progress.png,
                                 done.json, <expr>.ply/.obj (geometry SDS)
 RUN/texture/                    atlas.npz, photo.pt, photo_report.json (photo texture), ckpt.pt, log.jsonl,
                                 progress.png, done.json (texture SDS)
 RUN/export/                     <expr>.glb/.obj/.mtl/_*.png, done.json
 RUN/renders/                    <expr>_turntable.png/.mp4
 RUN/report/                     index.html, metrics.json, plots, viewer/, vendor/three/
+RUN/.idto3d/                    manifest.json (the files idto3d wrote, the run's inputs), lock (held by the
+                                command working in the folder, with its PID)
 ```
 """
 
@@ -37,6 +39,11 @@ class SDSFiles:
     @property
     def checkpoint(self) -> Path:
         return self.dir / "ckpt.pt"
+
+    @property
+    def previous_checkpoint(self) -> Path:
+        """The checkpoint before ``checkpoint``, kept so a damaged last one costs one interval, not the run."""
+        return self.dir / "ckpt.prev.pt"
 
     @property
     def log(self) -> Path:
@@ -91,6 +98,14 @@ class RunLayout:
     @property
     def report(self) -> Path:
         return self.root / "report"
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / ".idto3d" / "manifest.json"
+
+    @property
+    def lock(self) -> Path:
+        return self.root / ".idto3d" / "lock"
 
     def relative(self, path: str | Path) -> str:
         """``path`` (inside the run) relative to the run folder, with ``/``: how reports and metrics name files."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import html
 import json
+import re
 import shutil
 from base64 import b64encode
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -365,10 +366,43 @@ def ensure_report(run_dir: Path, console: Console | None = None) -> Path:
     return write_report(run_dir, metrics, console=console)
 
 
+_SERVED_FOLDERS = ("report", "export", "renders")  # the report, and the heads and turntables it shows
+_LINK = re.compile(r"""(?:src|href)\s*=\s*["']([^"'#?]+)""")
+
+
 class _Handler(SimpleHTTPRequestHandler):
+    """Serves the report and the files it embeds, nothing else of the run folder (no identity, crops or config,
+    no directory listings, no link out of the folder), and only to pages addressed to this machine's loopback
+    name: a Host header naming another site (DNS rebinding) is refused."""
+
     extensions_map = {**SimpleHTTPRequestHandler.extensions_map, ".js": "text/javascript",
                       ".mjs": "text/javascript", ".glb": "model/gltf-binary", ".json": "application/json",
                       ".mp4": "video/mp4"}
+
+    def send_head(self):  # noqa: ANN201 (the base class's signature)
+        port = self.server.server_address[1]
+        if self.headers.get("Host", "") not in (f"127.0.0.1:{port}", f"localhost:{port}"):
+            self.send_error(403, "this server answers only http://127.0.0.1 and http://localhost")
+            return None
+        if not self._allowed(Path(self.translate_path(self.path))):
+            self.send_error(404, "not part of the report")
+            return None
+        return super().send_head()
+
+    def _allowed(self, path: Path) -> bool:
+        """A file of the report's folders, or one the page links to, that stays in the run folder once links
+        are followed (both where it is asked for and where it really is)."""
+        root = Path(self.directory).resolve()
+        real = path.resolve()
+        if not real.is_file() or not real.is_relative_to(root):
+            return False
+        embedded = _embedded(root)
+        return all(p.is_relative_to(root) and (p in embedded or p.relative_to(root).parts[0] in _SERVED_FOLDERS)
+                   for p in (real, path.parent.resolve() / path.name))
+
+    def list_directory(self, path):  # noqa: ANN001, ANN201
+        self.send_error(404, "no directory listings")
+        return None
 
     def end_headers(self) -> None:
         # A report written again must show its new files, not the browser's cached ones.
@@ -377,6 +411,15 @@ class _Handler(SimpleHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (the base class's name)
         pass
+
+
+def _embedded(root: Path) -> set[Path]:
+    """The run's files the report page links to outside its served folders (previews of the stages)."""
+    page = RunLayout(root).report_index
+    if not page.is_file():
+        return set()
+    links = _LINK.findall(page.read_text(encoding="utf-8", errors="replace"))
+    return {(page.parent / link).resolve() for link in links if "://" not in link and not link.startswith("/")}
 
 
 def serve(run_dir: Path, port: int = 0) -> tuple[ThreadingHTTPServer, str]:

@@ -18,6 +18,8 @@ from pathlib import Path
 
 from rich.console import Console
 
+from idto3d.core.atomic import atomic_write
+
 THREE_VERSION = "0.187.0"  # npm package `three`, MIT licence
 # The viewer's entry modules, relative to the package folder; their relative imports are followed.
 ENTRY_MODULES = (
@@ -119,8 +121,7 @@ def vendor_three(package: Path, dest: Path) -> list[str]:
     files = module_closure(package)
     for rel in [*files, "LICENSE", "package.json"]:
         if (package / rel).is_file():
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(package / rel, dest / rel)
+            atomic_write(dest / rel, lambda p, src=package / rel: shutil.copyfile(src, p))
     return files
 
 

@@ -21,6 +21,8 @@ from idto3d.export import PBRMaps, UVMesh, export_expression
 from idto3d.export.turntable import find_ffmpeg, write_turntable
 from idto3d.core.progress import progress_bar
 from idto3d.core.run_layout import RunLayout
+from idto3d.core.run_manifest import check_stage_key
+from idto3d.core.stored_files import read_json_file
 from idto3d.texture.texture_field import TextureField
 from idto3d.texture.texels import texel_map
 
@@ -46,7 +48,7 @@ def grey_maps(size: int = 16) -> PBRMaps:
 
 def export_run(run_dir: str | Path, cfg: Config, atlases: dict[str, UVMesh],
                maps_for: Callable[[int, str, UVMesh], PBRMaps], *, console: Console | None = None,
-               progress: bool = True) -> list[Path]:
+               progress: bool = True, key: dict[str, str] | None = None) -> list[Path]:
     """Write ``export/`` and ``renders/`` for every expression; ``maps_for(index, name, atlas)`` gives its maps.
 
     ``export/done.json`` lists what was written, last, so a run killed mid-export exports again on resume.
@@ -66,14 +68,19 @@ def export_run(run_dir: str | Path, cfg: Config, atlases: dict[str, UVMesh],
     if ecfg.video and not video:
         notes.append("no MP4 turntables: ffmpeg not found (install ffmpeg, or pip install imageio-ffmpeg)")
     atomic_write_text(layout.export_done, json.dumps({
-        "files": [str(p.relative_to(layout.root)) for p in written], "notes": notes}, indent=2))
+        "files": [str(p.relative_to(layout.root)) for p in written], "notes": notes,
+        **({"key": key} if key else {})}, indent=2))
     return written
 
 
-def exported_files(run_dir: str | Path) -> list[Path] | None:
-    """The files of a finished export, or None when the export has not finished."""
+def exported_files(run_dir: str | Path, key: dict[str, str] | None = None) -> list[Path] | None:
+    """The files of a finished export, or None when the export has not finished. ``key``: what this call would
+    export from; a finished export made from something else is refused."""
     layout = RunLayout(run_dir)
     if not layout.export_done.exists():
         return None
-    files = [layout.root / f for f in json.loads(layout.export_done.read_text(encoding="utf-8"))["files"]]
+    info = read_json_file(layout.export_done)
+    if key is not None:
+        check_stage_key(layout.export_done, info, key, layout.root)
+    files = [layout.root / f for f in info["files"]]
     return files if all(f.exists() for f in files) else None

@@ -23,7 +23,8 @@ from idto3d.stages.export_stage import baked_maps, export_run, exported_files, g
 from idto3d.stages.geometry_stage import GeometryStageResult, current_meshes, run_geometry_stage
 from idto3d.stages.initial_geometry import ensure_init
 from idto3d.stages.photo_texture_stage import PhotoTextureResult, run_photo_texture
-from idto3d.stages.run_folder import prepare_run
+from idto3d.stages.run_folder import RunFolder, describe_inputs, open_run
+from idto3d.stages.stage_keys import export_key
 from idto3d.stages.subject_init import SubjectFit, subject_for_run, subject_targets
 from idto3d.stages.texture_stage import TextureStageResult, run_texture_stage, unwrap_expressions
 
@@ -102,7 +103,7 @@ def check_prior_for_identity(prior, ident: IdentityEmbedding, ref: str, domain: 
                         f"(identity.backend: dlib = 128, arcface = 512) or use a prior built for id_dim={ident.dim}")
 
 
-def _load_checked(ref: str | None, ident: IdentityEmbedding, domain: str, cfg: Config):
+def _load_checked(ref: str | None, ident: IdentityEmbedding, domain: str, cfg: Config) -> Any:
     if not ref:
         return None
     from idto3d.priors.prior import load_prior
@@ -150,24 +151,16 @@ def _remaining(stop_after: int | None, done_now: int) -> int | None:
     return None if stop_after is None else max(stop_after - done_now, 0)
 
 
-def _start(inputs: Sequence[str | Path], run_dir: str | Path, cfg: Config, overwrite: bool,
-           priors: tuple[str | None, str | None], console: Console | None, progress: bool, clock: _Clock
-           ) -> tuple[Path, IdentityEmbedding, Any, Any]:
-    """The run folder (prepared once, here), its identity and both priors, loaded and checked before the
-    template fit spends any time: ``(run_dir, identity, normal prior, albedo prior)``."""
-    created = not Path(run_dir).exists()
-    run_dir = prepare_run(run_dir, cfg, overwrite)
-    try:
-        ident = resolve_identity(inputs, run_dir, cfg, console, progress)
-        clock.lap("identity")
-        check_one_person(ident)
-        normal = _load_checked(priors[0] or cfg.prior.normal, ident, "normal", cfg)
-        albedo = _load_checked(priors[1] or cfg.prior.albedo, ident, "albedo", cfg)
-    except IdtoError:
-        if created:  # nothing was computed yet: leave no half-written run folder behind
-            shutil.rmtree(run_dir, ignore_errors=True)
-        raise
-    return run_dir, ident, normal, albedo
+def _start(inputs: Sequence[str | Path], run: RunFolder, cfg: Config, priors: tuple[str | None, str | None],
+           console: Console | None, progress: bool, clock: _Clock) -> tuple[IdentityEmbedding, Any, Any]:
+    """The run's identity and both priors, loaded and checked before the template fit spends any time (and before
+    ``--overwrite`` removes anything): ``(identity, normal prior, albedo prior)``."""
+    ident = resolve_identity(inputs, run.layout.root, cfg, console, progress)
+    clock.lap("identity")
+    check_one_person(ident)
+    normal = _load_checked(priors[0], ident, "normal", cfg)
+    albedo = _load_checked(priors[1], ident, "albedo", cfg)
+    return ident, normal, albedo
 
 
 def _export_source(tex: TextureStageResult | None, photo: PhotoTextureResult | None, meshes: dict[str, Mesh],
@@ -180,6 +173,13 @@ def _export_source(tex: TextureStageResult | None, photo: PhotoTextureResult | N
     return unwrap_expressions(meshes), lambda i, name, atlas: grey_maps()
 
 
+def _texture_marker(tex: TextureStageResult | None, photo: PhotoTextureResult | None) -> dict | None:
+    """What identifies the texture the export bakes: the texture SDS's iterations on the photo texture's key."""
+    if tex is not None:
+        return {"texture_sds": tex.iterations, "photo": photo.report.get("key") if photo is not None else None}
+    return {"photo": photo.report.get("key")} if photo is not None else None
+
+
 def generate(inputs: Sequence[str | Path], run_dir: str | Path, cfg: Config, *, normal_prior: str | None = None,
              albedo_prior: str | None = None, prompt: str | None = None, overwrite: bool = False,
              console: Console | None = None, progress: bool = True, stop_after: int | None = None) -> GenerateResult:
@@ -189,13 +189,24 @@ def generate(inputs: Sequence[str | Path], run_dir: str | Path, cfg: Config, *, 
     stages (checkpointed; the next call goes on from there).
     """
     clock = _Clock()
-    run_dir, ident, normal, albedo = _start(inputs, run_dir, cfg, overwrite, (normal_prior, albedo_prior), console,
-                                            progress, clock)
+    refs = (normal_prior or cfg.prior.normal, albedo_prior or cfg.prior.albedo)
+    record = {**describe_inputs(inputs), "priors": {"normal": refs[0], "albedo": refs[1]}}
+    with open_run(run_dir, console) as run:
+        run.check(cfg, record, overwrite)  # another config or person: refused before anything is written
+        ident, normal, albedo = _start(inputs, run, cfg, refs, console, progress, clock)
+        run.begin(cfg, record, overwrite)
+        return _pipeline(run.layout.root, cfg, ident, normal, albedo, prompt, console, progress, stop_after, clock)
+
+
+def _pipeline(run_dir: Path, cfg: Config, ident: IdentityEmbedding, normal: Any, albedo: Any, prompt: str | None,
+              console: Console | None, progress: bool, stop_after: int | None, clock: _Clock) -> GenerateResult:
+    """The stages, in the held run folder."""
     device = resolve_device(cfg.runtime.device)
     person = subject_for_run(run_dir, cfg, ident, console if progress else None)
     clock.lap("face fit")
     targets = (lambda: subject_targets(person, cfg)) if person is not None else None
-    init = ensure_init(run_dir, cfg, console, progress, targets=targets, device=device)
+    init = ensure_init(run_dir, cfg, console, progress, targets=targets, device=device,
+                       photos=person.photos if person is not None else None)
     clock.lap("template regression")
     notes = [NO_PHOTOS] if cfg.face_model.enabled and person is None else []
     subject, geo, tex, photo = prompt or "a person", None, None, None
@@ -227,10 +238,11 @@ def generate(inputs: Sequence[str | Path], run_dir: str | Path, cfg: Config, *, 
                                   missing=f"stopped at texture iteration {tex.iterations} on request")
     else:
         notes.append(PHOTO_TEXTURE_ONLY if photo is not None else GREY_ONLY)
-    files = exported_files(run_dir)  # a finished export is reused: its source (UV unwrap...) is not even built
+    key = export_key(cfg, _texture_marker(tex, photo), meshes)
+    files = exported_files(run_dir, key)  # a finished export is reused: its source (UV unwrap...) is not built
     if not files:
         atlases, maps_for = _export_source(tex, photo, meshes, cfg.export.texture_size)
-        files = export_run(run_dir, cfg, atlases, maps_for, console=console, progress=progress)
+        files = export_run(run_dir, cfg, atlases, maps_for, console=console, progress=progress, key=key)
     clock.lap("export")
     return GenerateResult(run_dir, ident, geo, texture=tex, photo=photo, person=person, exported=files,
                           missing="; ".join(notes) or None, seconds=clock.laps)

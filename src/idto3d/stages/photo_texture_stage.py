@@ -19,6 +19,9 @@ from idto3d.core.atomic import atomic_torch_save, atomic_write_text
 from idto3d.core.config import Config
 from idto3d.core.progress import progress_bar
 from idto3d.core.run_layout import RunLayout
+from idto3d.core.run_manifest import check_stage_key
+from idto3d.core.stored_files import load_torch_file, read_json_file
+from idto3d.stages.stage_keys import photo_texture_key
 from idto3d.stages.subject_init import SubjectFit
 from idto3d.stages.texture_stage import TexturedExpression, prepare_expressions
 from idto3d.render.mesh import Mesh
@@ -49,9 +52,12 @@ def run_photo_texture(run_dir: Path, cfg: Config, meshes: dict[str, Mesh], subje
     expressions = prepare_expressions(layout.atlas, meshes, cfg.texture.resolution)
     field = build_texture_field(cfg.texture, len(names), seed=cfg.seed, fast_paths=cfg.runtime.fast_paths,
                                 device=device)
+    key = photo_texture_key(cfg, subject.photos, meshes)
     if report_path.exists() and state.exists():
-        load_field_state(field, torch.load(state, map_location="cpu", weights_only=True), state)
-        return PhotoTextureResult(field, expressions, json.loads(report_path.read_text(encoding="utf-8")))
+        info = read_json_file(report_path)
+        check_stage_key(report_path, info, key, layout.root)
+        load_field_state(field, load_torch_file(state), state)
+        return PhotoTextureResult(field, expressions, info)
     views = [PhotoView(img, subject.camera(i), subject.fit.photos[i].landmarks)
              for i, img in enumerate(subject.images)]
     with progress_bar("photo texture", cfg.photo_texture.iterations, console, enabled=progress) as update:
@@ -61,6 +67,6 @@ def run_photo_texture(run_dir: Path, cfg: Config, meshes: dict[str, Mesh], subje
     with torch.no_grad():
         field.codes[1:] = field.codes[0]
     atomic_torch_save(state, cpu_state_dict(field))
-    info = {**asdict(report), "photos": [str(p) for p in subject.photos]}
+    info = {**asdict(report), "photos": [str(p) for p in subject.photos], "key": key}
     atomic_write_text(report_path, json.dumps(info, indent=2))  # written last: marks the step finished
     return PhotoTextureResult(field, expressions, info)

@@ -20,7 +20,8 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from idto3d.core.atomic import atomic_write_text
+from idto3d.core.atomic import atomic_write_text, note_write
+from idto3d.core.stored_files import load_torch_file, read_json_file
 from idto3d.core.config import CameraConfig, Config
 from idto3d.core.device import rasterizer_name, to_device
 from idto3d.core.errors import IdtoError
@@ -29,7 +30,7 @@ from idto3d.core.run_layout import SDSFiles
 from idto3d.nn.state import load_field_state
 from idto3d.render.backend import Rasterizer, get_rasterizer
 from idto3d.render.camera import Camera, sample_orbit_cameras
-from idto3d.stages.stage_state import StageCounters, StageState
+from idto3d.stages.stage_state import StageCounters, StageState, usable_checkpoint
 from idto3d.stages.step_log import StepLog, bad_steps_error, nonfinite_flag, step_unless
 
 
@@ -117,10 +118,12 @@ def finished(files: SDSFiles, key: str, field: torch.nn.Module, conditioned_on: 
     """A finished stage's counters, with its final field loaded into ``field``; None when not finished."""
     if not files.done.exists():
         return None
-    info = json.loads(files.done.read_text(encoding="utf-8"))
+    info = read_json_file(files.done)
     if info.get("conditioning") != key:
         raise IdtoError(_refusal(files, conditioned_on, "was made for"))
-    state = torch.load(files.checkpoint, map_location="cpu", weights_only=True)
+    if usable_checkpoint(files.checkpoint, files.previous_checkpoint) != files.checkpoint:
+        return None  # the final checkpoint is damaged or gone: the stage resumes from the one before it
+    state = load_torch_file(files.checkpoint)
     load_field_state(field, state["field"], str(files.checkpoint))
     return SDSProgress(info["iterations"], info["skipped_steps"], info["seconds"], info["iterations"])
 
@@ -141,7 +144,7 @@ def run_sds(spec: SDSStage, step: Callable[[int], SDSStep], preview: Callable[[]
     files = spec.files
     state = StageState(spec.field, spec.optimizer, spec.sampler, spec.guidances, spec.key)
     counters = state.begin(files.checkpoint, files.log, _refusal(files, spec.conditioned_on, "holds a run for"),
-                           spec.seed, on_fresh=on_fresh)
+                           spec.seed, on_fresh=on_fresh, previous=files.previous_checkpoint)
     start = counters.iteration
     for g in spec.guidances.values():
         if g is not None:
@@ -156,7 +159,7 @@ def run_sds(spec: SDSStage, step: Callable[[int], SDSStep], preview: Callable[[]
 
 def _checkpoint(state: StageState, counters: StageCounters, files: SDSFiles, iteration: int) -> None:
     counters.iteration = iteration
-    state.save(files.checkpoint, counters)
+    state.save(files.checkpoint, counters, previous=files.previous_checkpoint)
 
 
 def _loop(spec: SDSStage, state: StageState, counters: StageCounters, step: Callable[[int], SDSStep],
@@ -167,6 +170,7 @@ def _loop(spec: SDSStage, state: StageState, counters: StageCounters, step: Call
     def too_many(at: int, c: StageCounters) -> IdtoError:
         return bad_steps_error(spec.name, at, c, files.checkpoint, spec.hint)
 
+    note_write(files.log)  # appended to in place (a killed run's tail is cut on resume), not written atomically
     with progress_bar(title, end - start, console, enabled=progress) as update, \
             files.log.open("a", encoding="utf-8") as log_file:
         log = StepLog(log_file, spec.log_every, counters, spec.max_bad_steps, too_many)

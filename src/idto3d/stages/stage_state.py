@@ -5,15 +5,23 @@ guidance's, torch's) and the counters."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from idto3d.core.atomic import atomic_torch_save, atomic_write_text
+from rich.console import Console
+
+from idto3d.core.atomic import atomic_write_bytes, atomic_write_text, note_write, torch_bytes
+from idto3d.core.stored_files import DamagedFileError, load_torch_file
 from idto3d.core.errors import IdtoError
 from idto3d.nn.state import cpu_state_dict, load_field_state
+
+
+_warn = Console(stderr=True)
 
 
 @dataclass
@@ -34,17 +42,21 @@ class StageState:
     guidances: dict
     key: str  # ties the checkpoint to its conditioning (identity, prompt, geometry)
 
-    def save(self, path: Path, counters: StageCounters) -> None:
+    def save(self, path: Path, counters: StageCounters, previous: Path | None = None) -> None:
+        """Write the checkpoint; the one it replaces moves to ``previous`` (when given) first."""
         state = {"iteration": counters.iteration, "field": cpu_state_dict(self.field),
                  "optimizer": self.optimizer.state_dict(), "sampler": self.sampler.get_state(),
                  "torch_rng": torch.get_rng_state(), "skipped_steps": counters.skipped_steps,
                  "bad_in_row": counters.bad_in_row, "seconds": counters.seconds, "conditioning": self.key}
         state.update({name: g.state_dict() for name, g in self.guidances.items() if g is not None})
-        atomic_torch_save(path, state)
+        data = torch_bytes(state)  # serialised first: a failure here leaves both files as they were
+        if previous is not None and path.exists():
+            keep_as_previous(path, previous)
+        atomic_write_bytes(path, data)
 
     def restore(self, path: Path, refusal: str) -> StageCounters:
         """Load ``path`` into the objects; ``refusal`` is the error raised when it holds another conditioning."""
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_torch_file(path)
         if state["conditioning"] != self.key:
             raise IdtoError(refusal)
         load_field_state(self.field, state["field"], str(path))
@@ -60,11 +72,12 @@ class StageState:
         return StageCounters(state["iteration"], state["skipped_steps"], state["bad_in_row"], state["seconds"])
 
     def begin(self, ckpt: Path, log: Path, refusal: str, seed: int,
-              on_fresh: Callable[[], object] | None = None) -> StageCounters:
-        """Resume from ``ckpt`` when it exists; else start fresh (``on_fresh()``, then seed torch). The log keeps
-        only the lines of iterations before the start."""
-        if ckpt.exists():
-            counters = self.restore(ckpt, refusal)
+              on_fresh: Callable[[], object] | None = None, previous: Path | None = None) -> StageCounters:
+        """Resume from ``ckpt`` when it exists (from ``previous`` when ``ckpt`` is damaged or missing); else start
+        fresh (``on_fresh()``, then seed torch). The log keeps only the lines of iterations before the start."""
+        resume = usable_checkpoint(ckpt, previous)
+        if resume is not None:
+            counters = self.restore(resume, refusal)
         else:
             if on_fresh is not None:
                 on_fresh()
@@ -72,6 +85,34 @@ class StageState:
             counters = StageCounters()
         truncate_log(log, counters.iteration)
         return counters
+
+
+def keep_as_previous(path: Path, previous: Path) -> None:
+    """Make ``previous`` the file ``path`` is now, while ``path`` stays in place (a hard link, else a copy)."""
+    note_write(previous)
+    tmp = previous.with_name(previous.name + ".link")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(path, tmp)
+    except OSError:
+        shutil.copyfile(path, tmp)
+    os.replace(tmp, previous)
+
+
+def usable_checkpoint(ckpt: Path, previous: Path | None) -> Path | None:
+    """``ckpt`` when it loads; else ``previous`` when that exists (a warning says so); None when neither exists.
+    A damaged ``ckpt`` with no previous one is a ``DamagedFileError``."""
+    if ckpt.exists():
+        try:
+            load_torch_file(ckpt)
+            return ckpt
+        except DamagedFileError as exc:
+            if previous is None or not previous.exists():
+                raise
+            _warn.print(f"[yellow]warning:[/] {exc.path} is damaged; resuming from {previous.name}", highlight=False,
+                        soft_wrap=True)
+            return previous
+    return previous if previous is not None and previous.exists() else None
 
 
 def truncate_log(path: Path, before: int) -> None:
