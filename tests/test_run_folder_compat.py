@@ -53,7 +53,10 @@ def priors(tmp_path_factory) -> Path:
 
 
 def _files(run: Path) -> dict[str, bytes]:
-    return {RunLayout(run).relative(p): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+    """The run's outputs. Left out: the folder's own records (``.idto3d/``: manifest, lock) and the checkpoint
+    kept before the last (``ckpt.prev.pt``), which versions before run keys did not keep."""
+    return {RunLayout(run).relative(p): p.read_bytes() for p in sorted(run.rglob("*"))
+            if p.is_file() and ".idto3d" not in p.parts and p.name != "ckpt.prev.pt"}
 
 
 def _plain(x: object) -> object:
@@ -73,8 +76,8 @@ def _untimed(rel: str, data: bytes) -> object:
     if rel.endswith(".pt"):
         state = torch.load(io.BytesIO(data), weights_only=True)
         return _plain({k: v for k, v in state.items() if k != "seconds"})
-    if rel.endswith(".json"):
-        return {k: v for k, v in json.loads(data).items() if k != "seconds"}
+    if rel.endswith(".json"):  # and the stage key, which markers of a version before run keys do not hold
+        return {k: v for k, v in json.loads(data).items() if k not in ("seconds", "key")}
     if rel.endswith(".jsonl"):
         return [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in data.splitlines()]
     if rel.endswith(".npz"):  # the arrays: the zip container's headers differ between Python patch releases

@@ -22,6 +22,7 @@ RUN/.idto3d/                    manifest.json (the files idto3d wrote, the run's
 
 from __future__ import annotations
 
+import fnmatch
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +58,20 @@ class SDSFiles:
     def done(self) -> Path:
         """Written last: its presence marks the stage finished."""
         return self.dir / "done.json"
+
+
+# Every name the stages give their files (``RunLayout.named_ours``): a file under one of these is idto3d's even
+# when no manifest recorded it (a folder made before manifests, or stages driven from Python without a run held).
+_OUR_NAMES = ("config.yaml", "identity.safetensors", "crops/*", ".idto3d/*",
+              "geometry/init.pt", "geometry/init_report.json", "geometry/init_preview.png", "geometry/init_*.ply",
+              "geometry/face_fit.json", "geometry/face_fit.pt", "geometry/ckpt.pt", "geometry/ckpt.prev.pt",
+              "geometry/log.jsonl", "geometry/progress.png", "geometry/done.json", "geometry/*.ply", "geometry/*.obj",
+              "texture/atlas.npz", "texture/photo.pt", "texture/photo_report.json", "texture/ckpt.pt",
+              "texture/ckpt.prev.pt", "texture/log.jsonl", "texture/progress.png", "texture/done.json",
+              "export/*.glb", "export/*.obj", "export/*.mtl", "export/*_albedo.png", "export/*_roughness.png",
+              "export/*_metallic.png", "export/*_normal.png", "export/done.json",
+              f"renders/*{TURNTABLE}.png", f"renders/*{TURNTABLE}.mp4",
+              "report/index.html", "report/metrics.json", "report/*.png", "report/viewer/*", "report/vendor/*")
 
 
 @dataclass(frozen=True)
@@ -110,6 +125,10 @@ class RunLayout:
     def relative(self, path: str | Path) -> str:
         """``path`` (inside the run) relative to the run folder, with ``/``: how reports and metrics name files."""
         return Path(path).relative_to(self.root).as_posix()
+
+    def named_ours(self, rel: str) -> bool:
+        """Whether ``rel`` (relative to the run, with ``/``) has a name the stages give their files."""
+        return any(fnmatch.fnmatchcase(rel, pattern) for pattern in _OUR_NAMES)
 
     def from_report(self, path: str | Path) -> str:
         """``path`` (inside the run) as the report page (``report/index.html``) links to it, with ``/``."""

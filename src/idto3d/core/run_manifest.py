@@ -64,7 +64,8 @@ def check_stage_key(marker: Path, stored: Mapping[str, Any], current: Mapping[st
         return
     differ = [name for name in sorted(set(old) | set(current)) if old.get(name) != current.get(name)]
     if differ:
-        what = ", ".join(_WHAT.get(n, n) for n in differ)
+        names = [_WHAT.get(n, n) for n in differ]
+        what = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
         rel = marker.relative_to(root).as_posix() if marker.is_relative_to(root) else str(marker)
         raise StaleOutputError(f"{root}: {rel} was made from {what} than this command's; {WAYS_OUT}")
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from rich.console import Console
 
-from idto3d.core.config import Config
+from idto3d.core.config import Config, dump_config
 from idto3d.core.device import resolve_device, resolve_dtype
 from idto3d.core.errors import IdtoError
 from idto3d.core.run_layout import RunLayout
@@ -56,14 +56,17 @@ def _is_identity_file(inputs: Sequence[Path]) -> bool:
 
 
 def resolve_identity(inputs: Sequence[str | Path], run_dir: Path, cfg: Config,
-                     console: Console | None = None, progress: bool = True) -> IdentityEmbedding:
+                     console: Console | None = None, progress: bool = True, reuse: bool = False) -> IdentityEmbedding:
     """The run's ``identity.safetensors``: copied from a given identity file, or computed from photos
-    (aligned crops in ``crops/``)."""
+    (aligned crops in ``crops/``). ``reuse``: the run was made from these same inputs and config, so an identity
+    it holds is theirs and is read back instead of computed again."""
     inputs = [Path(p) for p in inputs]
     if not inputs:
         raise IdtoError("give 1-5 photos of one person (files or folders), or one identity .safetensors file")
     layout = RunLayout(run_dir)
     out = layout.identity
+    if reuse and out.is_file():
+        return load_identity(out)
     if _is_identity_file(inputs):
         load_identity(inputs[0])  # validates before anything is copied
         if inputs[0].resolve() != out.resolve():
@@ -151,16 +154,23 @@ def _remaining(stop_after: int | None, done_now: int) -> int | None:
     return None if stop_after is None else max(stop_after - done_now, 0)
 
 
-def _start(inputs: Sequence[str | Path], run: RunFolder, cfg: Config, priors: tuple[str | None, str | None],
-           console: Console | None, progress: bool, clock: _Clock) -> tuple[IdentityEmbedding, Any, Any]:
+def _start(inputs: Sequence[str | Path], run: RunFolder, cfg: Config, reuse: bool,
+           priors: tuple[str | None, str | None], console: Console | None, progress: bool, clock: _Clock
+           ) -> tuple[IdentityEmbedding, Any, Any]:
     """The run's identity and both priors, loaded and checked before the template fit spends any time (and before
     ``--overwrite`` removes anything): ``(identity, normal prior, albedo prior)``."""
-    ident = resolve_identity(inputs, run.layout.root, cfg, console, progress)
+    ident = resolve_identity(inputs, run.layout.root, cfg, console, progress, reuse=reuse)
     clock.lap("identity")
     check_one_person(ident)
     normal = _load_checked(priors[0], ident, "normal", cfg)
     albedo = _load_checked(priors[1], ident, "albedo", cfg)
     return ident, normal, albedo
+
+
+def _same_run(run: RunFolder, cfg: Config, record: dict[str, Any]) -> bool:
+    """Whether the folder was made from these inputs with this config (so its identity is theirs)."""
+    return (run.manifest.inputs == record and run.layout.config.is_file()
+            and run.layout.config.read_text(encoding="utf-8") == dump_config(cfg))
 
 
 def _export_source(tex: TextureStageResult | None, photo: PhotoTextureResult | None, meshes: dict[str, Mesh],
@@ -193,7 +203,8 @@ def generate(inputs: Sequence[str | Path], run_dir: str | Path, cfg: Config, *, 
     record = {**describe_inputs(inputs), "priors": {"normal": refs[0], "albedo": refs[1]}}
     with open_run(run_dir, console) as run:
         run.check(cfg, record, overwrite)  # another config or person: refused before anything is written
-        ident, normal, albedo = _start(inputs, run, cfg, refs, console, progress, clock)
+        reuse = not overwrite and _same_run(run, cfg, record)
+        ident, normal, albedo = _start(inputs, run, cfg, reuse, refs, console, progress, clock)
         run.begin(cfg, record, overwrite)
         return _pipeline(run.layout.root, cfg, ident, normal, albedo, prompt, console, progress, stop_after, clock)
 

@@ -15,6 +15,7 @@ A command uses it as::
 from __future__ import annotations
 
 import errno
+import os
 import shutil
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
@@ -30,11 +31,6 @@ from idto3d.core.errors import IdtoError
 from idto3d.core.run_layout import RunLayout
 from idto3d.core.run_lock import RunLock
 from idto3d.core.run_manifest import WAYS_OUT, RunManifest, file_digest
-
-# What a folder made before manifests existed held of ours (``--overwrite`` removes only these there).
-_LEGACY_SUFFIXES = {".pt", ".json", ".jsonl", ".ply", ".obj", ".mtl", ".glb", ".png", ".mp4", ".npz", ".yaml",
-                    ".safetensors", ".html", ".js", ".jpg", ".css"}
-
 
 def describe_inputs(inputs: Sequence[str | Path]) -> dict[str, Any]:
     """What a run is made from: the content digest of each photo (folders expanded), or of the identity file."""
@@ -70,12 +66,9 @@ _FS_ERRORS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDI
 
 
 def _os_error(exc: OSError, path: Path) -> IdtoError:
-    why = {errno.ENOSPC: "no space left on the disk", errno.EROFS: "the file system is read-only",
-           errno.EACCES: "permission denied", errno.EPERM: "permission denied",
-           errno.ENOTDIR: "a part of the path is a file, not a folder",
-           errno.EDQUOT: "the disk quota is exceeded"}.get(exc.errno or 0, exc.strerror or str(exc))
-    where = exc.filename or path
-    return IdtoError(f"cannot write the run folder {path} ({why}: {where})")
+    hint = ("free some space and run the same command again to resume" if exc.errno in (errno.ENOSPC, errno.EDQUOT)
+            else "choose another --out")
+    return IdtoError(f"cannot write {exc.filename or path}: {os.strerror(exc.errno or 0)}; {hint}")
 
 
 def _make_folders(root: Path) -> list[Path]:
@@ -115,10 +108,12 @@ class RunFolder:
             pass
 
     def has_results(self) -> bool:
-        """Whether anything was computed here (beyond the config, the identity and its crops)."""
-        inputs = {self.layout.relative(p) for p in (self.layout.config, self.layout.identity)}
-        return any(not (rel in inputs or rel.startswith(self.layout.relative(self.layout.crops) + "/"))
-                   and (self.layout.root / rel).exists() for rel in self.manifest.files)
+        """Whether a stage left something to resume or reuse here (a fitted field, a checkpoint, a finished
+        marker); the config, the identity and the face fit alone are remade in seconds."""
+        lay = self.layout
+        kept = (lay.init_field, lay.photo_texture, lay.export_done, *lay.stage_reports.values(),
+                *(f for sds in (lay.geometry_sds, lay.texture_sds) for f in (sds.checkpoint, sds.previous_checkpoint)))
+        return any(p.exists() for p in kept)
 
     def check(self, cfg: Config | None, inputs: dict[str, Any] | None, overwrite: bool) -> None:
         """Refuse, before anything is written, a folder that holds results of another config or other inputs."""
@@ -148,19 +143,19 @@ class RunFolder:
             self.manifest.save()
 
     def start_over(self) -> None:
-        """Remove every file idto3d recorded here (except what this command already wrote); name the rest."""
-        kept = []
-        for rel in list(self.manifest.files):
-            if rel in self.written:
-                kept.append(rel)
+        """Remove every file of ours here (recorded, or under a name the stages give their files), except what
+        this command already wrote; name the rest, which stays."""
+        lay = self.layout
+        recorded = set(self.manifest.files)
+        for rel in _files(lay.root):
+            if rel in self.written or rel.startswith(".idto3d/"):
                 continue
-            path = self.layout.root / rel
-            if path.is_symlink() or path.is_file():
-                path.unlink()
-        self.manifest.files = kept
+            if rel in recorded or lay.named_ours(rel):
+                (lay.root / rel).unlink()
+        self.manifest.files = [rel for rel in self.manifest.files if rel in self.written]
         self.manifest.inputs = None
         self.manifest.save()
-        _remove_empty_folders(self.layout.root)
+        _remove_empty_folders(lay.root)
         others = self.foreign_files()
         if others and self.console is not None:
             shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
@@ -168,10 +163,10 @@ class RunFolder:
                                f"{shown}", highlight=False, soft_wrap=True)
 
     def foreign_files(self) -> list[str]:
-        ours = set(self.manifest.files) | {self.layout.relative(self.layout.manifest),
-                                           self.layout.relative(self.layout.lock)}
-        return sorted(p.relative_to(self.layout.root).as_posix() for p in self.layout.root.rglob("*")
-                      if (p.is_file() or p.is_symlink()) and p.relative_to(self.layout.root).as_posix() not in ours)
+        """The files here that are not ours."""
+        ours = set(self.manifest.files)
+        return sorted(rel for rel in _files(self.layout.root)
+                      if rel not in ours and not self.layout.named_ours(rel))
 
 
 def _remove_empty_folders(root: Path) -> None:
@@ -181,17 +176,13 @@ def _remove_empty_folders(root: Path) -> None:
 
 
 def _adopt_legacy(layout: RunLayout, manifest: RunManifest) -> None:
-    """A folder made before manifests existed: its files under our names and folders are taken as ours."""
-    tops = {layout.config, layout.identity}
-    folders = (layout.crops, *layout.derived, layout.report)
-    found = [p for p in tops if p.is_file()]
-    for folder in folders:
-        if folder.is_dir():
-            found += [p for p in folder.rglob("*") if p.is_file() and not p.is_symlink()
-                      and p.suffix.lower() in _LEGACY_SUFFIXES
-                      and not (folder == layout.renders and "_turntable" not in p.name)]
-    manifest.files = sorted(layout.relative(p) for p in found)
+    """A folder made before manifests existed: its files under the stages' names are taken as ours."""
+    manifest.files = sorted(rel for rel in _files(layout.root) if layout.named_ours(rel))
     manifest.save()
+
+
+def _files(root: Path) -> list[str]:
+    return [p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() or p.is_symlink()]
 
 
 @contextmanager

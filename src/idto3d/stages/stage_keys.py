@@ -18,8 +18,14 @@ NO_PHOTOS = "none"
 
 
 def config_digest(cfg: Config, *sections: str) -> str:
-    """A digest of the config sections (or top-level keys) a stage reads."""
-    return json_digest({s: _plain(getattr(cfg, s)) for s in sections})
+    """A digest of the config sections (or keys: ``geometry.field``) a stage reads."""
+    return json_digest({s: _plain(_get(cfg, s)) for s in sections})
+
+
+def _get(cfg: object, dotted: str) -> object:
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
 
 
 def _plain(value: object) -> object:
@@ -43,7 +49,10 @@ def meshes_digest(meshes: Mapping[str, Mesh]) -> str:
 def template_fit_key(cfg: Config, photos: Sequence[Path] | None) -> dict[str, str]:
     """The initial field: regressed to the template, or to the face fitted to ``photos``."""
     return stage_key(photos=photos_digest(photos),
-                     config=config_digest(cfg, "seed", "expressions", "template", "geometry", "face_model"),
+                     # the field's architecture, not the SDS settings that follow it
+                     config=config_digest(cfg, "seed", "expressions", "template", "face_model",
+                                          "geometry.grid_resolution", "geometry.grid_scale", "geometry.encoding",
+                                          "geometry.field"),
                      version=__version__)
 
 
