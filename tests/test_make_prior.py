@@ -144,6 +144,8 @@ def test_bad_make_prior_arguments_fail_with_one_error_line(layouts, tmp_path):
              (["make-prior", "normal", "--base-model", str(layouts["humannorm"]), "--conventions", "nope"],
               "unknown conventions 'nope'"),
              (["make-prior", "normal", "--base-model", str(layouts["humannorm"]), "--fuse-lora"], "needs --ip-adapter"),
+             (["make-prior", "normal", "--base-model", str(layouts["humannorm"]), "--uncond-id", "one"],
+              "uncond_id must be one of off, zero"),
              (["make-prior", "albedo", "--base-model", str(layouts["rv"]), "--ip-adapter", str(tmp_path / "x.bin")],
               "not found")]
     for args, message in cases:
@@ -265,6 +267,9 @@ def test_faceid_noise_prediction_equals_diffusers_ip_adapter_path(layouts, tmp_p
 
 
 def test_faceid_unconditional_tokens_are_the_projected_zero_embedding(layouts, tmp_path):
+    make_prior("albedo", layouts["rv"], tmp_path / "off", vae=str(layouts["vae"]), ip_adapter=layouts["faceid"],
+               uncond_id="off")
+    assert load_prior(tmp_path / "off").conventions.uncond_id == "off"
     make_prior("albedo", layouts["rv"], tmp_path / "a", vae=str(layouts["vae"]), ip_adapter=layouts["faceid"])
     prior = load_prior(tmp_path / "a")
     assert prior.conventions.uncond_id == "zero"

@@ -228,12 +228,15 @@ def make_prior_cmd(
                                                     "w600k_r50.onnx by name).")] = None,
     id_dim: Annotated[int | None, typer.Option("--id-dim", help="ID embedding size without --ip-adapter "
                                                "(512 ArcFace, 128 dlib; default 512).")] = None,
+    uncond_id: Annotated[str | None, typer.Option("--uncond-id", help="CFG's unconditional ID branch: off, or "
+                                                  "zero (FaceID's projected zero embedding); default: the "
+                                                  "conventions'.")] = None,
 ) -> None:
     """Make a prior folder from public weights, with no training (see README "Weights")."""
     from idto3d.priors.make_prior import make_prior
 
     made = make_prior(domain, base_model, out, vae=vae, ip_adapter=ip_adapter, conventions=conventions,
-                      fuse_lora=fuse_lora, recogniser=recogniser, id_dim=id_dim)
+                      fuse_lora=fuse_lora, recogniser=recogniser, id_dim=id_dim, uncond_id=uncond_id)
     faceid = "" if made.ip_adapter is None else (f", ID branch from {made.ip_adapter['file']} (LoRA "
                                                  f"{made.ip_adapter['lora']})")
     console.print(f"{domain} prior on {made.base_model}{f' + VAE {made.vae}' if made.vae else ''}, conventions "

@@ -58,14 +58,17 @@ def _silence_branches(prior: Any, keep_id: bool) -> None:
 def make_prior(domain: str, base_model: str | Path, out: str | Path, *, vae: str | None = None,
                ip_adapter: str | Path | None = None, conventions: str | None = None, fuse_lora: bool = False,
                recogniser: str | Path | None = None, id_dim: int | None = None, adapter: Any = None,
-               seed: int = 0) -> MadePrior:
-    """Build and save a prior folder in ``out`` (see the module docstring); nothing is trained."""
+               seed: int = 0, uncond_id: str | None = None) -> MadePrior:
+    """Build and save a prior folder in ``out`` (see the module docstring); nothing is trained. ``uncond_id``
+    overrides the conventions' unconditional ID branch (``off`` or ``zero``)."""
     from idto3d.priors.prior import build_prior, save_prior
 
     if domain not in MAKE_DOMAINS:
         raise IdtoError(f"make-prior makes a normal or an albedo prior, got {domain!r}")
     conventions = conventions or conv.DEFAULT_PRESET[domain]
     chosen = conv.preset(conventions)
+    if uncond_id is not None:
+        chosen = conv.Conventions.from_dict({**chosen.to_dict(), "uncond_id": uncond_id}, "--uncond-id")
     ip_path = Path(ip_adapter) if ip_adapter is not None else None
     if ip_path is not None and not ip_path.is_file():
         raise IdtoError(f"IP-Adapter checkpoint not found: {ip_path}")
