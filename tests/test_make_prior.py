@@ -113,6 +113,7 @@ def test_make_prior_from_a_novae_folder_a_separate_vae_and_faceid(layouts, tmp_p
     assert not (layouts["rv"] / "vae").exists()
 
 
+@pytest.mark.slow
 def test_make_prior_works_offline_from_the_hugging_face_cache(layouts, tmp_path):
     # A fresh process: huggingface_hub reads HF_HUB_CACHE / HF_HUB_OFFLINE when it is imported.
     cache = hf_cache(tmp_path / "hub", "xanderhuang/normal-adapted-sd1.5", layouts["humannorm"])
