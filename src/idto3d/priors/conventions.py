@@ -120,11 +120,10 @@ PRESETS: dict[str, Conventions] = {
         negative_prompt="monochrome, lowres, bad anatomy, worst quality, low quality, blurry, shadows, harsh "
                         "lighting",
         uncond_id="zero", notes="Realistic Vision V4.0 noVAE + sd-vae-ft-mse + ip-adapter-faceid_sd15"),
-    "idto3d-normal": legacy("normal"),
-    "idto3d-albedo": legacy("albedo"),
+    # Our own fine-tuned priors (train-prior on render-dataset's prompts): the legacy conventions, by name.
+    "idto3d-normal": dataclasses.replace(legacy("normal"), name="idto3d-normal"),
+    "idto3d-albedo": dataclasses.replace(legacy("albedo"), name="idto3d-albedo"),
 }
-PRESETS["idto3d-normal"] = dataclasses.replace(PRESETS["idto3d-normal"], name="idto3d-normal")
-PRESETS["idto3d-albedo"] = dataclasses.replace(PRESETS["idto3d-albedo"], name="idto3d-albedo")
 DEFAULT_PRESET = {"normal": "humannorm-normal", "albedo": "faceid-albedo"}
 
 
