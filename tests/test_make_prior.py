@@ -166,6 +166,8 @@ def test_a_prior_made_with_a_local_base_path_loads_elsewhere_with_prior_base_mod
         load_prior(tmp_path / "prior")
     prior = load_prior(tmp_path / "prior", base_model=there, prefer_recorded=True)
     assert prior.spec.base_model == str(there.resolve())
+    for dtype in (torch.bfloat16, torch.float16):  # the same weights in another precision are the same base
+        assert load_prior(tmp_path / "prior", base_model=there, prefer_recorded=True, dtype=dtype).dtype == dtype
     # another model of the same architecture in its place is refused (fingerprint of the base)
     other = humannorm_like(tmp_path / "other", seed=5)
     with pytest.raises(IdtoError, match="has other weights"):

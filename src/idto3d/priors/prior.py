@@ -55,7 +55,7 @@ class PriorSpec:
     # Added later; absent in older folders (None = the behaviour of those folders):
     conventions: dict | None = None      # priors.conventions.Conventions.to_dict(); None = legacy
     recogniser: dict | None = None       # {"model": file name, "sha256": hex or None} the ID branch expects
-    base_fingerprint: str | None = None  # hash of a few base UNet tensors: a substituted base must match
+    base_fingerprint: list | None = None  # statistics of a few base UNet tensors: a substituted base must match
     ip_adapter: dict | None = None       # {"file", "kind", "lora": "fused" | "ignored" | "none"}
 
     def __post_init__(self) -> None:
@@ -392,17 +392,24 @@ def _check_prediction(scheduler: Any, ref: str) -> None:
                                       f"base model {ref}")
 
 
-def base_fingerprint(unet: nn.Module) -> str:
-    """A short hash of the UNet's first and last convolutions: tells a substituted base model from the one a
-    prior was made with (same architecture, other weights) without hashing 3 GB."""
-    import hashlib
+FINGERPRINT_RTOL = 1e-3
 
-    h = hashlib.sha256()
-    for name in ("conv_in.weight", "conv_out.weight", "conv_out.bias"):
-        t = unet.get_parameter(name).detach().float().cpu().contiguous()
-        h.update(name.encode())
-        h.update(t.numpy().tobytes())
-    return h.hexdigest()[:16]
+
+def base_fingerprint(unet: nn.Module) -> list[float]:
+    """Mean |w| and mean w^2 of a few UNet tensors (first and last convolution, first and last cross-attention
+    key): tells a substituted base model from the one a prior was made with (same architecture, other weights)
+    without hashing 3 GB. Statistics rather than a hash, so the same weights loaded in fp16 / bf16 / fp32 match
+    (rounding is unbiased: it moves a mean over >= 10^4 values far less than ``FINGERPRINT_RTOL``)."""
+    keys = [n for n, _ in unet.named_parameters() if n.endswith("attn2.to_k.weight")]
+    out = []
+    for name in ["conv_in.weight", "conv_out.weight"] + keys[:1] + keys[-1:]:
+        t = unet.get_parameter(name).detach().float()
+        out += [float(t.abs().mean()), float(t.square().mean())]
+    return out
+
+
+def _same_base(a: list[float], b: list[float]) -> bool:
+    return len(a) == len(b) and all(abs(x - y) <= FINGERPRINT_RTOL * max(abs(x), abs(y)) for x, y in zip(a, b))
 
 
 def _check_architecture(unet: nn.Module, ref: str) -> None:
@@ -526,7 +533,7 @@ def load_prior(path_or_id: str | Path, *, device: Any = None, dtype: Any = None,
     ref, parts, vae_ref = _load_recorded_or(spec, base_model, vae, prefer_recorded, device, dtype)
     _check_architecture(parts["unet"], ref)
     _check_prediction(parts["scheduler"], ref)
-    if spec.base_fingerprint and base_fingerprint(parts["unet"]) != spec.base_fingerprint:
+    if spec.base_fingerprint and not _same_base(base_fingerprint(parts["unet"]), spec.base_fingerprint):
         raise IdtoError(f"{folder} was made with base model {spec.base_model} but {ref} has other weights; set "
                         f"prior.base_model to a copy of the base model the prior was made with")
     if parts["text_encoder"].config.hidden_size != spec.exp_dim:
