@@ -62,3 +62,9 @@ def test_cuda_without_cuda_is_one_clean_error(monkeypatch):
 def test_bad_device_and_repeats_are_clean_errors():
     _assert_one_error_line(runner.invoke(app, ["bench", "pipeline", "--device", "tpu"]), r"unknown device 'tpu'")
     _assert_one_error_line(runner.invoke(app, ["bench", "pipeline", "--repeats", "0"]), r"--repeats must be > 0")
+
+
+def test_bench_pipeline_takes_prior_folders_only_together_and_with_full_size():
+    for args in (["--normal-prior", "n"], ["--normal-prior", "n", "--albedo-prior", "a"]):
+        _assert_one_error_line(runner.invoke(app, ["bench", "pipeline", *args]),
+                               r"--normal-prior and --albedo-prior go together, with --full-size")

@@ -117,3 +117,25 @@ def test_arcface_file_names_other_packs(tmp_path):
     make_arcface(folder / "glintr100.onnx")
     backend = ArcFaceBackend(folder)
     assert backend.det_path.name == "scrfd_10g_bnkps.onnx" and backend.rec_path.name == "glintr100.onnx"
+
+
+def test_the_backend_and_its_identity_files_record_the_recogniser_file_and_hash(tmp_path):
+    import hashlib
+
+    from PIL import Image
+
+    from idto3d.identity.extract import compute_identity
+    from idto3d.identity.io import load_identity
+
+    folder = tmp_path / "antelopev2"
+    folder.mkdir()
+    make_scrfd(folder / "scrfd_10g_bnkps.onnx")
+    make_arcface(folder / "glintr100.onnx", seed=3)
+    backend = ArcFaceBackend(folder)
+    want = {"model": "glintr100.onnx", "sha256": hashlib.sha256((folder / "glintr100.onnx").read_bytes()).hexdigest()}
+    assert backend.recogniser == want
+    photo = tmp_path / "p.png"
+    Image.fromarray(astronaut()).save(photo)
+    ident = compute_identity([photo], tmp_path / "id.safetensors", IdentityConfig(save_crops=False), backend=backend,
+                             show_progress=False)
+    assert ident.recogniser == want and load_identity(tmp_path / "id.safetensors").recogniser == want

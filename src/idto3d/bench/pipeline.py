@@ -138,12 +138,34 @@ def projections(per_iteration_ms: dict[str, float]) -> list[tuple[str, float, fl
     ]
 
 
+def _folder_priors(folders: tuple[str, str], dev: torch.device, rt: Any) -> Any:
+    """(geometry prior, texture prior) loaded from prior folders (``make-prior`` / ``train-prior``), each with
+    its own conventions; loaded one after the other into the run's precision."""
+    from idto3d.core.device import resolve_dtype
+    from idto3d.priors.prior import load_prior
+    from idto3d.priors.prior_runtime import configure_prior
+
+    loaded: dict[int, Any] = {}
+
+    def get(i: int) -> Any:
+        if i not in loaded:
+            loaded.clear()  # one full-size prior in memory at a time
+            loaded[i] = configure_prior(load_prior(folders[i], device=dev, dtype=resolve_dtype(rt.precision, dev)),
+                                        rt, dev)
+        return loaded[i]
+
+    return get
+
+
 def bench_pipeline(device: str = "cpu", full_size: bool = False, repeats: int | None = None, quick: bool = False,
-                   preset: str = "preview", overrides: list[str] | None = None) -> list[dict]:
+                   preset: str = "preview", overrides: list[str] | None = None,
+                   prior_folders: tuple[str, str] | None = None) -> list[dict]:
     """Rows in ``render_table``'s format; ``repeats`` None: 1 for a full-size prior on CPU, else 3.
     ``overrides`` are config ``key=value`` pairs, e.g. ``runtime.precision=fp16``; the priors take the
     ``runtime`` section's precision, channels-last, attention and compile settings, the renderer and fields its
-    fast paths."""
+    fast paths. ``prior_folders`` (normal, albedo) times the geometry stage with the first and the texture
+    stage with the second (their conventions: prompts, negative prompt, background, unconditional ID tokens)
+    instead of the random full-size prior."""
     from idto3d.bench.geometry import _fitted_field
     from idto3d.priors.guidance import SDSGuidance
     from idto3d.priors.prior import build_prior
@@ -167,14 +189,21 @@ def bench_pipeline(device: str = "cpu", full_size: bool = False, repeats: int | 
         tiny = build_prior(make_tiny_base_model(Path(tmp) / "sd", seed=0), "normal", 512, cfg.prior.adapter,
                            device=dev, seed=0)
         configure_prior(tiny, rt, dev)
-        runs = [(f"tiny prior ({gcfg.latent_mode}, {runtime_summary(tiny)})", lambda: tiny, max(repeats, 3))]
-        if full_size:
-            runs.append(("full", lambda: configure_prior(_full_size_prior(tiny, dev), rt, dev), repeats))
+        runs = [(f"tiny prior ({gcfg.latent_mode}, {runtime_summary(tiny)})", lambda i: tiny, max(repeats, 3))]
+        if full_size and prior_folders:
+            runs.append(("folders", _folder_priors(prior_folders, dev, rt), repeats))
+        elif full_size:
+            shared: list[Any] = []
+            runs.append(("full", lambda i: shared[0] if shared else shared.append(
+                configure_prior(_full_size_prior(tiny, dev), rt, dev)) or shared[0], repeats))
         for name, make, n in runs:
-            prior = make()
+            _reset_peak(dev)
+            prior = make(0)
             if name == "full":
                 name = f"full-size SD1.5 prior ({_params_m(prior):.0f}M, {gcfg.latent_mode}, {runtime_summary(prior)})"
-            _reset_peak(dev)
+            elif name == "folders":
+                name = (f"prior folders {Path(prior_folders[0]).name} + {Path(prior_folders[1]).name} "
+                        f"({_params_m(prior):.0f}M, {gcfg.latent_mode}, {runtime_summary(prior)})")
             total = max(cfg.geometry.iterations, 1)
             # One warm-up only when more than one iteration is timed (a full-size CPU step takes ~40 s).
             timing = dict(warmup=n > 1, prewarm_cache=Path(tmp))
@@ -182,6 +211,10 @@ def bench_pipeline(device: str = "cpu", full_size: bool = False, repeats: int | 
                 "geometry": time_geometry_step(cfg, _fitted_field(cfg, dev),
                                                SDSGuidance(prior, gcfg, "geometry", total, seed=0), id_embedding, n,
                                                dev, **timing),
+            }
+            del prior  # the folders' albedo prior replaces the normal one in memory
+            prior = make(1)
+            measured[name] |= {
                 # The PBR sub-stage: the dearer of the two shadings (20% of a run), so the projection errs high.
                 "texture": time_texture_step(cfg, expr, SDSGuidance(prior, gcfg, "texture_pbr",
                                                                     max(cfg.texture.iterations, 1), seed=0),

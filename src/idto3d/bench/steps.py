@@ -62,7 +62,7 @@ def time_geometry_step(cfg: Config, field: torch.nn.Module, guidance: Any, id_em
     """Median ms per part of a geometry iteration of ``field`` (on ``device``)."""
     from idto3d.nn.state import field_parameter_groups
     from idto3d.geometry.laplacian import laplacian_loss
-    from idto3d.stages.geometry_stage import geometry_prompts, render_for_guidance
+    from idto3d.stages.geometry_stage import geometry_prompts, render_for_guidance, stage_conventions
     from idto3d.priors.guidance import GuidanceCond
     from idto3d.render.backend import get_rasterizer
     from idto3d.render.camera import sample_orbit_cameras
@@ -78,16 +78,17 @@ def time_geometry_step(cfg: Config, field: torch.nn.Module, guidance: Any, id_em
     for i, timed in enumerate(_schedule(repeats, warmup)):
         host_cams = sample_orbit_cameras(cfg.geometry.batch_size, cam.elevation_deg, cam.azimuth_deg, cam.radius,
                                          cam.fov_deg, generator=gen)
-        prompts = geometry_prompts(host_cams, "a person")
+        conv = stage_conventions(guidance)  # the prior's prompts, negative prompt and normal-map background
+        prompts = geometry_prompts(host_cams, "a person", conv)
         cams = host_cams.to(device)
-        _prewarm(guidance, prompts, prewarm_cache)
+        _prewarm(guidance, prompts + [conv.negative_prompt], prewarm_cache)
         cond = GuidanceCond(prompts=prompts, id_embedding=id_embedding, expressions=[cfg.expressions[0]] * len(cams),
-                            cameras=cams, expression_indices=[0])
+                            cameras=cams, expression_indices=[0], negative_prompt=conv.negative_prompt)
         opt.zero_grad(set_to_none=True)
         watch = Stopwatch(device)
         mesh = field(0)
         watch.lap()
-        images = render_for_guidance(mesh, cams, cfg.render.resolution, rast)
+        images = render_for_guidance(mesh, cams, cfg.render.resolution, rast, conv)
         watch.lap()
         out = guidance(images, cond, i)
         loss = out.loss + cfg.geometry.laplacian_weight * laplacian_loss(mesh)
@@ -107,6 +108,7 @@ def time_texture_step(cfg: Config, expr: Any, guidance: Any, shading: str, id_em
                       prewarm_cache: Path | None = None) -> dict[str, float]:
     """Median ms per part of a texture iteration in the ``diffuse`` or ``pbr`` sub-stage; ``expr`` is a
     ``TexturedExpression`` on ``device``."""
+    from idto3d.priors.conventions import legacy
     from idto3d.stages.texture_stage import texture_prompts
     from idto3d.priors.guidance import GuidanceCond, get_schedule
     from idto3d.render.backend import get_rasterizer
@@ -130,11 +132,13 @@ def time_texture_step(cfg: Config, expr: Any, guidance: Any, shading: str, id_em
         host_cams = sample_orbit_cameras(tcfg.batch_size, cam.elevation_deg, cam.azimuth_deg, cam.radius,
                                          cam.fov_deg, generator=gen)
         env = lighting.sample(gen)
-        prompts = texture_prompts(host_cams, "a person")
+        conv = getattr(guidance, "conventions", None) or legacy("albedo")
+        prompts = texture_prompts(host_cams, "a person", conv)
         cams = host_cams.to(device)
-        _prewarm(guidance, prompts, prewarm_cache)
+        _prewarm(guidance, prompts + [conv.negative_prompt], prewarm_cache)
         cond = GuidanceCond(prompts=prompts, id_embedding=id_embedding, expressions=[cfg.expressions[0]] * len(cams),
-                            cameras=cams, expression_indices=[0], lighting=env, shading=shading)
+                            cameras=cams, expression_indices=[0], lighting=env, shading=shading,
+                            negative_prompt=conv.negative_prompt)
         opt.zero_grad(set_to_none=True)
         watch = Stopwatch(device)
         maps = field.bake(0, expr.texels)

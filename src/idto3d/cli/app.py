@@ -222,6 +222,43 @@ def train_prior_cmd(
                   f"{report.seconds:.1f} s -> {out}")
 
 
+@app.command("make-prior")
+@user_errors
+def make_prior_cmd(
+    domain: Annotated[str, typer.Argument(help="Which prior: normal (geometry) or albedo (texture).")],
+    base_model: Annotated[str, typer.Option("--base-model", help="SD1.5-architecture diffusers folder, or a hub id "
+                                            "already in the Hugging Face cache.", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Prior folder to write.", show_default=False)],
+    vae: Annotated[str | None, typer.Option("--vae", help="Separate VAE folder or hub id (for \"noVAE\" base "
+                                            "models, e.g. stabilityai/sd-vae-ft-mse).")] = None,
+    ip_adapter: Annotated[Path | None, typer.Option("--ip-adapter", help="IP-Adapter FaceID checkpoint "
+                                                    "(ip-adapter-faceid_sd15.bin) for the ID branch.")] = None,
+    conventions: Annotated[str | None, typer.Option("--conventions", help="Prompts / background / CFG preset: "
+                                                    "humannorm-normal, faceid-albedo, idto3d-normal, idto3d-albedo "
+                                                    "(default: humannorm-normal for normal, faceid-albedo for "
+                                                    "albedo).")] = None,
+    fuse_lora: Annotated[bool, typer.Option("--fuse-lora", help="Add FaceID's own LoRA (trained with its ID "
+                                            "K/V) into the frozen UNet.")] = False,
+    recogniser: Annotated[Path | None, typer.Option("--recogniser", help="The recogniser ONNX the ID branch "
+                                                    "expects (recorded with its hash; default with --ip-adapter: "
+                                                    "w600k_r50.onnx by name).")] = None,
+    id_dim: Annotated[int | None, typer.Option("--id-dim", help="ID embedding size without --ip-adapter "
+                                               "(512 ArcFace, 128 dlib; default 512).")] = None,
+    uncond_id: Annotated[str | None, typer.Option("--uncond-id", help="CFG's unconditional ID branch: off, or "
+                                                  "zero (FaceID's projected zero embedding); default: the "
+                                                  "conventions'.")] = None,
+) -> None:
+    """Make a prior folder from public weights, with no training (see README "Weights")."""
+    from idto3d.priors.make_prior import make_prior
+
+    made = make_prior(domain, base_model, out, vae=vae, ip_adapter=ip_adapter, conventions=conventions,
+                      fuse_lora=fuse_lora, recogniser=recogniser, id_dim=id_dim, uncond_id=uncond_id)
+    faceid = "" if made.ip_adapter is None else (f", ID branch from {made.ip_adapter['file']} (LoRA "
+                                                 f"{made.ip_adapter['lora']})")
+    console.print(f"{domain} prior on {made.base_model}{f' + VAE {made.vae}' if made.vae else ''}, conventions "
+                  f"{made.conventions}, {made.id_dim}-D IDs{faceid} -> {made.out}", highlight=False)
+
+
 @app.command("identity")
 @user_errors
 def identity_cmd(

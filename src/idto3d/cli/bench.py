@@ -131,6 +131,10 @@ def bench_pipeline_cmd(
     set_: Annotated[list[str] | None, typer.Option("--set", help="Config override KEY=VALUE (repeatable), e.g. "
                                                                  "runtime.precision=fp16, runtime.compile=true, "
                                                                  "runtime.fast_paths=true.")] = None,
+    normal_prior: Annotated[str | None, typer.Option("--normal-prior", help="With --full-size: time the geometry "
+                                                     "stage with this prior folder (needs --albedo-prior).")] = None,
+    albedo_prior: Annotated[str | None, typer.Option("--albedo-prior", help="With --full-size: time the texture "
+                                                     "stage with this prior folder.")] = None,
 ) -> None:
     """Seconds per geometry and texture SDS iteration on a device, split into parts, with peak memory and
     the projected wall time of the paper preset's schedules."""
@@ -138,8 +142,12 @@ def bench_pipeline_cmd(
 
     if repeats is not None:
         _check_repeats(repeats)
+    if (normal_prior is None) != (albedo_prior is None) or (normal_prior and not full_size):
+        raise IdtoError("--normal-prior and --albedo-prior go together, with --full-size")
+    folders = (normal_prior, albedo_prior) if normal_prior and albedo_prior else None
     _print_rows(bench_pipeline(device=device, full_size=full_size, repeats=repeats, quick=quick,
-                               preset=preset or "preview", overrides=list(set_ or [])), as_json)
+                               preset=preset or "preview", overrides=list(set_ or []), prior_folders=folders),
+                as_json)
 
 
 @bench_app.command("runtime")

@@ -20,7 +20,7 @@ from PIL import Image
 
 from idto3d.core.errors import IdtoError
 from idto3d.identity.align import norm_crop
-from idto3d.identity.face_backend import AlignedFace
+from idto3d.identity.face_backend import AlignedFace, recogniser_record
 from idto3d.identity.faces import Face
 
 ARCFACE_SAME_PERSON = 1.15  # unit-vector distance (cosine 0.34); see idto3d.identity.embedder
@@ -116,6 +116,7 @@ class ArcFaceBackend:
         self.nms_threshold = nms_threshold
         det_path, rec_path = find_pack_models(self.pack)
         self.det_path, self.rec_path = det_path, rec_path
+        self.recogniser = recogniser_record(rec_path)
         self._det = _session(det_path)
         self._rec = _session(rec_path)
         self._check_detector()

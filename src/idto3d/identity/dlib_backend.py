@@ -14,7 +14,7 @@ import numpy as np
 
 from idto3d.core.errors import IdtoError
 from idto3d.identity.align import norm_crop
-from idto3d.identity.face_backend import AlignedFace
+from idto3d.identity.face_backend import AlignedFace, recogniser_record
 from idto3d.identity.faces import Face
 from idto3d.identity.photos import downscale
 
@@ -51,6 +51,11 @@ def _models() -> tuple:
             dlib.shape_predictor(str(files["sp68"])), dlib.face_recognition_model_v1(str(files["rec"])))
 
 
+@lru_cache(maxsize=1)
+def _recogniser() -> dict[str, str]:
+    return recogniser_record(models_dir() / "dlib_face_recognition_resnet_model_v1.dat")
+
+
 def landmarks5_from_68(pts: np.ndarray) -> np.ndarray:
     """ArcFace-order 5 points from dlib's 68 (iBUG 300-W numbering, image-left eye = 36-41)."""
     return np.stack([pts[36:42].mean(0), pts[42:48].mean(0), pts[30], pts[48], pts[54]]).astype(np.float32)
@@ -65,6 +70,7 @@ class DlibBackend:
     def __init__(self, detect_max_side: int = 1024) -> None:
         self.detect_max_side = detect_max_side
         self._dlib, self._detector, self._sp5, self._sp68, self._rec = _models()
+        self.recogniser = _recogniser()
 
     def detect(self, image: np.ndarray) -> list[Face]:
         dlib = self._dlib

@@ -226,7 +226,7 @@ def compute_identity(photos: Sequence[str | Path], out_path: str | Path | None, 
         embedding=torch.from_numpy(mean), embeddings=torch.from_numpy(emb), used=torch.from_numpy(used),
         boxes=torch.from_numpy(np.stack([p.face.box for p in done]).astype(np.float32)),
         landmarks=torch.from_numpy(np.stack([p.face.landmarks5 for p in done]).astype(np.float32)),
-        backend=backend.name, photos=records, path=out)
+        backend=backend.name, photos=records, path=out, recogniser=getattr(backend, "recogniser", None))
     if out is not None:
         save_identity(out, ident)
     return ident

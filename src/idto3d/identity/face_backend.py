@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
+from idto3d.core.digest import file_sha256
 from idto3d.identity.faces import Face
 
 
@@ -16,9 +18,16 @@ class AlignedFace:
     arcface_crop: np.ndarray    # the ArcFace-template 112x112 crop (same array for the arcface backend)
 
 
+def recogniser_record(path: Path) -> dict[str, str]:
+    """What identity files and priors record of a recogniser: its file name and the SHA-256 of its bytes
+    (embeddings of different recognisers of one size, e.g. w600k_r50 and glintr100, are not interchangeable)."""
+    return {"model": Path(path).name, "sha256": file_sha256(path)}
+
+
 class FaceBackend(Protocol):
     name: str
     dim: int
+    recogniser: dict[str, str]  # recogniser_record of the recognition model
     same_person_threshold: float
     confident_score: float      # detections scoring below this rank after all others
 

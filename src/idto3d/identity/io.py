@@ -30,6 +30,8 @@ class IdentityEmbedding:
     backend: str
     photos: list[dict] = field(default_factory=list)
     path: Path | None = None
+    # {"model": file name, "sha256": hex} of the recognition model; None in files made before it was recorded
+    recogniser: dict | None = None
 
     @property
     def dim(self) -> int:
@@ -67,6 +69,8 @@ def save_identity(path: str | Path, ident: IdentityEmbedding) -> Path:
         "landmarks": ident.landmarks.detach().to(torch.float32).contiguous(),
     }
     meta = {"format": FORMAT, "backend": ident.backend, "dim": str(ident.dim), "photos": json.dumps(ident.photos)}
+    if ident.recogniser is not None:
+        meta["recogniser"] = json.dumps(ident.recogniser)
     return atomic_write(path, lambda p: save_file(tensors, str(p), metadata=meta))
 
 
@@ -93,11 +97,12 @@ def load_identity(path: str | Path) -> IdentityEmbedding:
     try:
         photos = json.loads(meta.get("photos", "[]"))
         dim = int(meta.get("dim", "-1"))
+        recogniser = json.loads(meta["recogniser"]) if "recogniser" in meta else None
     except ValueError as exc:
         raise IdentityFileError(f"{path}: bad metadata: {exc}") from None
     ident = IdentityEmbedding(embedding=tensors["embedding"], embeddings=tensors["embeddings"],
                               used=tensors["used"].bool(), boxes=tensors["boxes"], landmarks=tensors["landmarks"],
-                              backend=meta.get("backend", ""), photos=photos, path=path)
+                              backend=meta.get("backend", ""), photos=photos, path=path, recogniser=recogniser)
     _check(ident)
     if dim != ident.dim:
         raise IdentityFileError(f"{path}: metadata says dim={dim} but the embedding has {ident.dim} values")

@@ -323,11 +323,17 @@ def load_faceid_state(unet: nn.Module, id_proj: nn.Module, state: Mapping[str, M
     The checkpoint's own LoRA (``N.to_*_lora``, rank 128 on every layer, trained on photos) is ignored:
     our LoRA is the domain adapter, trained per prior. Returns counts of loaded and ignored tensors.
     """
+    from idto3d.priors.faceid import FACEID, OTHER, checkpoint_kind
+
     proj = state["image_proj"]
-    if "proj.0.weight" not in proj or "norm.weight" not in proj:
-        kind = "FaceID Plus" if any(k.startswith("perceiver_resampler") for k in proj) else "non-FaceID"
-        raise IdtoError(f"{source}: a {kind} IP-Adapter checkpoint; only ip-adapter-faceid (MLP projection "
-                        f"of the ArcFace embedding) checkpoints fit the ID branch")
+    kind = checkpoint_kind(proj, source)
+    if kind == OTHER:
+        raise IdtoError(f"{source}: a non-FaceID IP-Adapter checkpoint (CLIP image features); only "
+                        f"ip-adapter-faceid checkpoints (projections of the ArcFace embedding) fit the ID branch")
+    if kind != FACEID:
+        raise IdtoError(f"{source}: an IP-Adapter FaceID Plus{' v2' if kind.endswith('v2') else ''} checkpoint: its "
+                        f"ID tokens also need CLIP ViT-H image features of the face crop, which idto3d's identity "
+                        f"files do not carry; use ip-adapter-faceid_sd15.bin (plain FaceID) for the ID branch")
     ours = id_proj.ff.net[0].proj.weight.shape
     theirs = tuple(proj["proj.0.weight"].shape)
     if theirs[1] != ours[1]:

@@ -149,6 +149,9 @@ class ScoreDistillation:
         # Host generator: the same seed draws the same t and noise on every device.
         self.generator = torch.Generator().manual_seed(seed)
         self.deferred_checks = False
+        # The prompts, negative prompt and normal-map background the renders and text should follow (the
+        # prior's; None: the stage's legacy ones, see priors.conventions).
+        self.conventions: Any = None
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The random state (t and noise draws), for checkpoints that resume bit-identically."""
@@ -206,14 +209,16 @@ class ScoreDistillation:
 class SDSGuidance(ScoreDistillation):
     """SDS with a ``Prior`` and classifier-free guidance (scale ``config.guidance_scale``, paper: 10).
 
-    The unconditional half uses the negative prompt and no ID or expression tokens; both halves run in one
-    batched UNet call with per-sample branch weights.
+    The unconditional half uses the negative prompt and no expression tokens; its ID branch is off, or (prior
+    conventions ``uncond_id: zero``, as IP-Adapter FaceID) attends to the projected zero embedding. Both halves
+    run in one batched UNet call with per-sample branch weights.
     """
 
     def __init__(self, prior: Any, config: GuidanceConfig | None = None,
                  schedule: TimestepSchedule | str = "geometry", total_steps: int = 1000, seed: int = 0) -> None:
         super().__init__(config, schedule, total_steps, prior.noise_scheduler.alphas_cumprod, seed)
         self.prior = prior
+        self.conventions = getattr(prior, "conventions", None)
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         cfg = self.config
@@ -248,11 +253,16 @@ class SDSGuidance(ScoreDistillation):
         ids = None if cond.id_embedding is None else prior.id_tokens(cond.id_embedding, b)
         # Per-sample branch weights made on the prior's device: host tensors would be copied in every layer.
         off, on = torch.zeros(b, device=prior.device), torch.ones(b, device=prior.device)
+        uncond_ids, uncond_lam_id = ids, off
+        if ids is not None and getattr(self.conventions, "uncond_id", "off") == "zero":
+            # IP-Adapter FaceID's unconditional branch: the projection of a zero embedding, attended as usual
+            uncond_ids = prior.id_tokens(torch.zeros(prior.spec.id_dim, device=prior.device), b)
+            uncond_lam_id = on * cfg.lambda_id
         eps = prior.predict_noise_tokens(
             torch.cat([z_t, z_t]), t, torch.cat([uncond, text]),
-            id_tokens=None if ids is None else torch.cat([ids, ids]),
+            id_tokens=None if ids is None else torch.cat([uncond_ids, ids]),
             exp_tokens=None if exp is None else torch.cat([prior.exp_tokens(exp, b)] * 2),
-            lambda_id=torch.cat([off, on * cfg.lambda_id]), lambda_exp=torch.cat([off, on * cfg.lambda_exp]))
+            lambda_id=torch.cat([uncond_lam_id, on * cfg.lambda_id]), lambda_exp=torch.cat([off, on * cfg.lambda_exp]))
         eps_u, eps_c = eps.chunk(2)
         return eps_u + cfg.guidance_scale * (eps_c - eps_u)
 

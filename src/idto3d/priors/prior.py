@@ -27,10 +27,12 @@ from torch import nn
 from idto3d.core.atomic import atomic_write, atomic_write_text
 from idto3d.core.errors import IdtoError
 from idto3d.priors import adapters as ad
+from idto3d.priors import conventions
 from idto3d.priors.expression_embeddings import expression_embeddings
 from idto3d.core.expressions import expression_index
 
 FORMAT = "idto3d.prior/1"
+BASE_LORA = "base_lora.safetensors"  # a LoRA fused into the frozen base UNet on loading (FaceID's own)
 # "photo": a base text-to-image model used as is (adapters stay zero and get no tokens): texture refinement.
 DOMAINS = ("normal", "albedo", "photo")
 ID_DIMS = {128: "dlib", 512: "ArcFace"}
@@ -50,8 +52,17 @@ class PriorSpec:
     exp_tokens: int = 4
     vae: str | None = None          # a separate VAE folder/id (e.g. for "noVAE" checkpoints); None = base's
     format: str = FORMAT
+    # Added later; absent in older folders (None = the behaviour of those folders):
+    conventions: dict | None = None      # priors.conventions.Conventions.to_dict(); None = legacy
+    recogniser: dict | None = None       # {"model": file name, "sha256": hex or None} the ID branch expects
+    base_fingerprint: list | None = None  # statistics of a few base UNet tensors: a substituted base must match
+    ip_adapter: dict | None = None       # {"file", "kind", "lora": "fused" | "ignored" | "none"}
 
     def __post_init__(self) -> None:
+        if self.conventions is not None:
+            from idto3d.priors.conventions import Conventions
+
+            Conventions.from_dict(self.conventions)  # validated when read, not first at an SDS step
         if self.domain not in DOMAINS:
             raise IdtoError(f"unknown prior domain '{self.domain}'; allowed: {', '.join(DOMAINS)}")
         if self.id_dim <= 0:
@@ -72,6 +83,9 @@ class Prior(nn.Module):
         if not spec.exp_dim:
             spec = dataclasses.replace(spec, exp_dim=int(text_encoder.config.hidden_size))
         self.spec = spec
+        self.conventions = conventions.of_spec(spec)
+        # FaceID's LoRA fused into the frozen UNet (kept to save with the prior): name -> (down, up)
+        self.base_lora: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.unet, self.vae, self.text_encoder = unet, vae, text_encoder
         self.tokenizer, self.noise_scheduler = tokenizer, noise_scheduler
         ref = next(unet.parameters())
@@ -238,10 +252,29 @@ class Prior(nn.Module):
         for prefix, m in self.adapter_modules().items():
             m.load_state_dict({k[len(prefix) + 1:]: v for k, v in state.items() if k.startswith(prefix + ".")})
 
-    def load_ip_adapter_faceid(self, path: str | Path) -> dict[str, int]:
-        """Initialise the ID branch from an ``ip-adapter-faceid_sd15`` checkpoint (.bin or .safetensors)."""
+    def load_ip_adapter_faceid(self, path: str | Path, fuse_lora: bool = False) -> dict[str, int]:
+        """Initialise the ID branch from an ``ip-adapter-faceid_sd15`` checkpoint (.bin or .safetensors);
+        ``fuse_lora`` also adds FaceID's own LoRA (trained with its ID K/V) into the frozen UNet."""
+        from idto3d.priors import faceid
+
         state = ad.read_faceid_checkpoint(path)
-        return ad.load_faceid_state(self.unet, self.id_proj, state, source=str(path))
+        report = ad.load_faceid_state(self.unet, self.id_proj, state, source=str(path))
+        deltas = faceid.lora_deltas(self.unet, state["ip_adapter"], str(path))
+        if fuse_lora and deltas:
+            self.fuse_base_lora(deltas)
+        report["fused_lora"] = len(deltas) if fuse_lora else 0
+        self.spec = dataclasses.replace(self.spec, ip_adapter={
+            "file": Path(path).name, "kind": faceid.FACEID,
+            "lora": "fused" if fuse_lora and deltas else ("ignored" if deltas else "none")})
+        return report
+
+    def fuse_base_lora(self, deltas: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        from idto3d.priors import faceid
+
+        if self.base_lora:
+            raise IdtoError("this prior already has a LoRA fused into its base UNet")
+        faceid.fuse_lora(self.unet, deltas)
+        self.base_lora = {k: (d.detach().float().cpu(), u.detach().float().cpu()) for k, (d, u) in deltas.items()}
 
     def parameter_breakdown(self) -> dict[str, int | float]:
         return ad.adapter_parameter_breakdown(self.unet, self.id_proj, self.exp_proj)
@@ -283,11 +316,25 @@ def _looks_like_path(ref: str) -> bool:
     return ref.startswith(("/", ".", "~")) or ref.count("/") > 1 or "\\" in ref or os.path.exists(ref)
 
 
-def _absent_message(ref: str, what: str, exc: Exception) -> str:
+PIPELINE_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+def download_command(ref: str, parts: Sequence[str] = PIPELINE_PARTS, standalone_vae: bool = False) -> str:
+    """``huggingface-cli download`` of only what a prior loads: the pipeline's subfolders (never the
+    multi-GB single-file checkpoints many repositories also hold at the top level), or a standalone VAE."""
+    if standalone_vae:
+        include = ["config.json", "diffusion_pytorch_model.safetensors"]
+    else:
+        include = ["model_index.json"] + [f"{p}/*" for p in parts]
+    return f"huggingface-cli download {ref} --include {' '.join(repr(i) for i in include)}"
+
+
+def _absent_message(ref: str, what: str, exc: Exception, standalone_vae: bool = False) -> str:
+    cmd = download_command(ref, standalone_vae=standalone_vae)
     return (f"base model '{ref}' ({what}) is not available offline ({type(exc).__name__}). Download it on a "
-            f"machine with internet: `huggingface-cli download {ref} --local-dir <folder>` (or `hf download`), "
-            f"copy the folder here and set prior.base_model=<folder>; or fill the Hugging Face cache "
-            f"(HF_HOME) with `huggingface-cli download {ref}`")
+            f"machine with internet: `{cmd} --local-dir <folder>`, copy the folder here and set "
+            f"prior.base_model=<folder> (prior.vae for a VAE); or fill the Hugging Face cache (HF_HOME) with "
+            f"`{cmd}`")
 
 
 def _load_part(sub: str, cls: Any, src: str, vae_ref: str | None, dtype: Any) -> Any:
@@ -304,7 +351,7 @@ def _load_part(sub: str, cls: Any, src: str, vae_ref: str | None, dtype: Any) ->
         if Path(src).is_dir():
             raise IdtoError(f"base model folder {src} has no loadable {sub}/ ({exc.__class__.__name__}: "
                             f"{str(exc).splitlines()[0][:200]})") from None
-        raise IdtoError(_absent_message(src, sub, exc)) from None
+        raise IdtoError(_absent_message(src, sub, exc, bool(standalone_vae))) from None
 
 
 def _load_base(base_model: str, vae_ref: str | None, device: Any, dtype: Any) -> tuple:
@@ -340,6 +387,31 @@ def _load_base(base_model: str, vae_ref: str | None, device: Any, dtype: Any) ->
     return ref, out
 
 
+def _check_prediction(scheduler: Any, ref: str) -> None:
+    conventions.check_prediction_type(str(getattr(scheduler.config, "prediction_type", "epsilon")),
+                                      f"base model {ref}")
+
+
+FINGERPRINT_RTOL = 1e-3
+
+
+def base_fingerprint(unet: nn.Module) -> list[float]:
+    """Mean |w| and mean w^2 of a few UNet tensors (first and last convolution, first and last cross-attention
+    key): tells a substituted base model from the one a prior was made with (same architecture, other weights)
+    without hashing 3 GB. Statistics rather than a hash, so the same weights loaded in fp16 / bf16 / fp32 match
+    (rounding is unbiased: it moves a mean over >= 10^4 values far less than ``FINGERPRINT_RTOL``)."""
+    keys = [n for n, _ in unet.named_parameters() if n.endswith("attn2.to_k.weight")]
+    out = []
+    for name in ["conv_in.weight", "conv_out.weight"] + keys[:1] + keys[-1:]:
+        t = unet.get_parameter(name).detach().float()
+        out += [float(t.abs().mean()), float(t.square().mean())]
+    return out
+
+
+def _same_base(a: list[float], b: list[float]) -> bool:
+    return len(a) == len(b) and all(abs(x - y) <= FINGERPRINT_RTOL * max(abs(x), abs(y)) for x, y in zip(a, b))
+
+
 def _check_architecture(unet: nn.Module, ref: str) -> None:
     cfg = unet.config
     if cfg.in_channels != 4 or any("CrossAttn" not in t for t in cfg.down_block_types[:3]):
@@ -348,17 +420,22 @@ def _check_architecture(unet: nn.Module, ref: str) -> None:
 
 
 def build_prior(base_model: str | Path, domain: str, id_dim: int, adapter: Any = None, *,
-                device: Any = None, dtype: Any = None, vae: str | None = None, seed: int = 0) -> Prior:
+                device: Any = None, dtype: Any = None, vae: str | None = None, seed: int = 0,
+                conventions_arg: Any = None, recogniser: dict | None = None) -> Prior:
     """A fresh prior: ``base_model``'s weights + adapters sized by ``adapter`` (an ``AdapterConfig``;
-    default: the paper's sizes), initialised from ``seed``. ``vae`` names a separate VAE folder/id."""
+    default: the paper's sizes), initialised from ``seed``. ``vae`` names a separate VAE folder/id;
+    ``conventions_arg`` (``Conventions`` or its dict; None = legacy) and ``recogniser`` are recorded."""
     from idto3d.core.config import AdapterConfig
 
     adapter = adapter or AdapterConfig()
     ref, parts = _load_base(str(base_model), vae, device, dtype)
     _check_architecture(parts["unet"], ref)
+    _check_prediction(parts["scheduler"], ref)
+    conv = conventions_arg.to_dict() if isinstance(conventions_arg, conventions.Conventions) else conventions_arg
     spec = PriorSpec(base_model=ref, domain=domain, id_dim=int(id_dim), self_attn_rank=adapter.self_attn_rank,
                      cross_attn_rank=adapter.cross_attn_rank, id_tokens=adapter.id_tokens,
-                     exp_tokens=adapter.exp_tokens, vae=vae)
+                     exp_tokens=adapter.exp_tokens, vae=vae, conventions=conv, recogniser=recogniser,
+                     base_fingerprint=base_fingerprint(parts["unet"]))
     return Prior(spec, parts["unet"], parts["vae"], parts["text_encoder"], parts["tokenizer"], parts["scheduler"],
                  seed=seed)
 
@@ -373,6 +450,11 @@ def save_prior(prior: Prior, folder: str | Path) -> None:
     state = {k: v.detach().contiguous().cpu() for k, v in prior.adapter_state_dict().items()}
     atomic_write(folder / "adapters.safetensors",
                  lambda p: save_file(state, str(p), metadata={"format": FORMAT, "spec": json.dumps(spec)}))
+    if prior.base_lora:
+        from idto3d.priors.faceid import lora_state
+
+        lora = lora_state(prior.base_lora)
+        atomic_write(folder / BASE_LORA, lambda p: save_file(lora, str(p), metadata={"format": FORMAT}))
     atomic_write_text(folder / "prior_config.json", json.dumps(spec, indent=2) + "\n")
 
 
@@ -397,7 +479,7 @@ def read_prior_spec(folder: str | Path) -> PriorSpec:
     folder = Path(folder)
     path = folder / "prior_config.json"
     if not path.is_file():
-        raise IdtoError(f"{folder} is not an idto3d prior: no prior_config.json (make one with train-prior)")
+        raise IdtoError(f"{folder} is not an idto3d prior: no prior_config.json (make one with make-prior or train-prior)")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
@@ -411,10 +493,36 @@ def read_prior_spec(folder: str | Path) -> PriorSpec:
     return PriorSpec(**data)
 
 
+def _load_recorded_or(spec: PriorSpec, base_model: str | Path | None, vae: str | None, prefer_recorded: bool,
+                      device: Any, dtype: Any) -> tuple[str, dict, str | None]:
+    """The base model parts: the recorded base (and VAE) unless overridden; with ``prefer_recorded`` the
+    given ones serve only when the recorded ones are not on this machine."""
+    recorded = (spec.base_model, spec.vae)
+    given = (str(base_model) if base_model else spec.base_model, vae if vae is not None else spec.vae)
+    if spec.vae is None:
+        given = (given[0], None)  # the base's own VAE: a configured separate VAE does not replace it
+    if not prefer_recorded or recorded == given:
+        ref, parts = _load_base(given[0], given[1], device, dtype)
+        return ref, parts, given[1]
+    try:
+        ref, parts = _load_base(recorded[0], recorded[1], device, dtype)
+        return ref, parts, recorded[1]
+    except IdtoError as missing:
+        try:
+            ref, parts = _load_base(given[0], given[1], device, dtype)
+        except IdtoError as also:
+            raise IdtoError(f"{missing} -- and prior.base_model / prior.vae ({given[0]}, {given[1]}) cannot "
+                            f"stand in for it: {also}") from None
+        return ref, parts, given[1]
+
+
 def load_prior(path_or_id: str | Path, *, device: Any = None, dtype: Any = None,
-               base_model: str | Path | None = None) -> Prior:
-    """Load a saved prior (folder or hub id). ``base_model`` overrides the recorded base model location
-    (e.g. when the prior was saved on another machine)."""
+               base_model: str | Path | None = None, vae: str | None = None,
+               prefer_recorded: bool = False) -> Prior:
+    """Load a saved prior (folder or hub id). ``base_model`` / ``vae`` override the recorded base model and VAE
+    locations (e.g. when the prior was saved on another machine); with ``prefer_recorded`` they are used only
+    when the recorded ones cannot be loaded here. A substituted base must be the same model: priors that
+    record a fingerprint of their base refuse another one."""
     from safetensors.torch import load_file
 
     folder = _resolve_prior_folder(path_or_id)
@@ -422,18 +530,27 @@ def load_prior(path_or_id: str | Path, *, device: Any = None, dtype: Any = None,
     weights = folder / "adapters.safetensors"
     if not weights.is_file():
         raise IdtoError(f"{folder}: adapters.safetensors is missing")
-    ref, parts = _load_base(str(base_model or spec.base_model), spec.vae, device, dtype)
+    ref, parts, vae_ref = _load_recorded_or(spec, base_model, vae, prefer_recorded, device, dtype)
     _check_architecture(parts["unet"], ref)
+    _check_prediction(parts["scheduler"], ref)
+    if spec.base_fingerprint and not _same_base(base_fingerprint(parts["unet"]), spec.base_fingerprint):
+        raise IdtoError(f"{folder} was made with base model {spec.base_model} but {ref} has other weights; set "
+                        f"prior.base_model to a copy of the base model the prior was made with")
     if parts["text_encoder"].config.hidden_size != spec.exp_dim:
         raise IdtoError(f"{folder}: saved for a {spec.exp_dim}-D text encoder but base model {ref} has "
                         f"{parts['text_encoder'].config.hidden_size}-D")
-    prior = Prior(dataclasses.replace(spec, base_model=ref), parts["unet"], parts["vae"],
+    prior = Prior(dataclasses.replace(spec, base_model=ref, vae=vae_ref), parts["unet"], parts["vae"],
                   parts["text_encoder"], parts["tokenizer"], parts["scheduler"])
     try:
         state = load_file(str(weights))
+        lora = load_file(str(folder / BASE_LORA)) if (folder / BASE_LORA).is_file() else {}
     except Exception as exc:  # safetensors raises its own error types for corrupt files
-        raise IdtoError(f"cannot read {weights}: {exc}") from None
+        raise IdtoError(f"cannot read the weights in {folder}: {exc}") from None
     prior.load_adapter_state_dict(state, source=str(weights))
+    if lora:
+        from idto3d.priors.faceid import deltas_from_state
+
+        prior.fuse_base_lora(deltas_from_state(lora))
     return prior
 
 

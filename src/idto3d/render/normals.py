@@ -1,12 +1,15 @@
 """Normal maps in camera coordinates: what the geometry stage's normal prior looks at.
 
 A pixel's colour is (n + 1) / 2 of the unit surface normal in camera space (x right, y up,
-z toward the viewer), so a surface facing the camera is (0.5, 0.5, 1): blue-violet. Background
-is white, and silhouettes are antialiased so the image is differentiable w.r.t. the outline.
+z toward the viewer), so a surface facing the camera is (0.5, 0.5, 1): blue-violet. ``axis_signs`` flips axes
+for priors trained on another camera convention (e.g. OpenCV's y down, z away: (1, -1, -1)). The background
+is white by default (a prior's conventions may ask for another colour, e.g. black for HumanNorm's normal
+model), and silhouettes are antialiased so the image is differentiable w.r.t. the outline.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -28,13 +31,25 @@ class NormalRender:
     fragments: Fragments
 
 
+def _scaled(x: torch.Tensor, factor: float | Sequence[float]) -> torch.Tensor:
+    """``x`` times a scalar or a per-channel RGB factor; a factor equal on all channels stays a Python number,
+    so the common cases (white or black background, no axis flip) make no tensor on the device per render."""
+    values = [float(v) for v in factor] if isinstance(factor, Sequence) else [float(factor)]
+    if len(values) not in (1, 3):
+        raise IdtoError(f"expected one value or three (RGB / xyz), got {values}")
+    if all(v == values[0] for v in values):
+        return x * values[0]
+    return x * torch.tensor(values, dtype=x.dtype).to(x.device)
+
+
 def render_normal_map(
     mesh: Mesh,
     camera: Camera,
     resolution: int | tuple[int, int],
-    background: float = 1.0,
+    background: float | Sequence[float] = 1.0,
     shading: str = "smooth",
     rasterizer: Rasterizer | None = None,
+    axis_signs: Sequence[float] = (1.0, 1.0, 1.0),
 ) -> NormalRender:
     """Render ``mesh`` from each of ``camera``'s views as a camera-space normal map.
 
@@ -63,7 +78,7 @@ def render_normal_map(
         n = torch.gather(f_cam, 1, idx.unsqueeze(-1).expand(-1, -1, 3)).view(-1, H, W, 3)
         n = n * covered
     coverage = covered.to(n.dtype)
-    rgb = (n * 0.5 + 0.5) * coverage + background * (1 - coverage)
+    rgb = (_scaled(n, axis_signs) * 0.5 + 0.5) * coverage + _scaled(1 - coverage, background)
     # One antialias pass for colour and coverage, so both see the same silhouette.
     aa = r.antialias(torch.cat([rgb, coverage], -1), fragments, clip, mesh.faces)
     return NormalRender(image=aa[..., :3], mask=aa[..., 3:], normals=n, fragments=fragments)

@@ -104,6 +104,9 @@ def check_prior_for_identity(prior, ident: IdentityEmbedding, ref: str, domain: 
         raise IdtoError(f"the identity has {ident.dim} values ({ident.backend}) but {domain} prior {ref} expects "
                         f"{spec.id_dim}-D ID embeddings: compute the identity with the matching backend "
                         f"(identity.backend: dlib = 128, arcface = 512) or use a prior built for id_dim={ident.dim}")
+    from idto3d.priors.recogniser import check_recogniser
+
+    check_recogniser(spec.recogniser, ident.recogniser, ref, str(ident.path or "the identity"))
 
 
 def _load_checked(ref: str | None, ident: IdentityEmbedding, domain: str, cfg: Config) -> Any:
@@ -114,7 +117,9 @@ def _load_checked(ref: str | None, ident: IdentityEmbedding, domain: str, cfg: C
 
     # Loaded straight onto the run's device in its precision (no fp32 copy on the host first).
     device = resolve_device(cfg.runtime.device)
-    prior = load_prior(ref, device=device, dtype=resolve_dtype(cfg.runtime.precision, device))
+    # prior.base_model / prior.vae stand in for a recorded base that is not on this machine (another's path)
+    prior = load_prior(ref, device=device, dtype=resolve_dtype(cfg.runtime.precision, device),
+                       base_model=cfg.prior.base_model, vae=cfg.prior.vae, prefer_recorded=True)
     check_prior_for_identity(prior, ident, str(ref), domain)
     return configure_prior(prior, cfg.runtime, device)
 

@@ -24,6 +24,7 @@ from idto3d.geometry.expression_field import ExpressionField
 from idto3d.geometry.laplacian import laplacian_loss
 from idto3d.geometry.mesh_io import save_mesh
 from idto3d.nn.state import field_parameter_groups
+from idto3d.priors.conventions import LEGACY_PROMPTS, NORMAL_ENCODINGS, Conventions, legacy
 from idto3d.priors.guidance import GuidanceCond, ScoreDistillation
 from idto3d.render.backend import Rasterizer
 from idto3d.render.camera import Camera, view_word
@@ -33,7 +34,7 @@ from idto3d.render.preview import normal_turntable, save_png
 from idto3d.stages.sds_runner import (SDSProgress, SDSStage, SDSStep, conditioning_key, draw_views, embedding_on,
                                       finished, preview_resolution, run_sds, stage_rasterizer, write_done)
 
-PROMPT = "A {view} view normal map face portrait of {subject} on a white background"
+PROMPT = LEGACY_PROMPTS["normal"]  # priors without conventions (and oracles) keep this prompt
 CONDITIONED_ON = "identity or prompt"
 
 
@@ -42,14 +43,24 @@ class GeometryStageResult(SDSProgress):
     meshes: dict[str, Mesh]  # final (or, after ``stop_after``, current) mesh per expression name
 
 
-def geometry_prompts(cameras: Camera, subject: str) -> list[str]:
+def stage_conventions(guidance: ScoreDistillation) -> Conventions:
+    """The normal prior's conventions (prompts, background, encoding); legacy ones for oracles and older priors."""
+    return getattr(guidance, "conventions", None) or legacy("normal")
+
+
+def geometry_prompts(cameras: Camera, subject: str, conventions: Conventions | None = None) -> list[str]:
     """The view-dependent prompt per camera, as the normal prior was trained."""
-    return [PROMPT.format(view=w, subject=subject) for w in view_word(cameras.azimuth_deg.cpu())]
+    conv = conventions or legacy("normal")
+    return [conv.prompt(w, subject) for w in view_word(cameras.azimuth_deg.cpu())]
 
 
-def render_for_guidance(mesh: Mesh, cameras: Camera, resolution: int, rasterizer=None) -> torch.Tensor:
-    """``[B, 4, H, W]`` in [0, 1]: camera-space normals (RGB) and antialiased coverage."""
-    out = render_normal_map(mesh, cameras, resolution, rasterizer=rasterizer)
+def render_for_guidance(mesh: Mesh, cameras: Camera, resolution: int, rasterizer=None,
+                        conventions: Conventions | None = None) -> torch.Tensor:
+    """``[B, 4, H, W]`` in [0, 1]: camera-space normals (RGB, over the prior's background, in its encoding)
+    and antialiased coverage."""
+    conv = conventions or legacy("normal")
+    out = render_normal_map(mesh, cameras, resolution, background=conv.background, rasterizer=rasterizer,
+                            axis_signs=NORMAL_ENCODINGS[conv.normal_encoding])
     return torch.cat([out.image, out.mask], dim=-1).permute(0, 3, 1, 2)
 
 
@@ -83,7 +94,9 @@ class _GeometryStep:
     def __call__(self, it: int) -> SDSStep:
         gcfg, names = self.cfg.geometry, self.cfg.expressions
         e, cams = draw_views(self.sampler, len(names), gcfg.batch_size, self.cfg.render.camera)
-        cond = GuidanceCond(prompts=geometry_prompts(cams, self.subject), id_embedding=self.id_embedding,
+        conv = stage_conventions(self.guidance)
+        cond = GuidanceCond(prompts=geometry_prompts(cams, self.subject, conv), id_embedding=self.id_embedding,
+                            negative_prompt=conv.negative_prompt,
                             expressions=[names[e]] * len(cams), cameras=cams.to(self.device),
                             expression_indices=[e] * len(cams))
         mesh = self.field(e)
@@ -93,7 +106,7 @@ class _GeometryStep:
             raise IdtoError(f"the surface of '{names[e]}' vanished at iteration {it}; the last checkpoint "
                             f"is in {self.checkpoint}. Raise template.iterations (a better initial fit), lower "
                             f"geometry.lr or prior.guidance.guidance_scale, or check the prior")
-        images = render_for_guidance(mesh, cond.cameras, self.cfg.render.resolution, self.rasterizer)
+        images = render_for_guidance(mesh, cond.cameras, self.cfg.render.resolution, self.rasterizer, conv)
         out = self.guidance(images, cond, it)
         lap = laplacian_loss(mesh)
         loss = out.loss + gcfg.laplacian_weight * lap

@@ -31,6 +31,7 @@ from idto3d.core.device import resolve_device
 from idto3d.core.errors import IdtoError
 from idto3d.core.run_layout import RunLayout, SDSFiles
 from idto3d.geometry.mesh_io import weld_degenerate
+from idto3d.priors.conventions import LEGACY_PROMPTS, Conventions, legacy
 from idto3d.priors.guidance import GuidanceCond, ScoreDistillation, get_schedule
 from idto3d.render.backend import Rasterizer
 from idto3d.render.camera import Camera, orbit_camera, view_word
@@ -44,7 +45,7 @@ from idto3d.texture.texels import TexelMap, texel_map
 from idto3d.texture.texture_field import TextureField, build_texture_field, texture_optimizer
 from idto3d.texture.uv_atlas import UVMesh, shared_atlas
 
-PROMPT = "A {view} view albedo face portrait of {subject} on a white background"
+PROMPT = LEGACY_PROMPTS["albedo"]  # priors without conventions (and oracles) keep this prompt
 SCHEDULE = {"diffuse": "texture_diffuse", "pbr": "texture_pbr", "refine": "refine"}
 CONDITIONED_ON = "identity, prompt or geometry"
 
@@ -84,8 +85,12 @@ def substage_at(iteration: int, cfg: TextureConfig, refine: bool) -> str:
     return "diffuse" if iteration < round(cfg.diffuse_fraction * total) else "pbr"
 
 
-def texture_prompts(cameras: Camera, subject: str, template: str = PROMPT) -> list[str]:
-    return [template.format(view=w, subject=subject) for w in view_word(cameras.azimuth_deg.cpu())]
+def texture_prompts(cameras: Camera, subject: str, template: str | Conventions = PROMPT) -> list[str]:
+    """One prompt per camera: from a template with {view} and {subject}, or from a prior's conventions."""
+    words = view_word(cameras.azimuth_deg.cpu())
+    if isinstance(template, Conventions):
+        return [template.prompt(w, subject) for w in words]
+    return [template.format(view=w, subject=subject) for w in words]
 
 
 # ---------------------------------------------------------------- atlas on disk
@@ -207,7 +212,9 @@ class _TextureStep:
                                 shading=shading)
         else:
             g = self.guidance
-            cond = GuidanceCond(prompts=texture_prompts(cams, self.subject), id_embedding=self.id_embedding,
+            conv = getattr(g, "conventions", None) or legacy("albedo")
+            cond = GuidanceCond(prompts=texture_prompts(cams, self.subject, conv), id_embedding=self.id_embedding,
+                                negative_prompt=conv.negative_prompt,
                                 expressions=[names[e]] * len(cams), cameras=cams.to(self.device),
                                 expression_indices=[e] * len(cams), lighting=env, shading=shading)
         assert g is not None
