@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from idto3d import __version__
 from idto3d.core.errors import IdtoError
@@ -37,8 +38,9 @@ def user_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except IdtoError as exc:
-            # soft_wrap: one line whatever the terminal width (scripts and tests match on it)
-            console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            # soft_wrap: one line whatever the terminal width (scripts and tests match on it); escape: a message
+            # may hold brackets (pip extras, lists) that rich would take for markup
+            console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(code=2) from None
 
     return wrapper  # type: ignore[return-value]
