@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import signal
 import sys
 import threading
@@ -83,18 +84,21 @@ def _files(folder: Path) -> dict[str, tuple[int, bytes]]:
 
 @pytest.mark.slow
 def test_a_bad_photo_fails_its_row_alone(first_batch):
-    from gltf_checks import check_exported_glb
+    import trimesh
 
     result, out, _ = first_batch
     assert result.exit_code == 1, result.output
     rows = _rows(out)
     assert rows["anna"]["status"] == rows["tom"]["status"] == "done"
     for name in ("anna", "tom"):
-        check_exported_glb(out / name / "export" / "neutral.glb")
+        head = trimesh.load(out / name / "export" / "neutral.glb", force="mesh")
+        assert len(head.faces) > 1000  # a head, exported (export/ has its own GLB checks)
         assert rows[name]["exported"] == 1 and rows[name]["turntable"] == f"{name}/renders/neutral_turntable.png"
         assert set(rows[name]["stage_seconds"]) == {"template_fit", "photo_texture"}
         assert rows[name]["resources"] == {"CPU": 1.0}
-    assert rows["wall"]["status"] == "failed" and "no face found" in rows["wall"]["error"]
+    # generate's own one-line message (a user error, not a crash: Ray ran it once)
+    assert rows["wall"]["status"] == "failed" and rows["wall"]["attempts"] == 1
+    assert re.match(r"/\S+/wall\.png: no face found", rows["wall"]["error"]), rows["wall"]["error"]
     assert "wall: failed - " in result.output and "no face found" in result.output
     assert not (out / "wall").exists()  # nothing was computed for it, so no folder is left behind
     page = (out / "batch.html").read_text()
@@ -220,7 +224,10 @@ def test_csv_and_yaml_manifests_read_the_same(tmp_path, photos):
                    f"    preset: preview\n")
     a, b = read_manifest(csv, BatchOptions()), read_manifest(yml, BatchOptions())
     assert not a.problems and not b.problems
-    assert [(r.name, r.inputs, r.prompt, r.cfg) for r in a.rows] == [(r.name, r.inputs, r.prompt, r.cfg) for r in b.rows]
+    def key(m):
+        return [(r.name, r.inputs, r.prompt, r.cfg) for r in m.rows]
+
+    assert key(a) == key(b)
     anna, bob = a.rows
     assert anna.cfg.template.iterations == 7 and anna.cfg.seed == 3 and anna.cfg.expressions == ["neutral", "smile"]
     assert anna.inputs == ((photos / "astronaut.png").resolve(), (photos / "set").resolve())
