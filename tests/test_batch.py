@@ -250,3 +250,30 @@ def test_a_run_no_node_can_hold_is_refused_before_submitting(local_ray, tmp_path
     assert result.exit_code == 2, result.output
     assert "no Ray node has what one run asks for (CPU 1, GPU 1)" in result.output
     assert not (tmp_path / "runs" / "anna").exists()
+
+
+def test_progress_lines_and_eta():
+    from idto3d.batch.live import BatchView, eta_seconds
+
+    assert eta_seconds(100.0, 0, 4, now=130.0) is None          # nothing finished yet: no rate
+    assert eta_seconds(100.0, 2, 4, now=130.0) == pytest.approx(60.0)  # 15 s per identity, 4 left
+    log = io.StringIO()
+    with BatchView(Console(file=log, width=200), total=3) as view:  # not a terminal: plain lines
+        view.update(0, 2, 0, None)
+        view.update(0, 2, 0, None)                               # no change: no line
+        view.update(1, 1, 1, 75.0)
+    lines = log.getvalue().splitlines()
+    assert lines == ["batch: 0/3 finished, done 0  running 2  failed 0  ETA --:--",
+                     "batch: 2/3 finished, done 1  running 1  failed 1  ETA 1:15"]
+
+
+def test_the_front_identity_distance_comes_from_the_reference_view():
+    from idto3d.batch.results import front_identity_distance
+
+    views = [{"expression": "smile", "elevation": 0.0, "azimuth": 0.0, "distance": 0.9},
+             {"expression": "neutral", "elevation": 15.0, "azimuth": 0.0, "distance": 0.8},
+             {"expression": "neutral", "elevation": 0.0, "azimuth": 0.0, "distance": 0.31}]
+    metrics = {"reference_view": {"expression": "neutral", "elevation": 0.0, "azimuth": 0.0},
+               "identity": {"per_view": views}}
+    assert front_identity_distance(metrics) == 0.31
+    assert front_identity_distance({}) is None

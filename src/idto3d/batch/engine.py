@@ -97,13 +97,18 @@ def run_is_finished(run_dir: Path, cfg: Config) -> bool:
     return same and exported_files(run_dir) is not None
 
 
+def _absolute(ref: str | None) -> str | None:
+    """A prior given as a local folder, made absolute for the workers; a hub id stays as it is."""
+    return str(Path(ref).resolve()) if ref and Path(ref).exists() else ref
+
+
 def plan(rows: Sequence[BatchRow], out: Path, opts: BatchOptions) -> list[tuple[RunSpec, RowRecord]]:
     """One task spec and record per row; finished runs are marked done (skipped) here, before Ray starts."""
     planned = []
     for row in rows:
-        run_dir = out / row.name
+        run_dir = out.resolve() / row.name  # absolute: a worker's current folder is not the driver's
         spec = RunSpec(row.name, tuple(str(p) for p in row.inputs), str(run_dir), row.cfg, row.prompt,
-                       opts.normal_prior, opts.albedo_prior)
+                       _absolute(opts.normal_prior), _absolute(opts.albedo_prior))
         record = RowRecord(row.name, row.name)
         if run_is_finished(run_dir, row.cfg):
             record.status, record.skipped = "done", True
