@@ -62,7 +62,8 @@ def run_identity(spec: RunSpec, threads: int, board: Any = None) -> dict[str, An
             {"status": "failed", "error": result.missing or "nothing was exported", "exported": 0}
     except IdtoError as exc:
         out = {"status": "failed", "error": one_line(exc), "exported": 0}
+    finally:  # also when generate raised a bug: only a dead worker leaves its attempt open
+        if board is not None:
+            board.ended.remote(spec.name, time.time())
     out["seconds"] = time.time() - started
-    if board is not None:
-        board.ended.remote(spec.name, time.time())
     return out
