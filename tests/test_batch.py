@@ -265,6 +265,10 @@ def test_progress_lines_and_eta():
     lines = log.getvalue().splitlines()
     assert lines == ["batch: 0/3 finished, done 0  running 2  failed 0  ETA --:--",
                      "batch: 2/3 finished, done 1  running 1  failed 1  ETA 1:15"]
+    term = io.StringIO()
+    with BatchView(Console(file=term, width=200, force_terminal=True), total=3) as view:  # a live bar
+        view.update(1, 1, 1, 75.0)
+    assert "2/3" in term.getvalue() and "done 1  running 1  failed 1  ETA 1:15" in term.getvalue()
 
 
 def test_the_front_identity_distance_comes_from_the_reference_view():
@@ -277,3 +281,21 @@ def test_the_front_identity_distance_comes_from_the_reference_view():
                "identity": {"per_view": views}}
     assert front_identity_distance(metrics) == 0.31
     assert front_identity_distance({}) is None
+
+
+def test_a_row_resolves_its_config_as_generate_does(tmp_path, photos):
+    from idto3d.batch.manifest import BatchOptions, read_manifest
+    from idto3d.core.errors import IdtoError
+    from idto3d.face_model.offline_expressions import DEFAULT_OFFLINE_EXPRESSIONS
+    from idto3d.stages.generate_config import generate_config
+
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(f"name,photos\nanna,{photos / 'astronaut.png'}\n")
+    row = read_manifest(manifest, BatchOptions(overrides=("seed=5",))).rows[0]
+    # no priors and no expressions: the face model's expressions, as `idto3d generate` makes
+    assert row.cfg == generate_config(None, None, ["seed=5"])
+    assert row.cfg.expressions == list(DEFAULT_OFFLINE_EXPRESSIONS) and row.cfg.seed == 5
+    with_prior = read_manifest(manifest, BatchOptions(normal_prior="priors/normal")).rows[0]
+    assert with_prior.cfg.expressions == ["neutral"]
+    with pytest.raises(IdtoError, match="at least one name"):
+        generate_config(expressions=" , ")
