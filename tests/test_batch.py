@@ -100,7 +100,7 @@ def test_a_bad_photo_fails_its_row_alone(first_batch):
     assert rows["wall"]["status"] == "failed" and rows["wall"]["attempts"] == 1
     assert re.match(r"/\S+/wall\.png: no face found", rows["wall"]["error"]), rows["wall"]["error"]
     assert "wall: failed - " in result.output and "no face found" in result.output
-    assert not (out / "wall").exists()  # nothing was computed for it, so no folder is left behind
+    assert not (out / "wall").exists() and rows["wall"]["report"] is None  # nothing computed, no folder left
     page = (out / "batch.html").read_text()
     assert page.count("data:image/png;base64,") == 2 and 'href="anna/"' in page
 

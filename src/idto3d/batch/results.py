@@ -60,7 +60,8 @@ def collect_run_outputs(record: RowRecord, out: Path) -> None:
     png = layout.turntable(expr) if expr else None
     record.turntable = png.relative_to(out).as_posix() if png is not None and png.exists() else None
     report = layout.report_index if layout.report_index.exists() else layout.root
-    record.report = report.relative_to(out).as_posix() + ("" if report.is_file() else "/")
+    record.report = (report.relative_to(out).as_posix() + ("" if report.is_file() else "/")) \
+        if report.exists() else None  # a row that failed before computing anything has no folder
 
 
 def _read_json(path: Path) -> dict[str, Any]:
