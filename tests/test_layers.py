@@ -30,6 +30,7 @@ PLANTED = [
     ("export/maps.py", "import idto3d.stages.step_log", "export "),
     ("stages/step_log.py", "import idto3d.evaluate.plots", "stages "),
     ("evaluate/plots.py", "import idto3d.stages.step_log", "evaluate "),
+    ("batch/live.py", "import idto3d.cli.app", "batch "),
     ("render/camera.py", "import idto3d.bench.timing", "only the CLI imports the benchmarks"),
     ("bench/timing.py", "import idto3d.cli.app", "the benchmarks never import the CLI"),
     # the backends import the interface, so this closes a cycle (the one between embedder and backends before)

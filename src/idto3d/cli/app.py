@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import errno
 import functools
-import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -38,7 +37,8 @@ _FS_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDI
 
 
 def _error_line(message: str) -> None:
-    # soft_wrap and no newlines: one line whatever the terminal (scripts and tests match on it)
+    # soft_wrap and no newlines: one line whatever the terminal (scripts and tests match on it); escape: a message
+    # may hold brackets (pip extras, lists) that rich would take for markup
     console.print(f"[bold red]error:[/] {escape(' '.join(message.split()))}", highlight=False, soft_wrap=True)
 
 
@@ -342,29 +342,11 @@ def generate_cmd(
     overwrite: Annotated[bool, typer.Option(help="Start over in a run folder made with another config.")] = False,
 ) -> None:
     """Photos -> identity -> template fit -> geometry SDS -> texture SDS -> GLB/OBJ + PBR maps and turntables."""
-    from idto3d.core.config import load_config
     from idto3d.stages.generate import generate
+    from idto3d.stages.generate_config import generate_config
 
-    overrides = list(set_ or [])
-    if device is not None:
-        overrides.append(f"runtime.device={device}")
-    if precision is not None:
-        overrides.append(f"runtime.precision={precision}")
-    if expressions is not None:
-        names = [e.strip() for e in expressions.split(",") if e.strip()]
-        if not names:
-            raise IdtoError("--expressions needs at least one name, e.g. neutral,smile")
-        overrides.append(f"expressions=[{', '.join(names)}]")
-    if envmaps is not None:
-        overrides.append(f"texture.envmaps={json.dumps(str(envmaps))}")
-    cfg = load_config(preset, config, overrides)
-    offline = not (normal_prior or albedo_prior or cfg.prior.normal or cfg.prior.albedo)
-    if offline and expressions is None and cfg.expressions == ["neutral"] and cfg.face_model.enabled:
-        # Without priors the face model's expressions are the ones a run can make: export them all.
-        from idto3d.face_model.offline_expressions import DEFAULT_OFFLINE_EXPRESSIONS
-
-        overrides.append(f"expressions=[{', '.join(DEFAULT_OFFLINE_EXPRESSIONS)}]")
-        cfg = load_config(preset, config, overrides)
+    cfg = generate_config(preset, config, set_, expressions=expressions, device=device, precision=precision,
+                          envmaps=envmaps, priors=(normal_prior, albedo_prior))
     result = generate(inputs, out, cfg, normal_prior=normal_prior, albedo_prior=albedo_prior, prompt=prompt,
                       overwrite=overwrite, console=console)
     _print_generate_summary(result, cfg, out)

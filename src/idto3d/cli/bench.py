@@ -172,3 +172,19 @@ def bench_runtime_cmd(
         _check_repeats(repeats)
     _print_rows(bench_runtime(device=device, full_size=full_size, repeats=repeats, variants=variants), as_json)
 
+
+
+@bench_app.command("batch")
+@user_errors
+def bench_batch_cmd(
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable JSON instead of a table.")] = False,
+    identities: Annotated[int, typer.Option(help="Short identities per case.")] = 4,
+    set_: SetOpt = None,
+) -> None:
+    """`idto3d batch` on a local Ray: the same short identities in-process, on 1 worker and on 2 workers (the
+    speed-up ratio), and the overhead Ray adds per identity. Needs the batch extra (Ray)."""
+    from idto3d.bench.batch import bench_batch
+
+    if identities < 2:
+        raise IdtoError("--identities must be >= 2 (two workers need two identities)")
+    _print_rows(bench_batch(identities, list(set_ or [])), as_json)

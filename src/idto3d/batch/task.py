@@ -1,0 +1,69 @@
+"""What one Ray task runs: the normal ``generate`` into ``OUT/<name>/``, in the worker process.
+
+A user-input error (no face, two people, a bad prior) is the row's result, not an exception: Ray must not retry
+it, and the other rows go on. Anything else propagates, so a dead worker is retried by Ray (``max_retries``) and
+the retry resumes from the run folder's checkpoints, as a re-run of ``generate`` does.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from idto3d.core.config import Config
+from idto3d.core.errors import IdtoError
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One row's run, as the task receives it (plain, picklable values)."""
+
+    name: str
+    inputs: tuple[str, ...]
+    run_dir: str
+    cfg: Config
+    prompt: str | None = None
+    normal_prior: str | None = None
+    albedo_prior: str | None = None
+
+
+def _assigned_resources() -> dict[str, float]:
+    try:
+        import ray
+
+        return {k: float(v) for k, v in ray.get_runtime_context().get_assigned_resources().items()}
+    except Exception:  # noqa: BLE001 - called outside Ray (the bench's in-process baseline): nothing assigned
+        return {}
+
+
+def one_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+def run_identity(spec: RunSpec, threads: int, board: Any = None) -> dict[str, Any]:
+    """``generate`` for one row with torch on ``threads`` threads; ``board`` (a ``Board`` actor) hears when it
+    starts and ends. Returns the row's status, its error line when its input was bad, and its wall time."""
+    import torch
+
+    from idto3d.stages.generate import generate
+
+    torch.set_num_threads(max(int(threads), 1))  # as many threads as the task's declared CPUs, no more
+    started = time.time()
+    if board is not None:
+        board.started.remote(spec.name, os.getpid(), socket.gethostname(), _assigned_resources(), started)
+    try:
+        result = generate(list(spec.inputs), spec.run_dir, spec.cfg, normal_prior=spec.normal_prior,
+                          albedo_prior=spec.albedo_prior, prompt=spec.prompt, progress=False)
+        out = {"status": "done", "error": None, "exported": len(result.exported)} if result.exported else \
+            {"status": "failed", "error": result.missing or "nothing was exported", "exported": 0}
+    except IdtoError as exc:
+        out = {"status": "failed", "error": one_line(exc), "exported": 0}
+    finally:  # also when generate raised a bug: only a dead worker leaves its attempt open
+        if board is not None:
+            board.ended.remote(spec.name, time.time())
+    out["seconds"] = time.time() - started
+    return out
