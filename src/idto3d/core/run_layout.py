@@ -8,7 +8,7 @@ folders made by earlier versions resume.
 RUN/config.yaml                 the resolved config (first file written)
 RUN/identity.safetensors        the identity embedding (+ RUN/crops/ aligned face crops)
 RUN/geometry/                   init.pt, init_report.json, init_<expr>.ply, init_preview.png (initial field),
-                                face_fit.json/.pt (face-model fit), ckpt.pt, log.jsonl, progress.png,
+                                face_fit.json/.pt (face-model fit), head_landmarks.json, ckpt.pt, log.jsonl, progress.png,
                                 done.json, <expr>.ply/.obj (geometry SDS)
 RUN/texture/                    atlas.npz, photo.pt, photo_report.json (photo texture), ckpt.pt, log.jsonl,
                                 progress.png, done.json (texture SDS)
@@ -125,6 +125,11 @@ class RunLayout:
     @property
     def face_fit_json(self) -> Path:
         return self.geometry / "face_fit.json"
+
+    @property
+    def head_landmarks(self) -> Path:
+        """The offline head's face-model landmarks as vertex indices of the exported meshes."""
+        return self.geometry / "head_landmarks.json"
 
     @property
     def face_fit_tensors(self) -> Path:
