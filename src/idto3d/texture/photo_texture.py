@@ -132,6 +132,7 @@ class PhotoTextureReport:
     skin_tone: tuple[float, float, float]     # sRGB median skin colour used for unseen regions
     photometric_rmse: float                   # sRGB [0, 1] units, face-region pixels, after the last step
     seconds: float
+    light_sh: list | None = None              # [9][3] the photos' lighting divided out (None: not de-lit)
 
 
 # ---------------------------------------------------------------- inputs
@@ -300,6 +301,7 @@ class _View:
     core: torch.Tensor         # [P] bool: inside the face region proper (for the reported RMSE)
     texel_weight: torch.Tensor  # [N] how well this photo sees each covered texel
     skin: torch.Tensor         # [M, 3] plain-skin photo pixels
+    normal: torch.Tensor       # [P, 3] the surface normal each counted pixel shows (for the de-lighting)
 
 
 def _prepare_view(i: int, view: PhotoView, surface: PhotoSurface, normals: torch.Tensor, long_side: int,
@@ -356,7 +358,8 @@ def _prepare_view(i: int, view: PhotoView, surface: PhotoSurface, normals: torch
 
     return _View(uv=px_uv[sel], position=px_pos[sel], target=image[sel], weight=weight[sel],
                  core=(soft >= 0.5)[sel],
-                 texel_weight=texel_weight, skin=_skin_pixels(image, lm, soft_np, height, cfg.erode))
+                 texel_weight=texel_weight, skin=_skin_pixels(image, lm, soft_np, height, cfg.erode),
+                 normal=px_n[sel])
 
 
 def _prepare(surface: PhotoSurface, views: Sequence[PhotoView], long_side: int, cfg: PhotoTextureConfig
@@ -589,6 +592,24 @@ def _fill(points: torch.Tensor, seen: torch.Tensor, skin: torch.Tensor, position
                  kernel=kernel, ramp=ramp, source_pos=source_pos)
 
 
+def _delight(prepared: Sequence[_View]) -> torch.Tensor:
+    """Divide the photos' lighting out of their targets and skin pixels, in place (``texture.delight``): one SH
+    light fitted to every photo's face pixels (one light: the photos of a run are usually taken together).
+    Returns its coefficients ``[9, 3]``."""
+    from idto3d.texture.delight import delight
+
+    normals = torch.cat([p.normal for p in prepared])
+    targets = torch.cat([p.target for p in prepared])
+    weight = torch.cat([p.weight * p.core for p in prepared])
+    albedo, coeffs = delight(targets, normals, weight)
+    for p, part in zip(prepared, albedo.split([p.target.shape[0] for p in prepared])):
+        # The plain-skin pixels (no normals of their own) take the face's median de-lighting gain.
+        gain = (part[p.core] + 1e-3) / (p.target[p.core] + 1e-3) if bool(p.core.any()) else torch.ones(1, 3)
+        p.skin = (p.skin * gain.median(0).values).clamp(0.0, 1.0)
+        p.target = part.to(p.target)
+    return coeffs
+
+
 def _lr_scale(step: int, iterations: int) -> float:
     # Cosine decay to a tenth: Adam at a constant rate keeps the colours jittering at the end.
     return _FINAL_LR + (1.0 - _FINAL_LR) * 0.5 * (1.0 + math.cos(math.pi * step / max(iterations, 1)))
@@ -641,6 +662,7 @@ def fit_photo_texture(field: TextureField, expression: int, expr: PhotoSurface, 
     t0 = time.perf_counter()
     _check_fit_args(field, expression, log_every)
     prepared = _prepare(expr, views, cfg.resolution, cfg)
+    light = _delight(prepared) if cfg.delight else None
     device = field.codes.device if device is None else torch.device(device)
     field.to(device)
     texels = expr.texels.to("cpu")
@@ -669,4 +691,5 @@ def fit_photo_texture(field: TextureField, expression: int, expr: PhotoSurface, 
         rmse = _photometric_rmse(field, expression, expr.texels, prepared, device)
     return PhotoTextureReport(seen_fraction=float((seen >= SEEN_WELL).float().mean()),
                               skin_tone=tuple(float(c) for c in skin),  # type: ignore[arg-type]
-                              photometric_rmse=rmse, seconds=time.perf_counter() - t0)
+                              photometric_rmse=rmse, seconds=time.perf_counter() - t0,
+                              light_sh=None if light is None else light.tolist())
