@@ -91,6 +91,31 @@ def test_offline_run_folder_passes_the_export_checks(offline_run):
         assert mm >= effect.minimum_mm
 
 
+
+@pytest.mark.slow
+def test_offline_albedo_skin_matches_and_the_scalp_takes_the_hair(offline_run):
+    """The astronaut has visible hair: the top and back of the exported albedo take its colour (CIEDE2000 <= 10 to
+    the segmented hair's median, de-lit like the face); the neck's skin matches the face's (<= 5)."""
+    from PIL import Image as PILImage
+
+    from idto3d.evaluate.asset_colour import colour_report
+    from idto3d.stages.texture_stage import load_atlases
+
+    result, cfg = offline_run
+    layout = RunLayout(result.run_dir)
+    report = json.loads(layout.photo_report.read_text())
+    assert report["hair_tone"] is not None and report["light_sh"] is not None
+    atlas = load_atlases(layout.atlas, ["neutral"])["neutral"]
+    albedo = np.asarray(PILImage.open(layout.export / "neutral_albedo.png"))
+    landmarks = np.asarray(json.loads(layout.head_landmarks.read_text())["vertices"])
+    colours = colour_report(atlas.vertices, atlas.uvs, albedo, landmarks, tuple(report["hair_tone"]))
+    raw = colour_report(atlas.vertices, atlas.uvs, albedo, landmarks, tuple(report["hair_photo_tone"]))
+    print(f"colours: {colours}; top/back against the hair as the photo shows it (not de-lit): "
+          f"{raw['hair_delta_e']:.1f}")
+    assert colours["skin_delta_e"] <= 5.0
+    assert colours["hair_delta_e"] <= 10.0
+
+
 @pytest.mark.slow
 def test_rerunning_an_offline_run_reuses_every_step(offline_run):
     result, cfg = offline_run

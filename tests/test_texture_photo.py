@@ -30,8 +30,7 @@ from idto3d.texture.texels import TexelMap, scatter_texels, texel_map
 # Small grids keep steps cheap on CPU; the network is the preset's.
 _FIELD_CFG = TextureConfig(encoding=EncodingConfig(kind="dense", n_levels=3, n_features_per_level=4,
                                                    base_resolution=8, max_resolution=32))
-# The "photos" are unlit renders of a smoothly varying albedo: nothing to de-light (test_texture_delight.py).
-_FIT = PhotoTextureConfig(iterations=200, resolution=96, delight=False)
+_FIT = PhotoTextureConfig(iterations=200, resolution=96)
 _H, _W = 128, 112  # the photos are not square, and larger than the working renders (96 px)
 
 

@@ -182,8 +182,6 @@ class PhotoTextureConfig:
                           "the skin-tone pull fades in away from the seen texels")
     fill_texels: int = _opt(4096, ge=0, help="unseen texels drawn (seeded) per step for the fill; 0 = all of "
                             "them every step (slower: the texels the photos see are only ~15 %)")
-    delight: bool = _opt(True, help="divide the photos' lighting (a 2nd-order spherical-harmonic light fitted to "
-                         "the face's pixels and the head's normals) out of the texture, so it is an albedo")
 
 
 @dataclass

@@ -72,10 +72,9 @@ def ensure_offline_heads(run_dir, cfg: Config, subject: SubjectFit) -> dict[str,
     for name, mesh in heads.items():
         if not layout.stage_mesh(name).exists():
             save_mesh(mesh, layout.stage_mesh(name))
-    if not layout.atlas.exists():
-        save_atlases(layout.atlas, dict(zip(heads, atlases)))
-    if not layout.head_landmarks.exists():
+    if not layout.atlas.exists():  # else: a resumed run keeps its atlas and what was said of it
         atomic_write_text(layout.head_landmarks, json.dumps({
             "about": "the face model's 68 landmarks (iBUG order) as vertex indices of export/<expression>.glb/.obj; "
                      "-1 where the face was cut", "vertices": landmarks.tolist()}))
+        save_atlases(layout.atlas, dict(zip(heads, atlases)))  # last: its presence marks the step done
     return heads

@@ -64,5 +64,9 @@ def delight(srgb: torch.Tensor, normals: torch.Tensor, weight: torch.Tensor | No
     """``(albedo [P, 3] sRGB in [0, 1], SH coefficients [9, 3])`` of face pixels ``srgb`` with unit ``normals``."""
     linear = srgb_to_linear(srgb.clamp(0.0, 1.0))
     coeffs = fit_sh_light(normals, linear, weight)
-    albedo = linear / relative_shading(coeffs, normals).to(linear)
+    # One shading for all three channels (from the luminance of the fit): seen from the front, each channel's
+    # ambient level trades off against its frontal term, and per-channel levels would tint the albedo.
+    mono = coeffs @ torch.tensor([0.2126, 0.7152, 0.0722])
+    shading = relative_shading(mono[:, None], normals).to(linear)
+    albedo = linear / shading
     return linear_to_srgb(albedo.clamp(0.0, 1.0)), coeffs
