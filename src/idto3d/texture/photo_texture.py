@@ -280,6 +280,12 @@ def face_region(landmarks: np.ndarray, shape: tuple[int, int], forehead: float, 
 def _skin_pixels(image: torch.Tensor, landmarks: np.ndarray, soft: np.ndarray, height: float,
                  erode: float) -> torch.Tensor:
     """Photo pixels ``[M, 3]`` of plain skin: the face region's core minus brows, eyes and mouth."""
+    keep = _skin_mask(landmarks, soft, height, erode)
+    return image[torch.from_numpy(keep)] if keep.any() else image.new_zeros(0, 3)
+
+
+def _skin_mask(landmarks: np.ndarray, soft: np.ndarray, height: float, erode: float) -> np.ndarray:
+    """``[h, w]`` bool: the plain-skin pixels of ``_skin_pixels``."""
     shape = soft.shape
     features = np.zeros(shape, dtype=bool)
     for part in _FEATURES:
@@ -288,8 +294,8 @@ def _skin_pixels(image: torch.Tensor, landmarks: np.ndarray, soft: np.ndarray, h
     features = ndimage.distance_transform_edt(~features) <= grow
     for keep in (soft >= 1.0) & ~features, soft >= 1.0, soft > 0.0:
         if keep.any():
-            return image[torch.from_numpy(keep)]
-    return image.new_zeros(0, 3)
+            return keep
+    return np.zeros(shape, dtype=bool)
 
 
 # ---------------------------------------------------------------- per-photo data
@@ -309,6 +315,7 @@ class _View:
     texel_seen: torch.Tensor   # [N] bool: that pixel shows the texel (z-buffer) and it faces the camera
     size: tuple[int, int]      # working render (h, w)
     gain: torch.Tensor | None = None  # [3] the face's median de-lighting gain (None: not de-lit)
+    plain_skin: torch.Tensor | None = None  # [P] bool: the counted pixels that are plain skin
 
 
 def _prepare_view(i: int, view: PhotoView, surface: PhotoSurface, normals: torch.Tensor, long_side: int,
@@ -366,7 +373,8 @@ def _prepare_view(i: int, view: PhotoView, surface: PhotoSurface, normals: torch
     return _View(uv=px_uv[sel], position=px_pos[sel], target=image[sel], weight=weight[sel],
                  core=(soft >= 0.5)[sel],
                  texel_weight=texel_weight, skin=_skin_pixels(image, lm, soft_np, height, cfg.erode),
-                 normal=px_n[sel], texel_pixel=flat, texel_seen=visible & (t_facing > 0.5), size=(h, w))
+                 normal=px_n[sel], texel_pixel=flat, texel_seen=visible & (t_facing > 0.5), size=(h, w),
+                 plain_skin=torch.from_numpy(_skin_mask(lm, soft_np, height, cfg.erode))[sel])
 
 
 def _prepare(surface: PhotoSurface, views: Sequence[PhotoView], long_side: int, cfg: PhotoTextureConfig
@@ -658,7 +666,10 @@ def _delight(prepared: Sequence[_View]) -> torch.Tensor:
         # The plain-skin pixels (no normals of their own) take the face's median de-lighting gain.
         gain = (part[p.core] + 1e-3) / (p.target[p.core] + 1e-3) if bool(p.core.any()) else torch.ones(1, 3)
         p.gain = gain.median(0).values
-        p.skin = (p.skin * p.gain).clamp(0.0, 1.0)
+        # The skin tone from the de-lit plain-skin pixels the head covers (their own shading removed); the
+        # photo's other skin pixels (no normals) only where the head covers none.
+        plain = p.plain_skin if p.plain_skin is not None else torch.zeros(0, dtype=torch.bool)
+        p.skin = part[plain] if int(plain.sum()) >= 16 else (p.skin * p.gain).clamp(0.0, 1.0)
         p.target = part.to(p.target)
     return coeffs
 
