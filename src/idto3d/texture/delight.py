@@ -5,9 +5,12 @@ smooth light is, to a few per cent, a 2nd-order spherical-harmonic function of t
 2001). With the fitted head's normals at each face pixel, ``a S`` is fitted per channel as ``Y(n) . l_c`` (the 9
 SH basis functions, ``render.pbr.sh9_basis``) by iteratively reweighted least squares (Huber weights, so eyes,
 brows and lips, whose albedo differs from the skin's, do not tilt the light). The albedo is then the pixel over
-its *relative* shading ``S_rel = (Y(n) . l_c) / (Y_00 l_c0)``: the light's directional part is removed and its
+its *relative* shading ``S_rel = (Y(n) . l) / (Y_00 l_0)``, with ``l`` the luminance of the three channels' fits
+(one shading for all channels: seen from the front, each channel's ambient level trades off against its frontal
+term, and per-channel levels tinted the astronaut's skin yellow): the light's directional part is removed and its
 average over all directions kept as the albedo's scale (a surface under uniform light of the photo's mean
-intensity shows its albedo; the absolute scale of an albedo from one photo is unknowable). A small ridge on the
+intensity shows its albedo). That level is the least certain part (within ~5 % on the synthetic test; a mostly
+frontal light reads as a darker albedo, ~30 % on the astronaut). A small ridge on the
 directional coefficients keeps the fit stable when the photo's normals cover only the front of the head.
 """
 
