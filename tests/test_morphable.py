@@ -416,6 +416,6 @@ def test_jaw_sideways_is_mirrored(model):
 def test_neutral_and_unsupported_expressions(model):
     assert torch.equal(expression_coefficients(model, "neutral"), torch.zeros(10))
     with pytest.raises(IdtoError, match="offline expressions.*smile"):
-        expression_coefficients(model, "eyes_closed")
+        expression_coefficients(model, "cheek_blowing")
     with pytest.raises(IdtoError, match="unknown expression"):
         expression_coefficients(model, "smirk")

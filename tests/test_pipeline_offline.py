@@ -73,12 +73,47 @@ def test_offline_run_folder_passes_the_export_checks(offline_run):
     import trimesh
     from scipy.spatial import cKDTree
 
-    neutral = trimesh.load(run / "geometry" / "init_neutral.ply", process=False).vertices
-    mouth = trimesh.load(run / "geometry" / "init_mouth_open.ply", process=False).vertices
+    neutral = trimesh.load(run / "geometry" / "neutral.ply", process=False).vertices
+    mouth = trimesh.load(run / "geometry" / "mouth_open.ply", process=False).vertices
     front_min_y = [float(v[v[:, 2] > 0.3][:, 1].min()) for v in (neutral, mouth)]
     print(f"chin y: neutral {front_min_y[0]:.4f}, mouth_open {front_min_y[1]:.4f}")
     assert front_min_y[1] < front_min_y[0]
     assert float(cKDTree(neutral).query(mouth)[0].max()) > 0.01  # 2 mm
+    # Measured where an artist sees it: the exported GLBs, at the face model's landmark vertices.
+    from idto3d.evaluate.expression_amplitude import expression_effect
+
+    landmarks = np.asarray(json.loads(RunLayout(run).head_landmarks.read_text())["vertices"])
+    glb = {n: np.asarray(next(iter(trimesh.load(run / "export" / f"{n}.glb", process=False).geometry.values()))
+                         .vertices) for n in ("neutral", "smile", "mouth_open")}
+    for name in ("smile", "mouth_open"):
+        effect, mm = expression_effect(name, glb["neutral"], glb[name], landmarks)
+        print(f"{name}: {effect.what} {mm:.1f} mm")
+        assert mm >= effect.minimum_mm
+
+
+
+@pytest.mark.slow
+def test_offline_albedo_skin_matches_and_the_scalp_takes_the_hair(offline_run):
+    """The astronaut has visible hair: the top and back of the exported albedo take its colour (CIEDE2000 <= 10 to
+    the segmented hair's median, de-lit like the face); the neck's skin matches the face's (<= 5)."""
+    from PIL import Image as PILImage
+
+    from idto3d.evaluate.asset_colour import colour_report
+    from idto3d.stages.texture_stage import load_atlases
+
+    result, cfg = offline_run
+    layout = RunLayout(result.run_dir)
+    report = json.loads(layout.photo_report.read_text())
+    assert report["hair_tone"] is not None and report["light_sh"] is not None
+    atlas = load_atlases(layout.atlas, ["neutral"])["neutral"]
+    albedo = np.asarray(PILImage.open(layout.export / "neutral_albedo.png"))
+    landmarks = np.asarray(json.loads(layout.head_landmarks.read_text())["vertices"])
+    colours = colour_report(atlas.vertices, atlas.uvs, albedo, landmarks, tuple(report["hair_tone"]))
+    raw = colour_report(atlas.vertices, atlas.uvs, albedo, landmarks, tuple(report["hair_photo_tone"]))
+    print(f"colours: {colours}; top/back against the hair as the photo shows it (not de-lit): "
+          f"{raw['hair_delta_e']:.1f}")
+    assert colours["skin_delta_e"] <= 5.0
+    assert colours["hair_delta_e"] <= 10.0
 
 
 @pytest.mark.slow
@@ -86,7 +121,7 @@ def test_rerunning_an_offline_run_reuses_every_step(offline_run):
     result, cfg = offline_run
     layout = RunLayout(result.run_dir)
     # Reuse shows in the files, never in a wall time: a step that ran again would rewrite its output.
-    kept = [layout.init_field, layout.init_report, layout.photo_texture, layout.photo_report, layout.export_done,
+    kept = [layout.stage_mesh("neutral"), layout.atlas, layout.photo_texture, layout.photo_report, layout.export_done,
             *result.exported]
     before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in kept}
     again = generate([Path(result.person.photos[0])], result.run_dir, cfg, progress=False)

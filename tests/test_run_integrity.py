@@ -112,12 +112,14 @@ def test_the_same_photos_resume_the_finished_run_without_rewriting_it(run_a, ast
     assert _snapshot(run_a) == before
 
 
-def test_a_finished_output_of_other_photos_is_refused_by_its_key(run_a, blank):
-    from idto3d.stages.initial_geometry import ensure_init
+def test_a_finished_output_of_other_photos_is_refused_by_its_key(tmp_path, blank):
+    from idto3d.stages.initial_geometry import ensure_init, fit_template
 
-    cfg = load_config(None, run_a / "config.yaml")
+    cfg = load_config(None, None, ["template.iterations=80", "template.points_per_step=500",
+                                   "template.build_resolution=32", "geometry.grid_resolution=16"])
+    fit_template(tmp_path, cfg, progress=False)  # the template's fit: made from no photos
     with pytest.raises(StaleOutputError, match="init_report.json was made from other photos than"):
-        ensure_init(run_a, cfg, progress=False, photos=[blank])
+        ensure_init(tmp_path, cfg, progress=False, photos=[blank])
 
 
 # ---- 2. --overwrite --------------------------------------------------------------------------------------------
@@ -189,7 +191,7 @@ def test_a_held_folder_is_refused_naming_the_holder(tmp_path):
 
 # ---- 4. damaged checkpoints and stage files --------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["geometry/init.pt", "texture/photo.pt", "geometry/init_report.json",
+@pytest.mark.parametrize("name", ["texture/photo.pt", "texture/photo_report.json", "texture/atlas.npz",
                                   "export/done.json"])
 def test_a_truncated_stage_file_is_named_in_one_line(run_a, astronaut, name):
     path = run_a / name
@@ -239,13 +241,13 @@ def test_a_disk_error_mid_run_is_one_line_and_leaves_no_folder(astronaut, tmp_pa
     real = atomic._temp_path
 
     def failing(path: Path) -> Path:
-        if path.name == "init.pt":  # after the identity and config.yaml were written
+        if path.name == "photo.pt":  # after the identity, config.yaml and the offline head were written
             raise OSError(code, os.strerror(code), str(path))
         return real(path)
 
     monkeypatch.setattr(atomic, "_temp_path", failing)
     out = tmp_path / "new" / "run"
-    _one_error_line(_generate([astronaut], out), os.strerror(code), "init.pt")
+    _one_error_line(_generate([astronaut], out), os.strerror(code), "photo.pt")
     assert not (tmp_path / "new").exists(), "a failed first run left folders behind"
 
 

@@ -110,11 +110,14 @@ def bench_texture_cmd(
 def bench_generate_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable JSON instead of a table.")] = False,
     preset: PresetOpt = None, set_: SetOpt = None,
+    baseline: Annotated[bool, typer.Option("--baseline/--no-baseline", help="Also time the DMTet-field offline "
+                                           "path the stitched head replaced, in the same call (the ratio's base).")
+                        ] = True,
 ) -> None:
     """Seconds of the whole offline generate on one photo (scikit-image's astronaut), per step and in total."""
     from idto3d.bench.offline_run import bench_generate
 
-    _print_rows(bench_generate(preset or "preview", list(set_ or [])), as_json)
+    _print_rows(bench_generate(preset or "preview", list(set_ or []), baseline), as_json)
 
 
 @bench_app.command("pipeline")

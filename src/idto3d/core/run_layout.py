@@ -8,7 +8,8 @@ folders made by earlier versions resume.
 RUN/config.yaml                 the resolved config (first file written)
 RUN/identity.safetensors        the identity embedding (+ RUN/crops/ aligned face crops)
 RUN/geometry/                   init.pt, init_report.json, init_<expr>.ply, init_preview.png (initial field),
-                                face_fit.json/.pt (face-model fit), ckpt.pt (+ ckpt.prev.pt), log.jsonl, progress.png,
+                                face_fit.json/.pt (face-model fit), head_landmarks.json (offline head), ckpt.pt
+                                (+ ckpt.prev.pt), log.jsonl, progress.png,
                                 done.json, <expr>.ply/.obj (geometry SDS)
 RUN/texture/                    atlas.npz, photo.pt, photo_report.json (photo texture), ckpt.pt, log.jsonl,
                                 progress.png, done.json (texture SDS)
@@ -64,7 +65,7 @@ class SDSFiles:
 # when no manifest recorded it (a folder made before manifests, or stages driven from Python without a run held).
 _OUR_NAMES = ("config.yaml", "identity.safetensors", "crops/*", ".idto3d/*",
               "geometry/init.pt", "geometry/init_report.json", "geometry/init_preview.png", "geometry/init_*.ply",
-              "geometry/face_fit.json", "geometry/face_fit.pt", "geometry/ckpt.pt", "geometry/ckpt.prev.pt",
+              "geometry/face_fit.json", "geometry/face_fit.pt", "geometry/head_landmarks.json", "geometry/ckpt.pt", "geometry/ckpt.prev.pt",
               "geometry/log.jsonl", "geometry/progress.png", "geometry/done.json", "geometry/*.ply", "geometry/*.obj",
               "texture/atlas.npz", "texture/photo.pt", "texture/photo_report.json", "texture/ckpt.pt",
               "texture/ckpt.prev.pt", "texture/log.jsonl", "texture/progress.png", "texture/done.json",
@@ -159,6 +160,11 @@ class RunLayout:
     @property
     def face_fit_json(self) -> Path:
         return self.geometry / "face_fit.json"
+
+    @property
+    def head_landmarks(self) -> Path:
+        """The offline head's face-model landmarks as vertex indices of the exported meshes."""
+        return self.geometry / "head_landmarks.json"
 
     @property
     def face_fit_tensors(self) -> Path:

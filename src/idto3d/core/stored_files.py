@@ -45,3 +45,19 @@ def read_json_file(path: str | Path, hint: str | None = None) -> Any:
         raise
     except (ValueError, UnicodeDecodeError) as exc:
         raise DamagedFileError(path, _reason(exc), hint) from None
+
+
+def load_npz_file(path: str | Path, hint: str | None = None) -> dict[str, Any]:
+    """Every array of an ``.npz`` archive (no pickles), read whole."""
+    import zipfile
+
+    import numpy as np
+
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {k: np.asarray(data[k]) for k in data.files}
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise DamagedFileError(path, _reason(exc), hint) from None

@@ -22,6 +22,7 @@ from idto3d.render.mesh import Mesh
 from idto3d.stages.export_stage import baked_maps, export_run, exported_files, grey_maps
 from idto3d.stages.geometry_stage import GeometryStageResult, current_meshes, run_geometry_stage
 from idto3d.stages.initial_geometry import ensure_init
+from idto3d.stages.offline_head import ensure_offline_heads
 from idto3d.stages.photo_texture_stage import PhotoTextureResult, run_photo_texture
 from idto3d.stages.run_folder import RunFolder, describe_inputs, open_run
 from idto3d.stages.stage_keys import export_key
@@ -30,7 +31,7 @@ from idto3d.stages.texture_stage import TextureStageResult, run_texture_stage, u
 
 NO_PHOTOS = ("the identity's photos are not at hand, so the head starts from the generic template (no face fit, no "
              "photo texture); give the photos instead of the identity file to fit the face")
-NO_NORMAL_PRIOR = ("no normal prior: the geometry is the face-model fit merged into the template (pass "
+NO_NORMAL_PRIOR = ("no normal prior: the geometry is the face-model fit stitched into the template (pass "
                    "--normal-prior to refine it with the geometry SDS stage)")
 PHOTO_TEXTURE_ONLY = ("no albedo prior: the texture comes from the photos (regions no photo sees get the mean skin "
                       "tone); pass --albedo-prior to run the texture SDS stage")
@@ -182,6 +183,12 @@ def _export_source(tex: TextureStageResult | None, photo: PhotoTextureResult | N
                    size: int) -> tuple[dict[str, UVMesh], Callable[[int, str, UVMesh], PBRMaps]]:
     """What the export bakes: the texture SDS result, else the photo texture, else a plain grey material."""
     textured = tex if tex is not None else photo
+    if textured is not None and tex is None and _one_layout(photo):
+        # The offline heads share one UV layout: the neutral's maps follow every expression's surface texel for
+        # texel (the field is 3-D, so baking a moved jaw would read the neck's colours at its new place).
+        first = next(iter(photo.expressions.values())).atlas
+        neutral = baked_maps(photo.field, 0, first, size)
+        return {n: x.atlas for n, x in photo.expressions.items()}, lambda i, name, atlas: neutral
     if textured is not None:
         return ({n: x.atlas for n, x in textured.expressions.items()},
                 lambda i, name, atlas: baked_maps(textured.field, i, atlas, size))
@@ -195,13 +202,22 @@ def _texture_marker(tex: TextureStageResult | None, photo: PhotoTextureResult | 
     return {"photo": photo.report.get("key")} if photo is not None else None
 
 
+def _one_layout(photo: PhotoTextureResult) -> bool:
+    atlases = [x.atlas for x in photo.expressions.values()]
+    return all(a.faces.shape == atlases[0].faces.shape and (a.faces == atlases[0].faces).all()
+               and (a.uvs == atlases[0].uvs).all() for a in atlases[1:])
+
+
 def generate(inputs: Sequence[str | Path], run_dir: str | Path, cfg: Config, *, normal_prior: str | None = None,
              albedo_prior: str | None = None, prompt: str | None = None, overwrite: bool = False,
-             console: Console | None = None, progress: bool = True, stop_after: int | None = None) -> GenerateResult:
+             console: Console | None = None, progress: bool = True, stop_after: int | None = None,
+             field_offline: bool = False) -> GenerateResult:
     """Run the pipeline in ``run_dir``; re-running the same call resumes it (finished steps are reused).
 
     ``stop_after`` stops after that many SDS iterations of this call, counted across the geometry and texture
-    stages (checkpointed; the next call goes on from there).
+    stages (checkpointed; the next call goes on from there). ``field_offline``: without a normal prior, regress the
+    DMTet field to the fitted heads and export its remesh anyway (the offline path before the stitched
+    full-resolution head; ``bench generate`` times it as its baseline).
     """
     clock = _Clock()
     refs = (normal_prior or cfg.prior.normal, albedo_prior or cfg.prior.albedo)
@@ -211,19 +227,24 @@ def generate(inputs: Sequence[str | Path], run_dir: str | Path, cfg: Config, *, 
         reuse = not overwrite and _same_run(run, cfg, record)
         ident, normal, albedo = _start(inputs, run, cfg, reuse, refs, console, progress, clock)
         run.begin(cfg, record, overwrite)
-        return _pipeline(run.layout.root, cfg, ident, normal, albedo, prompt, console, progress, stop_after, clock)
+        return _pipeline(run.layout.root, cfg, ident, normal, albedo, prompt, console, progress, stop_after, clock,
+                         field_offline)
 
 
 def _pipeline(run_dir: Path, cfg: Config, ident: IdentityEmbedding, normal: Any, albedo: Any, prompt: str | None,
-              console: Console | None, progress: bool, stop_after: int | None, clock: _Clock) -> GenerateResult:
+              console: Console | None, progress: bool, stop_after: int | None, clock: _Clock,
+              field_offline: bool = False) -> GenerateResult:
     """The stages, in the held run folder."""
     device = resolve_device(cfg.runtime.device)
     person = subject_for_run(run_dir, cfg, ident, console if progress else None)
     clock.lap("face fit")
     targets = (lambda: subject_targets(person, cfg)) if person is not None else None
-    init = ensure_init(run_dir, cfg, console, progress, targets=targets, device=device,
-                       photos=person.photos if person is not None else None)
-    clock.lap("template regression")
+    # The field is regressed only for the geometry SDS stage to start from; offline, the fit is exported as is.
+    offline = normal is None and person is not None and not field_offline
+    init = None if offline else ensure_init(run_dir, cfg, console, progress, targets=targets, device=device,
+                                            photos=person.photos if person is not None else None)
+    meshes = ensure_offline_heads(run_dir, cfg, person) if offline else None
+    clock.lap("offline head" if offline else "template regression")
     notes = [NO_PHOTOS] if cfg.face_model.enabled and person is None else []
     subject, geo, tex, photo = prompt or "a person", None, None, None
     if normal is not None:
@@ -237,7 +258,7 @@ def _pipeline(run_dir: Path, cfg: Config, ident: IdentityEmbedding, normal: Any,
         meshes = geo.meshes
         clock.lap("geometry SDS")
     else:
-        meshes = current_meshes(init, list(cfg.expressions))
+        meshes = meshes if offline else current_meshes(init, list(cfg.expressions))
         notes.append(NO_NORMAL_PRIOR)
     if person is not None:
         photo = run_photo_texture(run_dir, cfg, meshes, person, console=console, progress=progress, device=device)

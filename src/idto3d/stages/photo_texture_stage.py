@@ -61,7 +61,9 @@ def run_photo_texture(run_dir: Path, cfg: Config, meshes: dict[str, Mesh], subje
     views = [PhotoView(img, subject.camera(i), subject.fit.photos[i].landmarks)
              for i, img in enumerate(subject.images)]
     with progress_bar("photo texture", cfg.photo_texture.iterations, console, enabled=progress) as update:
+        # Lighting divided out and the scalp given the hair's colour (issue 17).
         report = fit_photo_texture(field, 0, expressions[names[0]], views, cfg.photo_texture, seed=cfg.seed,
+                                   delight=True, hair=True,
                                    progress=lambda step, loss: update(loss=loss), device=device,
                                    log_every=cfg.runtime.log_every)
     with torch.no_grad():

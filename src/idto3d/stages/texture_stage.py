@@ -30,6 +30,7 @@ from idto3d.core.config import Config, TextureConfig
 from idto3d.core.device import resolve_device
 from idto3d.core.errors import IdtoError
 from idto3d.core.run_layout import RunLayout, SDSFiles
+from idto3d.core.stored_files import load_npz_file
 from idto3d.geometry.mesh_io import weld_degenerate
 from idto3d.priors.conventions import LEGACY_PROMPTS, Conventions, legacy
 from idto3d.priors.guidance import GuidanceCond, ScoreDistillation, get_schedule
@@ -109,11 +110,11 @@ def save_atlases(path: Path, atlases: dict[str, UVMesh]) -> None:
 
 
 def load_atlases(path: Path, names: list[str]) -> dict[str, UVMesh]:
-    with np.load(path, allow_pickle=False) as data:
-        missing = [n for n in names if f"{n}.faces" not in data.files]
-        if missing:
-            raise IdtoError(f"{path} has no UV atlas for {missing}; pass --overwrite to start the run over")
-        return {n: UVMesh(*(np.asarray(data[f"{n}.{k}"]) for k in _ATLAS_KEYS)) for n in names}
+    data = load_npz_file(path)
+    missing = [n for n in names if f"{n}.faces" not in data]
+    if missing:
+        raise IdtoError(f"{path} has no UV atlas for {missing}; pass --overwrite to start the run over")
+    return {n: UVMesh(*(data[f"{n}.{k}"] for k in _ATLAS_KEYS)) for n in names}
 
 
 def unwrap_expressions(meshes: dict[str, Mesh]) -> dict[str, UVMesh]:

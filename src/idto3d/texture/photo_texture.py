@@ -132,6 +132,10 @@ class PhotoTextureReport:
     skin_tone: tuple[float, float, float]     # sRGB median skin colour used for unseen regions
     photometric_rmse: float                   # sRGB [0, 1] units, face-region pixels, after the last step
     seconds: float
+    light_sh: list | None = None              # [9][3] the photos' lighting divided out (None: not de-lit)
+    hair_tone: tuple[float, float, float] | None = None  # the hair's albedo: its photo median, de-lit (None: none)
+    hair_photo_tone: tuple[float, float, float] | None = None  # sRGB median of the segmented hair in the photos
+    hair_fraction: float = 0.0                # share of covered texels given the hair colour
 
 
 # ---------------------------------------------------------------- inputs
@@ -276,6 +280,12 @@ def face_region(landmarks: np.ndarray, shape: tuple[int, int], forehead: float, 
 def _skin_pixels(image: torch.Tensor, landmarks: np.ndarray, soft: np.ndarray, height: float,
                  erode: float) -> torch.Tensor:
     """Photo pixels ``[M, 3]`` of plain skin: the face region's core minus brows, eyes and mouth."""
+    keep = _skin_mask(landmarks, soft, height, erode)
+    return image[torch.from_numpy(keep)] if keep.any() else image.new_zeros(0, 3)
+
+
+def _skin_mask(landmarks: np.ndarray, soft: np.ndarray, height: float, erode: float) -> np.ndarray:
+    """``[h, w]`` bool: the plain-skin pixels of ``_skin_pixels``."""
     shape = soft.shape
     features = np.zeros(shape, dtype=bool)
     for part in _FEATURES:
@@ -284,8 +294,8 @@ def _skin_pixels(image: torch.Tensor, landmarks: np.ndarray, soft: np.ndarray, h
     features = ndimage.distance_transform_edt(~features) <= grow
     for keep in (soft >= 1.0) & ~features, soft >= 1.0, soft > 0.0:
         if keep.any():
-            return image[torch.from_numpy(keep)]
-    return image.new_zeros(0, 3)
+            return keep
+    return np.zeros(shape, dtype=bool)
 
 
 # ---------------------------------------------------------------- per-photo data
@@ -300,6 +310,12 @@ class _View:
     core: torch.Tensor         # [P] bool: inside the face region proper (for the reported RMSE)
     texel_weight: torch.Tensor  # [N] how well this photo sees each covered texel
     skin: torch.Tensor         # [M, 3] plain-skin photo pixels
+    normal: torch.Tensor       # [P, 3] the surface normal each counted pixel shows (for the de-lighting)
+    texel_pixel: torch.Tensor  # [N] working-render pixel (flat index) each covered texel projects to
+    texel_seen: torch.Tensor   # [N] bool: that pixel shows the texel (z-buffer) and it faces the camera
+    size: tuple[int, int]      # working render (h, w)
+    gain: torch.Tensor | None = None  # [3] the face's median de-lighting gain (None: not de-lit)
+    plain_skin: torch.Tensor | None = None  # [P] bool: the counted pixels that are plain skin
 
 
 def _prepare_view(i: int, view: PhotoView, surface: PhotoSurface, normals: torch.Tensor, long_side: int,
@@ -356,7 +372,9 @@ def _prepare_view(i: int, view: PhotoView, surface: PhotoSurface, normals: torch
 
     return _View(uv=px_uv[sel], position=px_pos[sel], target=image[sel], weight=weight[sel],
                  core=(soft >= 0.5)[sel],
-                 texel_weight=texel_weight, skin=_skin_pixels(image, lm, soft_np, height, cfg.erode))
+                 texel_weight=texel_weight, skin=_skin_pixels(image, lm, soft_np, height, cfg.erode),
+                 normal=px_n[sel], texel_pixel=flat, texel_seen=visible & (t_facing > 0.5), size=(h, w),
+                 plain_skin=torch.from_numpy(_skin_mask(lm, soft_np, height, cfg.erode))[sel])
 
 
 def _prepare(surface: PhotoSurface, views: Sequence[PhotoView], long_side: int, cfg: PhotoTextureConfig
@@ -562,18 +580,63 @@ class _Fill:
 
     def loss(self, fill: torch.Tensor, albedo_every: torch.Tensor, albedo_fill: torch.Tensor) -> torch.Tensor:
         if self.kernel is None:
-            goal = self.skin.expand_as(albedo_fill)
+            goal = (self.skin[fill] if self.skin.dim() == 2 else self.skin).expand_as(albedo_fill)
         else:
             near = (self.kernel[fill][..., None] * albedo_every.detach()[self.source_pos[fill]]).sum(1)
-            goal = self.skin + self.ramp[fill][:, None] * (near - self.skin)
+            skin = self.skin[fill] if self.skin.dim() == 2 else self.skin  # per texel where there is hair
+            goal = skin + self.ramp[fill][:, None] * (near - skin)
         # Squared, not robust: the fill's targets are smooth (no outliers), and an L1 pull over most
         # texels keeps tugging the shared network at full strength however small its residual is.
         return (self.unseen[fill][:, None] * (albedo_fill - goal).square()).mean()
 
 
+def _hair_texels(views: Sequence[PhotoView], prepared: Sequence[_View], points: torch.Tensor, skin: torch.Tensor
+                 ) -> tuple[torch.Tensor, tuple[float, float, float], tuple[float, float, float]] | None:
+    """``(texels [N] bool, hair albedo, hair colour in the photos)``: the scalp above the hairline the photos show (``texture.hair``), and
+    the photos' texels that show hair; None when no photo shows hair."""
+    from skimage.transform import resize
+
+    from idto3d.texture.hair import hairline_height, scalp, segment_hair
+
+    # The photo's hair against the photo's skin (before de-lighting); its colour then de-lit like the face's.
+    gains = [p.gain if p.gain is not None else torch.ones(3) for p in prepared]
+    found = [(v, p, segment_hair(v.image, v.landmarks, (skin / g).clamp(0, 1).numpy()), g)
+             for v, p, g in zip(views, prepared, gains)]
+    found = [(v, p, hair, g) for v, p, hair, g in found if hair is not None]
+    if not found:
+        return None
+    seen_hair = torch.zeros(points.shape[0], dtype=torch.bool)
+    nape = []
+    for view, p, hair, _ in found:
+        small = resize(hair.mask, p.size, order=0, anti_aliasing=False).astype(bool)
+        seen_hair |= p.texel_seen & torch.from_numpy(small.reshape(-1))[p.texel_pixel]
+        # The nape's height: the seen surface point nearest (in the image) to the nose base (landmark 33).
+        h, w = p.size
+        H, W = view.image.shape[:2]
+        target = (np.asarray(view.landmarks[33], dtype=np.float64) + 0.5) * np.array([w / W, h / H]) - 0.5
+        col, row = p.texel_pixel % w, p.texel_pixel // w
+        d = (col - target[0]) ** 2 + (row - target[1]) ** 2
+        d = torch.where(p.texel_seen, d.double(), torch.full_like(d, float("inf"), dtype=torch.float64))
+        nape.append(float(points[int(d.argmin()), 1]))
+    front = torch.atan2(points[:, 0], points[:, 2]).abs() < math.radians(40)
+    line = hairline_height(points, seen_hair, front)
+    if line is None:
+        return None
+    tones = np.median(np.array([(torch.tensor(hair.tone) * g).clamp(0, 1).numpy() for _, _, hair, g in found]), axis=0)
+    raw = np.median(np.array([hair.tone for _, _, hair, _ in found]), axis=0)
+    return scalp(points, line, float(np.mean(nape))) | seen_hair, tuple(float(c) for c in tones), \
+        tuple(float(c) for c in raw)
+
+
 def _fill(points: torch.Tensor, seen: torch.Tensor, skin: torch.Tensor, position: torch.Tensor,
-          cfg: PhotoTextureConfig, device: torch.device) -> _Fill:
+          cfg: PhotoTextureConfig, device: torch.device,
+          hair: tuple[torch.Tensor, tuple[float, float, float]] | None = None) -> _Fill:
     extension = _extension(points, seen, cfg.falloff)
+    if hair is not None:
+        # Unseen scalp texels take the hair's colour outright (not the face's colours carried over).
+        skin = torch.where(hair[0][:, None], torch.tensor(hair[1]), skin)
+        if extension is not None:
+            extension.ramp = torch.where(hair[0], torch.zeros_like(extension.ramp), extension.ramp)
     # Well-seen texels follow the photos alone; the fill takes over as the seen weight drops to 0.
     unseen = (1.0 - seen / SEEN_WELL).clamp(min=0.0)
     candidates = (unseen > 0).nonzero().squeeze(1)
@@ -587,6 +650,28 @@ def _fill(points: torch.Tensor, seen: torch.Tensor, skin: torch.Tensor, position
     return _Fill(candidates=candidates, on_device=candidates.to(device), count=count,
                  share=candidates.numel() / points.shape[0], unseen=unseen.to(device), skin=skin.to(device),
                  kernel=kernel, ramp=ramp, source_pos=source_pos)
+
+
+def _delight(prepared: Sequence[_View]) -> torch.Tensor:
+    """Divide the photos' lighting out of their targets and skin pixels, in place (``texture.delight``): one SH
+    light fitted to every photo's face pixels (one light: the photos of a run are usually taken together).
+    Returns its coefficients ``[9, 3]``."""
+    from idto3d.texture.delight import delight
+
+    normals = torch.cat([p.normal for p in prepared])
+    targets = torch.cat([p.target for p in prepared])
+    weight = torch.cat([p.weight * p.core for p in prepared])
+    albedo, coeffs = delight(targets, normals, weight)
+    for p, part in zip(prepared, albedo.split([p.target.shape[0] for p in prepared])):
+        # The plain-skin pixels (no normals of their own) take the face's median de-lighting gain.
+        gain = (part[p.core] + 1e-3) / (p.target[p.core] + 1e-3) if bool(p.core.any()) else torch.ones(1, 3)
+        p.gain = gain.median(0).values
+        # The skin tone from the de-lit plain-skin pixels the head covers (their own shading removed); the
+        # photo's other skin pixels (no normals) only where the head covers none.
+        plain = p.plain_skin if p.plain_skin is not None else torch.zeros(0, dtype=torch.bool)
+        p.skin = part[plain] if int(plain.sum()) >= 16 else (p.skin * p.gain).clamp(0.0, 1.0)
+        p.target = part.to(p.target)
+    return coeffs
 
 
 def _lr_scale(step: int, iterations: int) -> float:
@@ -630,17 +715,22 @@ def _photometric_rmse(field: TextureField, expression: int, texels: TexelMap, pr
 def fit_photo_texture(field: TextureField, expression: int, expr: PhotoSurface, views: Sequence[PhotoView],
                       cfg: PhotoTextureConfig, *, seed: int = 0,
                       progress: Callable[[int, float], None] | None = None,
-                      device: torch.device | str | None = None, log_every: int = 10) -> PhotoTextureReport:
+                      device: torch.device | str | None = None, log_every: int = 10, delight: bool = False,
+                      hair: bool = False) -> PhotoTextureReport:
     """Optimise ``field`` in place so expression ``expression``'s flat albedo render matches ``views``.
 
     ``expr`` is the expression's textured surface (the texture stage's ``TexturedExpression``, or
     anything with ``mesh``, ``uv``, ``attribute_faces`` and ``texels``). Raises ``IdtoError`` on bad
     inputs (no photos, malformed images/landmarks/cameras, a camera that misses the face) before any step.
     ``device``: where the steps run (None = where ``field`` is); the field is moved there and stays there.
+    ``delight``: divide the photos' lighting out first (``texture.delight``); ``hair``: give the scalp the colour
+    of the hair the photos show (``texture.hair``). ``idto3d generate`` turns both on (they are not config keys: a
+    new key would change every earlier run folder's config and stop it resuming).
     """
     t0 = time.perf_counter()
     _check_fit_args(field, expression, log_every)
     prepared = _prepare(expr, views, cfg.resolution, cfg)
+    light = _delight(prepared) if delight else None
     device = field.codes.device if device is None else torch.device(device)
     field.to(device)
     texels = expr.texels.to("cpu")
@@ -648,7 +738,8 @@ def fit_photo_texture(field: TextureField, expression: int, expr: PhotoSurface, 
     seen = _best_weight(prepared)
     skin = _skin_tone(prepared)
     every_step, position, photometric = _every_step_texels(prepared, texels, seen, device)
-    fill = _fill(points, seen, skin, position, cfg, device)
+    hair = _hair_texels(views, prepared, points, skin) if hair else None
+    fill = _fill(points, seen, skin, position, cfg, device, hair)
     _warm_start(field, expression, points.to(device), skin.to(device))
     points, every_step = points.to(device), every_step.to(device)
     sampler = torch.Generator().manual_seed(seed)
@@ -669,4 +760,8 @@ def fit_photo_texture(field: TextureField, expression: int, expr: PhotoSurface, 
         rmse = _photometric_rmse(field, expression, expr.texels, prepared, device)
     return PhotoTextureReport(seen_fraction=float((seen >= SEEN_WELL).float().mean()),
                               skin_tone=tuple(float(c) for c in skin),  # type: ignore[arg-type]
-                              photometric_rmse=rmse, seconds=time.perf_counter() - t0)
+                              photometric_rmse=rmse, seconds=time.perf_counter() - t0,
+                              light_sh=None if light is None else light.tolist(),
+                              hair_tone=None if hair is None else hair[1],
+                              hair_photo_tone=None if hair is None else hair[2],
+                              hair_fraction=0.0 if hair is None else float(hair[0].float().mean()))

@@ -1,0 +1,80 @@
+"""The offline geometry (no normal prior): the fitted face at full resolution, stitched into a smooth head.
+
+Without a normal prior nothing optimises the geometry after the face fit, so the DMTet field is not regressed at
+all (that regression exists to give the SDS stage a start; ``stages.initial_geometry`` still does it when a prior
+is given). Each run expression's head is built straight from the fit: the face model's mesh with the fitted
+shape and that expression (``face_model.offline_expressions.expression_vertices``), placed on the template,
+the template decimated into a smooth body and bent onto the face, the two stitched (``geometry.head_stitch``).
+All expressions share one topology, so they share one UV layout (``texture.head_atlas``), saved as the run's
+atlas (``RunLayout.atlas``: the photo texture and the export then read it as they read the unwrapped field
+meshes). ``geometry/<expression>.ply`` holds each head for users.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import torch
+
+from idto3d.core.atomic import atomic_write_text
+from idto3d.core.config import Config
+from idto3d.core.run_layout import RunLayout
+from idto3d.geometry.head_stitch import StitchedHead, build_stitched_head, conform_body, face_mask, pose_head, smooth_body
+from idto3d.geometry.mesh_io import save_mesh
+from idto3d.render.mesh import Mesh
+from idto3d.stages.initial_geometry import resolve_template
+from idto3d.stages.subject_init import SubjectFit
+from idto3d.stages.texture_stage import save_atlases
+from idto3d.texture.head_atlas import chart_centre, stitched_atlas
+from idto3d.texture.uv_atlas import UVMesh
+
+BODY_FACES = 8000  # triangles of the smooth body (after its Loop subdivision)
+
+
+def stitched_heads(model, shape: torch.Tensor, place, template: Mesh, names: list[str]
+                   ) -> tuple[dict[str, Mesh], list[UVMesh], np.ndarray]:
+    """The stitched head of every expression in ``names`` (the first one's layout is shared), their UV layouts,
+    and the face model's 68 landmarks as vertex indices of those layouts (-1: cut away)."""
+    from idto3d.face_model.offline_expressions import expression_vertices
+
+    faces = {n: place(expression_vertices(model, shape, n)) for n in names}
+    neutral = place(model.vertices(shape))
+    mask = face_mask(neutral, model.faces, model.landmarks)
+    body = smooth_body(template, BODY_FACES)
+    face_mesh = Mesh(neutral, model.faces)
+    layout = build_stitched_head(conform_body(body, face_mesh, mask), face_mesh, mask)
+    heads = {n: pose_head(layout, conform_body(body, Mesh(faces[n], model.faces), mask), faces[n]) for n in names}
+    base = stitched_atlas(heads[names[0]], layout, chart_centre(neutral[model.landmarks[30]]))
+    atlases = [base] + [base.with_positions(heads[n].vertices) for n in names[1:]]
+    return heads, atlases, _landmark_vertices(layout, base, model.landmarks.numpy())
+
+
+def _landmark_vertices(layout: StitchedHead, atlas: UVMesh, landmarks: np.ndarray) -> np.ndarray:
+    head_id = np.full(landmarks.shape, -1, np.int64)
+    pos = np.searchsorted(layout.face_vertices, landmarks)
+    found = (pos < layout.face_vertices.size) & (layout.face_vertices[np.minimum(pos, layout.face_vertices.size - 1)]
+                                                 == landmarks)
+    head_id[found] = layout.n_body + pos[found]
+    first = np.full(int(atlas.vmapping.max()) + 1, -1, np.int64)
+    first[atlas.vmapping[::-1]] = np.arange(atlas.vmapping.size)[::-1]  # the first layout vertex of each
+    return np.where(head_id >= 0, first[np.maximum(head_id, 0)], -1)
+
+
+def ensure_offline_heads(run_dir, cfg: Config, subject: SubjectFit) -> dict[str, Mesh]:
+    """Build the offline heads, save them (``geometry/<expression>.ply``), their atlas (``texture/atlas.npz``,
+    which the photo texture and the export read) and where the landmarks are (``geometry/head_landmarks.json``).
+    Rebuilt on every call (seconds, deterministic); files already in the run are kept (a resumed run keeps its
+    texels)."""
+    layout = RunLayout(run_dir)
+    heads, atlases, landmarks = stitched_heads(subject.model, subject.fit.shape, subject.place,
+                                               resolve_template(cfg), list(cfg.expressions))
+    for name, mesh in heads.items():
+        if not layout.stage_mesh(name).exists():
+            save_mesh(mesh, layout.stage_mesh(name))
+    if not layout.atlas.exists():  # else: a resumed run keeps its atlas and what was said of it
+        atomic_write_text(layout.head_landmarks, json.dumps({
+            "about": "the face model's 68 landmarks (iBUG order) as vertex indices of export/<expression>.glb/.obj; "
+                     "-1 where the face was cut", "vertices": landmarks.tolist()}))
+        save_atlases(layout.atlas, dict(zip(heads, atlases)))  # last: its presence marks the step done
+    return heads
