@@ -74,3 +74,42 @@ def test_cli_bad_expression_is_one_error_line(tmp_path):
                                    "neutral,eyes_closed"])
     assert res.exit_code == 2
     assert "error: the face model cannot show 'eyes_closed'" in res.output
+
+
+# --- identities of synthetic subjects ----------------------------------------------------------------------
+
+
+def test_separation_tells_clean_from_mixed_clusters():
+    import numpy as np
+
+    from idto3d.stages.synth_identity import separation
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(3, 16))
+
+    def views(c, spread):
+        v = c + spread * rng.normal(size=(4, 16))
+        return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+    clean = separation({str(i): views(c, 0.05) for i, c in enumerate(centres)})
+    assert clean.separates and clean.nearest_correct == 1.0 and clean.between_min > clean.within_max
+    mixed = separation({str(i): views(centres[0], 0.5) for i in range(3)})  # three "subjects", one face
+    assert not mixed.separates and mixed.nearest_correct < 1.0
+
+
+def test_synthetic_identity_is_a_deterministic_projection_of_the_shape(made, tmp_path):
+    from idto3d.core.config import load_config
+    from idto3d.identity.io import load_identity
+    from idto3d.stages.synth_identity import synth_identities, synthetic_identity
+    from idto3d.stages.synth_scans import shape_codes
+
+    codes = shape_codes(made)
+    a, b = synthetic_identity(codes["000"]), synthetic_identity(codes["000"])
+    assert torch.equal(a.embedding, b.embedding) and a.dim == 128
+    assert abs(float(a.embedding.norm()) - 1) < 1e-5
+    near = synthetic_identity(codes["000"] + 0.05 * torch.randn(codes["000"].shape, generator=torch.Generator().manual_seed(1)))
+    other = synthetic_identity(codes["001"])
+    assert (a.embedding - near.embedding).norm() < (a.embedding - other.embedding).norm()
+    assert synth_identities(made, tmp_path, load_config(), backend="synthetic") is None
+    back = load_identity(tmp_path / "001.safetensors")
+    assert back.backend == "synthetic" and torch.allclose(back.embedding, other.embedding)

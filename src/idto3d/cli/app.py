@@ -214,6 +214,34 @@ def synth_scans_cmd(
                   f"written, {report.skipped} already there -> {out} (subjects.csv, synth.json)")
 
 
+@app.command("synth-identities")
+@user_errors
+def synth_identities_cmd(
+    scans: Annotated[Path, typer.Argument(help="A synth-scans folder.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for <subject>.safetensors (render-dataset's "
+                                      "--identities).")],
+    backend: Annotated[str, typer.Option(help="dlib (the recogniser on portraits of each subject), arcface, or "
+                                         "synthetic (the shape code projected to 128 values).")] = "dlib",
+    preset: PresetOpt = None, config: ConfigOpt = None, set_: SetOpt = None,
+) -> None:
+    """ID embeddings of synthetic subjects; with a recogniser, also how well it tells them apart."""
+    from idto3d.core.config import load_config
+    from idto3d.core.progress import progress_bar
+    from idto3d.stages.synth_scans import shape_codes
+    from idto3d.stages.synth_identity import synth_identities
+
+    cfg = load_config(preset, config, set_)
+    with progress_bar("synth-identities", total=len(shape_codes(scans)), console=console) as update:
+        sep = synth_identities(scans, out, cfg, backend=backend, update=update)
+    if sep is not None:
+        verdict = "separates the subjects" if sep.separates else "does NOT separate the subjects cleanly"
+        console.print(f"{backend}: views to own subject {sep.within:.3f} (max {sep.within_max:.3f}), between subjects "
+                      f"{sep.between:.3f} (min {sep.between_min:.3f}), nearest subject correct "
+                      f"{sep.nearest_correct:.0%}: {verdict} -> {out / 'separation.json'}", highlight=False)
+    else:
+        console.print(f"{backend} identities -> {out}")
+
+
 @app.command("train-prior")
 @user_errors
 def train_prior_cmd(
