@@ -242,6 +242,22 @@ def synth_identities_cmd(
         console.print(f"{backend} identities -> {out}")
 
 
+@app.command("make-base")
+@user_errors
+def make_base_cmd(
+    out: Annotated[Path, typer.Argument(help="Folder for the diffusers base model (prior.base_model).")],
+    size: Annotated[str, typer.Option(help="tiny (~1M UNet) or miniature (~4.4M UNet).")] = "miniature",
+    seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,
+) -> None:
+    """Write an SD1.5-architecture base model with random weights, built from config (no download): the base
+    of the miniature experiment and of tests."""
+    from idto3d.priors.tiny import BASE_SIZES, make_tiny_base_model
+
+    if size not in BASE_SIZES:
+        raise IdtoError(f"unknown --size {size!r}; choose one of {', '.join(BASE_SIZES)}")
+    console.print(f"{size} base model -> {make_tiny_base_model(out, seed=seed, size=size)}")
+
+
 @app.command("train-prior")
 @user_errors
 def train_prior_cmd(
