@@ -290,6 +290,46 @@ def train_prior_cmd(
                   f"{report.seconds:.1f} s -> {out}")
 
 
+@app.command("sample-prior")
+@user_errors
+def sample_prior_cmd(
+    prior_path: Annotated[str, typer.Argument(metavar="PRIOR", help="Prior folder (train-prior/make-prior) or hub id.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Grid image to write (.png).")],
+    identity: Annotated[list[Path] | None, typer.Option("--identity", help="Identity file (repeatable): one row "
+                                                         "each; none = no ID tokens.")] = None,
+    expression: Annotated[list[str] | None, typer.Option("--expression", help="Expression (repeatable): one "
+                                                         "column each.")] = None,
+    view: Annotated[list[str] | None, typer.Option("--view", help="View word of the prompt (repeatable: front, "
+                                                   "side, back); rows per identity.")] = None,
+    prompt: Annotated[str, typer.Option(help="Prompt template; {view} and {what} are filled in.")] =
+        "A {view} view {what} face portrait of a young synthetic person on a white background",
+    steps: Annotated[int, typer.Option(help="DDIM steps.")] = 25,
+    cfg_scale: Annotated[float, typer.Option("--cfg", help="Classifier-free guidance scale.")] = 3.0,
+    lambda_id: Annotated[float, typer.Option(help="Weight of the ID branch (0 = off).")] = 1.0,
+    seed: Annotated[int, typer.Option(help="Seed of the initial noise.")] = 0,
+    device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda when present).")] = None,
+) -> None:
+    """DDIM samples of a prior (normal maps, or albedo for an albedo prior) for identities x views x
+    expressions, as one grid image (rows: identity, view; columns: expression)."""
+    from idto3d.identity.io import load_identity
+    from idto3d.priors.prior import load_prior
+    from idto3d.priors.sampling import SampleSpec, ddim_samples, image_grid
+    from idto3d.render.preview import save_png
+
+    if steps < 1 or out.suffix.lower() != ".png":
+        raise IdtoError("--steps must be >= 1 and --out a .png file")
+    prior = load_prior(prior_path, device=device)
+    what = {"normal": "normal map", "albedo": "albedo"}.get(prior.spec.domain, prior.spec.domain)
+    ids = [load_identity(p).embedding for p in identity] if identity else [None]
+    exps = list(expression) if expression else ["neutral"]
+    specs = [SampleSpec(prompt.format(view=v, what=what), i, e) for i in ids for v in (view or ["front"])
+             for e in exps]
+    images = ddim_samples(prior, specs, steps=steps, guidance_scale=cfg_scale, lambda_id=lambda_id, seed=seed)
+    save_png(image_grid(images, len(exps)), out)
+    console.print(f"{len(specs)} samples ({len(ids)} identities x {len(view or ['front'])} views x {len(exps)} "
+                  f"expressions) -> {out}")
+
+
 @app.command("make-prior")
 @user_errors
 def make_prior_cmd(
