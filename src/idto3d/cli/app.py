@@ -26,7 +26,7 @@ app = typer.Typer(name="idto3d", no_args_is_help=True, add_completion=False,
 console = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
 
-PresetOpt = Annotated[str | None, typer.Option("--preset", "-p", help="Base preset: preview or paper.")]
+PresetOpt = Annotated[str | None, typer.Option("--preset", "-p", help="Base preset: preview, paper or miniature.")]
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML file overriding preset keys.")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override one key: section.key=value "
                                                   "(repeatable).")]
