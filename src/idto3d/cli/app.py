@@ -26,7 +26,7 @@ app = typer.Typer(name="idto3d", no_args_is_help=True, add_completion=False,
 console = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
 
-PresetOpt = Annotated[str | None, typer.Option("--preset", "-p", help="Base preset: preview or paper.")]
+PresetOpt = Annotated[str | None, typer.Option("--preset", "-p", help="Base preset: preview, paper or miniature.")]
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML file overriding preset keys.")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override one key: section.key=value "
                                                   "(repeatable).")]
@@ -190,6 +190,74 @@ def render_dataset_cmd(
                   f"{report.rendered} rendered, {report.skipped} already there -> {report.index}")
 
 
+@app.command("synth-scans")
+@user_errors
+def synth_scans_cmd(
+    out: Annotated[Path, typer.Argument(help="Folder for <subject>/<expression>/scan.ply, subjects.csv, synth.json.")],
+    subjects: Annotated[int, typer.Option(help="Number of synthetic subjects.")] = 8,
+    expressions: Annotated[str, typer.Option(help="Comma-separated expressions the face model can show.")] =
+        "neutral,smile,mouth_open",
+    seed: Annotated[int, typer.Option(help="Seed of the subjects' shapes and colours.")] = 0,
+    first: Annotated[int, typer.Option(help="Index of the first subject folder (held-out sets start later).")] = 0,
+    shape_std: Annotated[float, typer.Option(help="Shape code std in prior-std units.")] = 1.0,
+) -> None:
+    """Make synthetic head scans with ground truth: random face-model shapes merged into the head template,
+    posed in each expression, with vertex colours, in the NPHM layout that render-dataset reads."""
+    from idto3d.core.progress import progress_bar
+    from idto3d.stages.synth_scans import synth_scans
+
+    names = [n.strip() for n in expressions.split(",") if n.strip()]
+    with progress_bar("synth-scans", total=subjects, console=console) as update:
+        report = synth_scans(out, subjects=subjects, expressions=names, seed=seed, first=first,
+                             shape_std=shape_std, update=update)
+    console.print(f"{report.scans} scans of subjects {first:03d}-{first + subjects - 1:03d}: {report.written} "
+                  f"written, {report.skipped} already there -> {out} (subjects.csv, synth.json)")
+
+
+@app.command("synth-identities")
+@user_errors
+def synth_identities_cmd(
+    scans: Annotated[Path, typer.Argument(help="A synth-scans folder.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for <subject>.safetensors (render-dataset's "
+                                      "--identities).")],
+    backend: Annotated[str, typer.Option(help="dlib (the recogniser on portraits of each subject), arcface, or "
+                                         "synthetic (the shape code projected to 128 values).")] = "dlib",
+    preset: PresetOpt = None, config: ConfigOpt = None, set_: SetOpt = None,
+) -> None:
+    """ID embeddings of synthetic subjects; with a recogniser, also how well it tells them apart."""
+    from idto3d.core.config import load_config
+    from idto3d.core.progress import progress_bar
+    from idto3d.stages.synth_scans import shape_codes
+    from idto3d.stages.synth_identity import synth_identities
+
+    cfg = load_config(preset, config, set_)
+    with progress_bar("synth-identities", total=len(shape_codes(scans)), console=console) as update:
+        sep = synth_identities(scans, out, cfg, backend=backend, update=update)
+    if sep is not None:
+        verdict = "separates the subjects" if sep.separates else "does NOT separate the subjects cleanly"
+        console.print(f"{backend}: views to own subject {sep.within:.3f} (max {sep.within_max:.3f}), between subjects "
+                      f"{sep.between:.3f} (min {sep.between_min:.3f}), nearest subject correct "
+                      f"{sep.nearest_correct:.0%}: {verdict} -> {out / 'separation.json'}", highlight=False)
+    else:
+        console.print(f"{backend} identities -> {out}")
+
+
+@app.command("make-base")
+@user_errors
+def make_base_cmd(
+    out: Annotated[Path, typer.Argument(help="Folder for the diffusers base model (prior.base_model).")],
+    size: Annotated[str, typer.Option(help="tiny (~1M UNet) or miniature (~4.4M UNet).")] = "miniature",
+    seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,
+) -> None:
+    """Write an SD1.5-architecture base model with random weights, built from config (no download): the base
+    of the miniature experiment and of tests."""
+    from idto3d.priors.tiny import BASE_SIZES, make_tiny_base_model
+
+    if size not in BASE_SIZES:
+        raise IdtoError(f"unknown --size {size!r}; choose one of {', '.join(BASE_SIZES)}")
+    console.print(f"{size} base model -> {make_tiny_base_model(out, seed=seed, size=size)}")
+
+
 @app.command("train-prior")
 @user_errors
 def train_prior_cmd(
@@ -220,6 +288,46 @@ def train_prior_cmd(
     console.print(f"trained steps {report.start_step}..{report.steps} on {report.samples} images "
                   f"({report.trainable_parameters} trainable parameters), final loss {loss}, "
                   f"{report.seconds:.1f} s -> {out}")
+
+
+@app.command("sample-prior")
+@user_errors
+def sample_prior_cmd(
+    prior_path: Annotated[str, typer.Argument(metavar="PRIOR", help="Prior folder (train-prior/make-prior) or hub id.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Grid image to write (.png).")],
+    identity: Annotated[list[Path] | None, typer.Option("--identity", help="Identity file (repeatable): one row "
+                                                         "each; none = no ID tokens.")] = None,
+    expression: Annotated[list[str] | None, typer.Option("--expression", help="Expression (repeatable): one "
+                                                         "column each.")] = None,
+    view: Annotated[list[str] | None, typer.Option("--view", help="View word of the prompt (repeatable: front, "
+                                                   "side, back); rows per identity.")] = None,
+    prompt: Annotated[str, typer.Option(help="Prompt template; {view} and {what} are filled in.")] =
+        "A {view} view {what} face portrait of a young synthetic person on a white background",
+    steps: Annotated[int, typer.Option(help="DDIM steps.")] = 25,
+    cfg_scale: Annotated[float, typer.Option("--cfg", help="Classifier-free guidance scale.")] = 3.0,
+    lambda_id: Annotated[float, typer.Option(help="Weight of the ID branch (0 = off).")] = 1.0,
+    seed: Annotated[int, typer.Option(help="Seed of the initial noise.")] = 0,
+    device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda when present).")] = None,
+) -> None:
+    """DDIM samples of a prior (normal maps, or albedo for an albedo prior) for identities x views x
+    expressions, as one grid image (rows: identity, view; columns: expression)."""
+    from idto3d.identity.io import load_identity
+    from idto3d.priors.prior import load_prior
+    from idto3d.priors.sampling import SampleSpec, ddim_samples, image_grid
+    from idto3d.render.preview import save_png
+
+    if steps < 1 or out.suffix.lower() != ".png":
+        raise IdtoError("--steps must be >= 1 and --out a .png file")
+    prior = load_prior(prior_path, device=device)
+    what = {"normal": "normal map", "albedo": "albedo"}.get(prior.spec.domain, prior.spec.domain)
+    ids = [load_identity(p).embedding for p in identity] if identity else [None]
+    exps = list(expression) if expression else ["neutral"]
+    specs = [SampleSpec(prompt.format(view=v, what=what), i, e) for i in ids for v in (view or ["front"])
+             for e in exps]
+    images = ddim_samples(prior, specs, steps=steps, guidance_scale=cfg_scale, lambda_id=lambda_id, seed=seed)
+    save_png(image_grid(images, len(exps)), out)
+    console.print(f"{len(specs)} samples ({len(ids)} identities x {len(view or ['front'])} views x {len(exps)} "
+                  f"expressions) -> {out}")
 
 
 @app.command("make-prior")

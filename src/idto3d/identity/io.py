@@ -13,7 +13,8 @@ from idto3d.core.atomic import atomic_write
 from idto3d.core.errors import IdtoError
 
 FORMAT = "idto3d.identity/1"
-BACKENDS = ("dlib", "arcface")
+# "synthetic": a synthetic subject's shape code projected to the ID size (stages.synth_identity), no recogniser
+BACKENDS = ("dlib", "arcface", "synthetic")
 
 
 class IdentityFileError(IdtoError):

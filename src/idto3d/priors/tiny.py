@@ -55,6 +55,17 @@ def tiny_unet_config() -> dict[str, Any]:
     return cfg
 
 
+def miniature_unet_config() -> dict[str, Any]:
+    """SD1.5's UNet structure at a width a CPU trains in minutes (~4.4M parameters): the ``miniature`` preset's."""
+    cfg = sd15_unet_config()
+    cfg.update(sample_size=8, block_out_channels=[64, 64, 96, 96], cross_attention_dim=64,
+               attention_head_dim=8, norm_num_groups=16, layers_per_block=1)
+    return cfg
+
+
+BASE_SIZES = {"tiny": tiny_unet_config, "miniature": miniature_unet_config}
+
+
 def _tiny_vae_config() -> dict[str, Any]:
     # Four encoder blocks as in SD1.5, so the latent is 1/8 of the image and has 4 channels.
     return {
@@ -140,12 +151,15 @@ def _quiet_save(model: Any, folder: Path) -> None:
             hf_logging.enable_progress_bar()
 
 
-def make_tiny_base_model(folder: str | Path, seed: int = 0) -> Path:
+def make_tiny_base_model(folder: str | Path, seed: int = 0, size: str = "tiny") -> Path:
     """Write a tiny SD1.5-architecture diffusers folder (random weights, deterministic under ``seed``).
 
     UNet ~1.1M parameters, VAE ~1M, CLIP text encoder ~50k with a generated ~900-token vocabulary,
-    SD1.5's DDPM scheduler. The folder appears complete or not at all.
+    SD1.5's DDPM scheduler. The folder appears complete or not at all. ``size="miniature"``: the UNet of
+    ``miniature_unet_config`` (text encoder width 64 to match its cross-attention).
     """
+    if size not in BASE_SIZES:
+        raise ValueError(f"unknown base size {size!r}; choose one of {', '.join(BASE_SIZES)}")
     import torch
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -156,13 +170,14 @@ def make_tiny_base_model(folder: str | Path, seed: int = 0) -> Path:
     try:
         vocab = _write_tokenizer(tmp / "tokenizer")
         torch.manual_seed(seed)
-        unet = UNet2DConditionModel(**tiny_unet_config())
+        unet = UNet2DConditionModel(**BASE_SIZES[size]())
+        width = int(unet.config.cross_attention_dim)
         vae = AutoencoderKL(**_tiny_vae_config())
         # bos/eos must be real vocabulary ids: CLIPTextModel pools the hidden state at the first eos.
-        text_cfg = CLIPTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64,
+        text_cfg = CLIPTextConfig(vocab_size=len(vocab), hidden_size=width, intermediate_size=2 * width,
                                   num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77,
                                   bos_token_id=vocab[_BOS], eos_token_id=vocab[_EOS], pad_token_id=vocab[_EOS],
-                                  projection_dim=32)
+                                  projection_dim=width)
         text_encoder = CLIPTextModel(text_cfg)
         unet.save_pretrained(tmp / "unet")
         vae.save_pretrained(tmp / "vae")
