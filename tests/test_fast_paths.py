@@ -47,8 +47,9 @@ from idto3d.texture.texels import TexelMap, scatter_texels, texel_map
 
 SMALL_HASH = dict(n_levels=4, n_features_per_level=2, log2_hashmap_size=10, base_resolution=4,
                   max_resolution=32, bound=0.8)
-# The preview preset with a tiny grid and few steps: what ensure_init / the template fit run, in ~1 s.
-FAST = ["template.iterations=20", "template.points_per_step=500", "template.build_resolution=32",
+# The preview preset with a tiny grid and few steps: what ensure_init / the template fit run, in a few seconds.
+# 80 steps: the fewest at which both expressions have a surface (a fit with none is an error, never saved).
+FAST = ["template.iterations=80", "template.points_per_step=500", "template.build_resolution=32",
         "geometry.grid_resolution=16", "expressions=[neutral, smile]"]
 _TEX_CFG = TextureConfig(encoding=EncodingConfig(kind="dense", n_levels=3, n_features_per_level=4,
                                                  base_resolution=8, max_resolution=32))
