@@ -20,8 +20,9 @@ class DamagedFileError(IdtoError):
 
 
 def _reason(exc: BaseException) -> str:
+    """The loader's first sentence: enough to tell a truncated file from a foreign one, short enough for a line."""
     text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+    return text[0].split(". ")[0].rstrip(".") if text else type(exc).__name__
 
 
 def load_torch_file(path: str | Path, hint: str | None = None) -> Any:
