@@ -17,7 +17,6 @@ again ends where an uninterrupted run ends.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -41,6 +40,7 @@ from idto3d.render.preview import save_png
 from idto3d.render.pseudo_albedo import FLAT_LIGHT, render_pseudo_albedo
 from idto3d.stages.sds_runner import (SDSProgress, SDSStage, SDSStep, conditioning_key, draw_views, embedding_on,
                                       finished, preview_resolution, run_sds, stage_rasterizer, write_done)
+from idto3d.stages.stage_keys import meshes_digest
 from idto3d.texture.lighting import LightingSampler
 from idto3d.texture.texels import TexelMap, texel_map
 from idto3d.texture.texture_field import TextureField, build_texture_field, texture_optimizer
@@ -173,16 +173,6 @@ def save_texture_progress(field: TextureField, expressions: dict[str, TexturedEx
 # ---------------------------------------------------------------- the stage
 
 
-def _mesh_key(meshes: dict[str, Mesh]) -> str:
-    """Ties the texture to the geometry it was made for."""
-    h = hashlib.sha256()
-    for name, m in meshes.items():
-        h.update(name.encode())
-        h.update(m.vertices.detach().float().cpu().contiguous().numpy().tobytes())
-        h.update(m.faces.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
 @dataclass
 class _TextureStep:
     """One iteration: an expression, ``texture.batch_size`` orbit cameras and an environment map; the baked
@@ -260,7 +250,7 @@ def run_texture_stage(run_dir: str | Path, cfg: Config, guidance: ScoreDistillat
     tcfg, names = cfg.texture, list(cfg.expressions)
     if list(meshes) != names:
         raise IdtoError(f"the texture stage needs one mesh per expression {names}, got {list(meshes)}")
-    key = conditioning_key(id_embedding, subject) + _mesh_key(meshes)
+    key = conditioning_key(id_embedding, subject) + meshes_digest(meshes)  # tied to its geometry
     device = resolve_device(cfg.runtime.device)
     # Fails early on a bad environment folder, before unwrapping or any SDS step.
     lighting = LightingSampler(tcfg, cfg.seed, console, progress, device=device)
