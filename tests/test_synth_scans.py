@@ -71,9 +71,9 @@ def test_deterministic_per_subject_and_resumes(made, tmp_path):
 
 def test_cli_bad_expression_is_one_error_line(tmp_path):
     res = CliRunner().invoke(app, ["synth-scans", str(tmp_path / "s"), "--subjects", "1", "--expressions",
-                                   "neutral,eyes_closed"])
+                                   "neutral,cheek_blowing"])
     assert res.exit_code == 2
-    assert "error: the face model cannot show 'eyes_closed'" in res.output
+    assert "error: the face model cannot show 'cheek_blowing'" in res.output
 
 
 # --- identities of synthetic subjects ----------------------------------------------------------------------
