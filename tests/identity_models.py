@@ -142,6 +142,16 @@ def save_onnx_graph(graph, path: str | Path) -> Path:
 
 
 # --- real photos that ship in PyPI packages -----------------------------------------------------
+def astronaut_photo(folder: Path) -> Path:
+    """scikit-image's astronaut portrait, written as ``folder/astronaut.png``."""
+    from PIL import Image
+    from skimage import data
+
+    path = folder / "astronaut.png"
+    Image.fromarray(data.astronaut()).save(path)
+    return path
+
+
 def insightface_photo(name: str) -> Path:
     """A photo bundled with insightface (found without importing it: that would pull cv2)."""
     import importlib.util

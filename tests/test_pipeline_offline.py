@@ -17,7 +17,7 @@ from idto3d.core.errors import IdtoError
 from idto3d.core.run_layout import RunLayout
 from idto3d.stages.generate import generate
 
-from identity_models import insightface_photo
+from identity_models import astronaut_photo, insightface_photo
 
 # The preview preset with fewer regression and texture steps (the bench measures the full preset).
 QUICK = ["template.iterations=150", "photo_texture.iterations=80", "export.texture_size=512",
@@ -26,11 +26,7 @@ QUICK = ["template.iterations=150", "photo_texture.iterations=80", "export.textu
 
 @pytest.fixture(scope="module")
 def astronaut(tmp_path_factory) -> Path:
-    from skimage import data
-
-    path = tmp_path_factory.mktemp("photos") / "astronaut.png"
-    Image.fromarray(data.astronaut()).save(path)
-    return path
+    return astronaut_photo(tmp_path_factory.mktemp("photos"))
 
 
 @pytest.fixture(scope="module")

@@ -34,7 +34,7 @@ from idto3d.core.stored_files import DamagedFileError
 from idto3d.stages.run_folder import open_run, prepare_run
 
 from geometry_stage_driver import oracle_guidance, run_geometry, sphere_field, stage_config
-from identity_models import insightface_photo
+from identity_models import astronaut_photo, insightface_photo
 
 runner = CliRunner()
 # The smallest offline run that still fits a face, textures it and exports it.
@@ -66,11 +66,7 @@ def _snapshot(folder: Path) -> dict[str, bytes]:
 
 @pytest.fixture(scope="module")
 def astronaut(tmp_path_factory) -> Path:
-    from skimage import data
-
-    path = tmp_path_factory.mktemp("photos") / "astronaut.png"
-    Image.fromarray(data.astronaut()).save(path)
-    return path
+    return astronaut_photo(tmp_path_factory.mktemp("photos"))
 
 
 @pytest.fixture(scope="module")
