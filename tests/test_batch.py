@@ -299,3 +299,31 @@ def test_a_row_resolves_its_config_as_generate_does(tmp_path, photos):
     assert with_prior.cfg.expressions == ["neutral"]
     with pytest.raises(IdtoError, match="at least one name"):
         generate_config(expressions=" , ")
+
+
+@pytest.mark.slow
+def test_evaluate_measures_each_identity_against_its_own_photos(local_ray, tmp_path, photos):
+    """``--evaluate``: each exported run is evaluated against its row's photos (the batch page shows the
+    identity distance); a re-run keeps the evaluation; a finished run is evaluated without generating again."""
+    from idto3d.core.run_layout import RunLayout
+
+    manifest = _write_manifest(tmp_path / "m.csv", [("anna", str(photos / "astronaut.png"))])
+    out = tmp_path / "runs"
+    plain = CliRunner().invoke(app, ["batch", str(manifest), "--out", str(out), *_sets()])
+    assert plain.exit_code == 0, plain.output
+    assert not RunLayout(out / "anna").metrics.exists() and _rows(out)["anna"]["evaluation"] is None
+    exported = _files(out / "anna" / "export")
+    result = CliRunner().invoke(app, ["batch", str(manifest), "--out", str(out), "--evaluate", *_sets()])
+    assert result.exit_code == 0, result.output
+    row = _rows(out)["anna"]
+    assert row["evaluation"] == "done" and not row["skipped"]
+    metrics = json.loads(RunLayout(out / "anna").metrics.read_text())
+    assert [Path(r).name for r in metrics["references"]] == ["astronaut.png"]
+    assert row["identity_distance"] == pytest.approx(
+        next(v["distance"] for v in metrics["identity"]["per_view"]
+             if v["expression"] == "neutral" and v["elevation"] == 0 and v["azimuth"] == 0))
+    assert row["same_person_rate"] == metrics["identity"]["same_person_rate"]
+    assert _files(out / "anna" / "export") == exported  # evaluated, not generated again
+    assert "% of views same person" in (out / "batch.html").read_text()
+    again = CliRunner().invoke(app, ["batch", str(manifest), "--out", str(out), "--evaluate", *_sets()])
+    assert again.exit_code == 0 and _rows(out)["anna"]["skipped"] and _rows(out)["anna"]["evaluation"] == "kept"

@@ -115,10 +115,12 @@ def plan(rows: Sequence[BatchRow], out: Path, opts: BatchOptions) -> list[tuple[
     for row in rows:
         run_dir = out.resolve() / row.name  # absolute: a worker's current folder is not the driver's
         spec = RunSpec(row.name, tuple(str(p) for p in row.inputs), str(run_dir), row.cfg, row.prompt,
-                       _absolute(opts.normal_prior), _absolute(opts.albedo_prior))
+                       _absolute(opts.normal_prior), _absolute(opts.albedo_prior), opts.evaluate)
         record = RowRecord(row.name, row.name)
-        if run_is_finished(run_dir, row.cfg, row.inputs):
+        evaluated = RunLayout(run_dir).metrics.exists()
+        if run_is_finished(run_dir, row.cfg, row.inputs) and (evaluated or not opts.evaluate):
             record.status, record.skipped = "done", True
+            record.evaluation = "kept" if opts.evaluate else None
             collect_run_outputs(record, out)
         planned.append((spec, record))
     return planned
@@ -229,6 +231,7 @@ def _run_tasks(ray: Any, todo: list[tuple[RunSpec, RowRecord]], records: dict[st
                     result = ray.get(ref)
                     rec.status, rec.error, rec.wall_seconds = result["status"], result["error"], \
                         round(result["seconds"], 2)
+                    rec.evaluation = result.get("evaluation")
                 except ray.exceptions.RayError as exc:
                     rec.status, rec.error = "failed", _failure_line(ray, exc, settings)
                 collect_run_outputs(rec, out)

@@ -41,6 +41,7 @@ class BatchOptions:
     precision: str | None = None
     normal_prior: str | None = None
     albedo_prior: str | None = None
+    evaluate: bool = False          # evaluate each run against its own photos (``idto3d evaluate``)
 
 
 @dataclass(frozen=True)

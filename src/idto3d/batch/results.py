@@ -41,6 +41,8 @@ class RowRecord:
     stage_seconds: dict[str, float] = field(default_factory=dict)
     exported: int = 0                         # GLB heads in export/
     identity_distance: float | None = None    # neutral front render vs the reference photos (evaluated runs)
+    same_person_rate: float | None = None     # share of the grid's renders under the backend's threshold
+    evaluation: str | None = None             # with --evaluate: done, kept, or why the run was not evaluated
     turntable: str | None = None              # renders/<expr>_turntable.png, relative to OUT
     report: str | None = None                 # the run's report/index.html (or the run folder), relative to OUT
 
@@ -54,7 +56,10 @@ def collect_run_outputs(record: RowRecord, out: Path) -> None:
         if isinstance(seconds, (int, float)):
             record.stage_seconds[step] = round(float(seconds), 2)
     record.exported = len(list(layout.export.glob("*.glb"))) if layout.export_done.exists() else 0
-    record.identity_distance = front_identity_distance(_read_json(layout.metrics))
+    metrics = _read_json(layout.metrics)
+    record.identity_distance = front_identity_distance(metrics)
+    rate = (metrics.get("identity") or {}).get("same_person_rate")
+    record.same_person_rate = float(rate) if isinstance(rate, (int, float)) else None
     names = layout.turntable_expressions()
     expr = "neutral" if "neutral" in names else (names[0] if names else None)
     png = layout.turntable(expr) if expr else None
@@ -130,10 +135,14 @@ def render_html(out: Path, doc: dict[str, Any], records: list[RowRecord]) -> str
         img = f'<img src="{thumb}" alt="{e(r.name)}" width="{THUMB}">' if thumb else ""
         times = ", ".join(f"{k} {v:.1f} s" for k, v in r.stage_seconds.items())
         dist = "" if r.identity_distance is None else f"{r.identity_distance:.3f}"
+        if r.same_person_rate is not None:
+            dist += f" ({100 * r.same_person_rate:.0f} % of views same person)"
+        elif r.evaluation and r.evaluation.startswith("not"):
+            dist = r.evaluation
         link = f'<a href="{e(r.report)}">{e(r.name)}</a>' if r.report else e(r.name)
         status = r.status + (" (reused)" if r.skipped else "") + (f", {r.attempts} attempts" if r.attempts > 1 else "")
         rows.append(f'<tr><td>{link}</td><td class="{e(r.status)}">{e(status)}</td><td>{img}</td>'
-                    f'<td>{e(times)}</td><td>{dist}</td><td>{r.exported}</td><td>{e(r.error or "")}</td></tr>')
+                    f'<td>{e(times)}</td><td>{e(dist)}</td><td>{r.exported}</td><td>{e(r.error or "")}</td></tr>')
     head = "".join(f"<th>{h}</th>" for h in ("identity", "status", "neutral turntable", "stage times",
                                               "identity distance (front)", "heads", "error"))
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>idto3d batch</title><style>{_CSS}</style>"

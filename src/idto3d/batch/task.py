@@ -28,6 +28,7 @@ class RunSpec:
     prompt: str | None = None
     normal_prior: str | None = None
     albedo_prior: str | None = None
+    evaluate: bool = False          # then `evaluate` the run against its own photos once it is exported
 
 
 def _assigned_resources() -> dict[str, float]:
@@ -60,6 +61,8 @@ def run_identity(spec: RunSpec, threads: int, board: Any = None) -> dict[str, An
                           albedo_prior=spec.albedo_prior, prompt=spec.prompt, progress=False)
         out = {"status": "done", "error": None, "exported": len(result.exported)} if result.exported else \
             {"status": "failed", "error": result.missing or "nothing was exported", "exported": 0}
+        if spec.evaluate and out["status"] == "done":
+            out["evaluation"] = evaluate_row(spec)
     except IdtoError as exc:
         out = {"status": "failed", "error": one_line(exc), "exported": 0}
     finally:  # also when generate raised a bug: only a dead worker leaves its attempt open
@@ -67,3 +70,25 @@ def run_identity(spec: RunSpec, threads: int, board: Any = None) -> dict[str, An
             board.ended.remote(spec.name, time.time())
     out["seconds"] = time.time() - started
     return out
+
+
+def evaluate_row(spec: RunSpec) -> str:
+    """``idto3d evaluate RUN -r <the row's photos>`` with the row's config: "done", "kept" (already evaluated),
+    or why not. An evaluation that cannot run (no face in a reference, an identity file instead of photos) is
+    said in the row; the generated run stays done."""
+    from pathlib import Path
+
+    from idto3d.core.run_layout import RunLayout
+    from idto3d.evaluate.run import evaluate_runs
+    from idto3d.stages.run_folder import hold_runs
+
+    if RunLayout(spec.run_dir).metrics.exists():
+        return "kept"
+    if any(Path(p).suffix.lower() == ".safetensors" for p in spec.inputs):
+        return "not evaluated: the row gives an identity file, not reference photos"
+    try:
+        with hold_runs([spec.run_dir]):
+            evaluate_runs([spec.run_dir], list(spec.inputs), spec.cfg, progress=False)
+    except IdtoError as exc:
+        return f"not evaluated: {one_line(exc)}"
+    return "done"

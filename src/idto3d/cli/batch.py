@@ -32,6 +32,9 @@ def batch_cmd(
     albedo_prior: Annotated[str | None, typer.Option("--albedo-prior", help="Albedo prior for every row.")] = None,
     device: Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda or mps (runtime.device).")] = None,
     precision: Annotated[str | None, typer.Option("--precision", help="auto, fp32, fp16 or bf16.")] = None,
+    evaluate: Annotated[bool, typer.Option("--evaluate", help="Also evaluate each run against its own photos "
+                                           "(`idto3d evaluate RUN -r PHOTOS`, default camera grid): the batch "
+                                           "page then shows each identity distance.")] = False,
     preset: PresetOpt = None, config: ConfigOpt = None, set_: SetOpt = None,
 ) -> None:
     """Generate every identity of MANIFEST (each row is one `generate` run, in OUT/<name>/) on Ray.
@@ -45,7 +48,8 @@ def batch_cmd(
     require_ray()
     settings = BatchSettings(address, cpus_per_run, gpus_per_run, parse_resources(resources), max_retries)
     settings.check()
-    opts = BatchOptions(preset, config, tuple(set_ or ()), device, precision, normal_prior, albedo_prior)
+    opts = BatchOptions(preset, config, tuple(set_ or ()), device, precision, normal_prior, albedo_prior,
+                        evaluate)
     checked = read_manifest(manifest, opts)
     if checked.problems:
         from rich.table import Table
