@@ -112,3 +112,15 @@ def hf_cache(cache: Path, repo_id: str, folder: Path, commit: str = "0" * 40) ->
     (repo / "refs" / "main").write_text(commit)
     shutil.copytree(folder, repo / "snapshots" / commit)
     return cache
+
+
+def clip_image_encoder_like(folder: Path, width: int = 64, seed: int = 0) -> Path:
+    """``h94/IP-Adapter``'s ``models/image_encoder`` (a ``CLIPVisionModelWithProjection`` folder: config.json +
+    weights, no preprocessor config) at ``width`` (ViT-H-14: 1280) instead of 1280, 224 px input, 32 px patches."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(seed)
+    config = CLIPVisionConfig(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=3,
+                              num_attention_heads=4, image_size=224, patch_size=32, projection_dim=32)
+    CLIPVisionModelWithProjection(config).save_pretrained(folder)
+    return folder

@@ -32,7 +32,8 @@ from idto3d.geometry.template import build_head_template
 
 from cpu_threads import one_thread
 from priors_fixtures import isolated_cache  # noqa: F401  (autouse fixture: expression cache per test)
-from public_layouts import faceid_plus_state, faceid_state, hf_cache, humannorm_like, novae_like
+from public_layouts import (clip_image_encoder_like, faceid_plus_state, faceid_state, hf_cache, humannorm_like,
+                            novae_like)
 
 runner = CliRunner()
 R50 = {"model": "w600k_r50.onnx", "sha256": "ab" * 32}
@@ -307,14 +308,87 @@ def test_faceid_plus_and_plus_v2_are_detected_as_diffusers_detects_them(layouts)
 
 @pytest.mark.parametrize("name,kind", [("ip-adapter-faceid-plus_sd15.bin", "Plus checkpoint"),
                                        ("ip-adapter-faceid-plusv2_sd15.bin", "Plus v2 checkpoint")])
-def test_faceid_plus_checkpoints_are_refused_in_one_line_saying_why(layouts, tmp_path, name, kind):
+def test_faceid_plus_without_an_image_encoder_is_refused_in_one_line_saying_why(layouts, tmp_path, name, kind):
     unet = UNet2DConditionModel.from_pretrained(layouts["rv"] / "unet")
     torch.save(faceid_plus_state(unet), tmp_path / name)
     res = runner.invoke(app, ["make-prior", "albedo", "--base-model", str(layouts["rv"]), "--vae", str(layouts["vae"]),
                               "--ip-adapter", str(tmp_path / name), "-o", str(tmp_path / "p")])
     assert res.exit_code == 2 and len(res.output.strip().splitlines()) == 1
     out = " ".join(res.output.split())
-    assert f"FaceID {kind}" in out and "CLIP ViT-H" in out and not (tmp_path / "p").exists()
+    assert f"FaceID {kind}" in out and "CLIP ViT-H" in out and "--image-encoder" in out
+    assert not (tmp_path / "p").exists()
+    narrow = clip_image_encoder_like(tmp_path / "enc32", width=32)
+    res = runner.invoke(app, ["make-prior", "albedo", "--base-model", str(layouts["rv"]), "--vae", str(layouts["vae"]),
+                              "--ip-adapter", str(tmp_path / name), "--image-encoder", str(narrow),
+                              "-o", str(tmp_path / "p")])
+    assert res.exit_code == 2 and "gives 32-wide features" in " ".join(res.output.split())
+
+
+def _diffusers_plus(unet_folder: Path, state: dict, v2: bool) -> UNet2DConditionModel:
+    unet = UNet2DConditionModel.from_pretrained(unet_folder)
+    unet._load_ip_adapter_weights([state], low_cpu_mem_usage=False)
+    proj = unet.encoder_hid_proj.image_projection_layers[0]
+    proj.shortcut, proj.shortcut_scale = v2, 1.0  # what IP-Adapter's pipeline sets for Plus v2
+    return unet
+
+
+@pytest.mark.parametrize("name,v2", [("ip-adapter-faceid-plus_sd15.bin", False),
+                                     ("ip-adapter-faceid-plusv2_sd15.bin", True)])
+def test_faceid_plus_noise_prediction_equals_diffusers_ip_adapter_path(layouts, tmp_path, name, v2):
+    unet = UNet2DConditionModel.from_pretrained(layouts["rv"] / "unet")
+    state = faceid_plus_state(unet)
+    torch.save(state, tmp_path / name)
+    encoder = clip_image_encoder_like(tmp_path / "image_encoder")
+    res = runner.invoke(app, ["make-prior", "albedo", "--base-model", str(layouts["rv"]), "--vae", str(layouts["vae"]),
+                              "--ip-adapter", str(tmp_path / name), "--image-encoder", str(encoder),
+                              "-o", str(tmp_path / "plus")])
+    assert res.exit_code == 0, res.output
+    prior = load_prior(tmp_path / "plus")  # rebuilt from prior_config.json: the perceiver's sizes are recorded
+    assert prior.needs_face_features and prior.spec.id_projection["shortcut"] == v2
+    assert prior.spec.ip_adapter["kind"] == (FACEID_PLUS_V2 if v2 else FACEID_PLUS)
+    z, text, ident = _unet_inputs(prior)
+    with pytest.raises(IdtoError, match="CLIP features of the face"):
+        prior.predict_noise(z, 400, text, ident, lambda_id=1.0, lambda_exp=0.0)
+    g = torch.Generator().manual_seed(3)
+    cond, uncond = torch.randn(50, 64, generator=g), torch.randn(50, 64, generator=g)
+    prior.set_face_features(cond, uncond)
+    ref = _diffusers_plus(layouts["rv"] / "unet", state, v2)
+    proj = ref.encoder_hid_proj.image_projection_layers[0]
+    with torch.no_grad():
+        got = prior.predict_noise(z, 400, text, ident, lambda_id=1.0, lambda_exp=0.0)
+        proj.clip_embeds = cond[None, None].expand(2, 1, -1, -1)
+        want = ref(z, 400, encoder_hidden_states=text, added_cond_kwargs={"image_embeds": [ident[:, None]]}).sample
+        proj.clip_embeds = uncond[None, None].expand(2, 1, -1, -1)
+        other = ref(z, 400, encoder_hidden_states=text, added_cond_kwargs={"image_embeds": [ident[:, None]]}).sample
+        got_uncond = prior.predict_noise_tokens(z, 400, text, prior.id_tokens(ident, 2, unconditional=True),
+                                                lambda_id=1.0, lambda_exp=0.0)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got_uncond, other, rtol=1e-4, atol=1e-5)
+    assert (got - other).abs().max() > 1e-3  # the face features matter in this comparison
+
+
+def test_face_clip_features_read_the_aligned_face(tmp_path):
+    import numpy as np
+
+    from idto3d.identity.clip_face import face_clip_features, face_crops
+    from idto3d.identity.dlib_backend import DlibBackend
+    from idto3d.identity.photos import load_photo
+
+    from identity_models import astronaut_photo, insightface_photo
+
+    encoder = str(clip_image_encoder_like(tmp_path / "image_encoder"))
+    photos = [astronaut_photo(tmp_path), insightface_photo("Tom_Hanks_54745.png")]
+    backend = DlibBackend()
+    kps = np.stack([backend.detect(load_photo(p))[0].landmarks5 for p in photos])
+    crops = face_crops(photos, kps)
+    assert [c.shape for c in crops] == [(224, 224, 3)] * 2
+    one = face_clip_features(photos[:1], kps[:1], encoder)
+    two = face_clip_features(photos, kps, encoder)
+    again = face_clip_features(photos[:1] * 2, np.concatenate([kps[:1]] * 2), encoder)
+    assert one.cond.shape == one.uncond.shape == (50, 64)
+    torch.testing.assert_close(again.cond, one.cond, rtol=1e-5, atol=1e-5)  # a mean over the photos
+    assert (two.cond - one.cond).abs().max() > 1e-3 and (one.cond - one.uncond).abs().max() > 1e-3
+    torch.testing.assert_close(two.uncond, one.uncond)  # the zero input's features: the same for everyone
 
 
 # ---- the recogniser ---------------------------------------------------------------------------------------
@@ -372,6 +446,44 @@ def test_make_prior_then_generate_end_to_end_with_both_public_layouts(layouts, t
     res = runner.invoke(app, ["generate", str(glint), "--out", str(tmp_path / "run2"), "--albedo-prior",
                               str(tmp_path / "albedo"), *_set(FAST)])
     assert res.exit_code == 2 and "needs identities made with w600k_r50.onnx" in " ".join(res.output.split())
+    assert not (tmp_path / "run2").exists()
+
+
+def test_generate_with_a_faceid_plus_prior_reads_the_face_from_the_photos(layouts, tmp_path):
+    import numpy as np
+
+    from idto3d.identity.dlib_backend import DlibBackend
+    from idto3d.identity.photos import load_photo
+
+    from identity_models import astronaut_photo
+
+    unet = UNet2DConditionModel.from_pretrained(layouts["rv"] / "unet")
+    torch.save(faceid_plus_state(unet), tmp_path / "ip-adapter-faceid-plusv2_sd15.bin")
+    make_prior("albedo", layouts["rv"], tmp_path / "plus", vae=str(layouts["vae"]),
+               ip_adapter=tmp_path / "ip-adapter-faceid-plusv2_sd15.bin",
+               image_encoder=str(clip_image_encoder_like(tmp_path / "image_encoder")))
+    photo = astronaut_photo(tmp_path)
+    kps = DlibBackend().detect(load_photo(photo))[0].landmarks5
+    emb = torch.nn.functional.normalize(torch.randn(512, generator=torch.Generator().manual_seed(0)), dim=0)
+
+    def identity(path: Path, photo_path: Path) -> Path:  # an ArcFace identity of the photo (as `idto3d identity`)
+        save_identity(path, IdentityEmbedding(emb, emb[None].clone(), torch.ones(1, dtype=torch.bool),
+                                              torch.tensor([[0., 0, 10, 10]]), torch.from_numpy(kps[None]).float(),
+                                              "arcface", photos=[{"path": str(photo_path), "used": True}],
+                                              recogniser=R50))
+        return path
+
+    run = tmp_path / "run"
+    res = runner.invoke(app, ["generate", str(identity(tmp_path / "id.safetensors", photo)), "--out", str(run),
+                              "--albedo-prior", str(tmp_path / "plus"), *_set(FAST)])
+    assert res.exit_code == 0, res.output
+    log = [json.loads(x) for x in (run / "texture" / "log.jsonl").read_text().splitlines()]
+    assert len(log) == 2 and all(np.isfinite(r["loss"]) for r in log if "loss" in r)
+    gone = identity(tmp_path / "gone.safetensors", tmp_path / "moved.png")
+    res = runner.invoke(app, ["generate", str(gone), "--out", str(tmp_path / "run2"), "--albedo-prior",
+                              str(tmp_path / "plus"), *_set(FAST)])
+    out = " ".join(res.output.split())
+    assert res.exit_code == 2 and "FaceID Plus" in out and "moved.png is not on this machine" in out, out
     assert not (tmp_path / "run2").exists()
 
 

@@ -340,7 +340,11 @@ def make_prior_cmd(
     vae: Annotated[str | None, typer.Option("--vae", help="Separate VAE folder or hub id (for \"noVAE\" base "
                                             "models, e.g. stabilityai/sd-vae-ft-mse).")] = None,
     ip_adapter: Annotated[Path | None, typer.Option("--ip-adapter", help="IP-Adapter FaceID checkpoint "
-                                                    "(ip-adapter-faceid_sd15.bin) for the ID branch.")] = None,
+                                                    "(ip-adapter-faceid_sd15.bin, or -plus / -plusv2) for the ID "
+                                                    "branch.")] = None,
+    image_encoder: Annotated[str | None, typer.Option("--image-encoder", help="CLIP ViT-H-14 image encoder "
+                                                      "(folder or cached hub id) that FaceID Plus checkpoints "
+                                                      "read the face with.")] = None,
     conventions: Annotated[str | None, typer.Option("--conventions", help="Prompts / background / CFG preset: "
                                                     "humannorm-normal, faceid-albedo, idto3d-normal, idto3d-albedo "
                                                     "(default: humannorm-normal for normal, faceid-albedo for "
@@ -360,9 +364,10 @@ def make_prior_cmd(
     from idto3d.priors.make_prior import make_prior
 
     made = make_prior(domain, base_model, out, vae=vae, ip_adapter=ip_adapter, conventions=conventions,
-                      fuse_lora=fuse_lora, recogniser=recogniser, id_dim=id_dim, uncond_id=uncond_id)
-    faceid = "" if made.ip_adapter is None else (f", ID branch from {made.ip_adapter['file']} (LoRA "
-                                                 f"{made.ip_adapter['lora']})")
+                      fuse_lora=fuse_lora, recogniser=recogniser, id_dim=id_dim, uncond_id=uncond_id,
+                      image_encoder=image_encoder)
+    faceid = "" if made.ip_adapter is None else (f", ID branch from {made.ip_adapter['file']} "
+                                                 f"({made.ip_adapter['kind']}, LoRA {made.ip_adapter['lora']})")
     console.print(f"{domain} prior on {made.base_model}{f' + VAE {made.vae}' if made.vae else ''}, conventions "
                   f"{made.conventions}, {made.id_dim}-D IDs{faceid} -> {made.out}", highlight=False)
 

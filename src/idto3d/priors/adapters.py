@@ -323,23 +323,22 @@ def load_faceid_state(unet: nn.Module, id_proj: nn.Module, state: Mapping[str, M
     The checkpoint's own LoRA (``N.to_*_lora``, rank 128 on every layer, trained on photos) is ignored:
     our LoRA is the domain adapter, trained per prior. Returns counts of loaded and ignored tensors.
     """
-    from idto3d.priors.faceid import FACEID, OTHER, checkpoint_kind
+    from idto3d.priors.faceid import OTHER, PLUS_KINDS, checkpoint_kind
 
     proj = state["image_proj"]
     kind = checkpoint_kind(proj, source)
     if kind == OTHER:
         raise IdtoError(f"{source}: a non-FaceID IP-Adapter checkpoint (CLIP image features); only "
                         f"ip-adapter-faceid checkpoints (projections of the ArcFace embedding) fit the ID branch")
-    if kind != FACEID:
-        raise IdtoError(f"{source}: an IP-Adapter FaceID Plus{' v2' if kind.endswith('v2') else ''} checkpoint: its "
-                        f"ID tokens also need CLIP ViT-H image features of the face crop, which idto3d's identity "
-                        f"files do not carry; use ip-adapter-faceid_sd15.bin (plain FaceID) for the ID branch")
-    ours = id_proj.ff.net[0].proj.weight.shape
+    ours = (id_proj.proj if kind in PLUS_KINDS else id_proj.ff).net[0].proj.weight.shape
     theirs = tuple(proj["proj.0.weight"].shape)
     if theirs[1] != ours[1]:
         raise IdtoError(f"{source}: its ID projection takes {theirs[1]}-D identity embeddings but this prior's "
                         f"takes {ours[1]}-D; build the prior with id_dim={theirs[1]} (an ArcFace identity)")
-    renamed = {k.replace("proj.0", "ff.net.0.proj").replace("proj.2", "ff.net.2"): v for k, v in proj.items()}
+    if kind in PLUS_KINDS:  # the perceiver's names, renamed by diffusers' own converter
+        renamed = unet._convert_ip_adapter_image_proj_to_diffusers(dict(proj), low_cpu_mem_usage=False).state_dict()
+    else:
+        renamed = {k.replace("proj.0", "ff.net.0.proj").replace("proj.2", "ff.net.2"): v for k, v in proj.items()}
     _load_exact(id_proj, renamed, f"{source} image_proj")
 
     ip = state["ip_adapter"]

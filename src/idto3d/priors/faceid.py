@@ -4,7 +4,9 @@ Kinds are told apart as diffusers' ``_convert_ip_adapter_image_proj_to_diffusers
 ``perceiver_resampler.proj_in.weight`` in ``image_proj`` = FaceID Plus (Plus and Plus v2 share one layout; v2
 only switches the projection's shortcut on at inference, so the file name tells them apart), then
 ``norm.weight`` = FaceID (an MLP projection of the ArcFace embedding). A Plus checkpoint also holds
-``proj.0``/``norm``, which is why the order matters.
+``proj.0``/``norm``, which is why the order matters. A Plus projection is diffusers'
+``IPAdapterFaceIDPlusImageProjection`` (its weights renamed by diffusers' own converter); it reads CLIP image
+features of the face (``identity.clip_face``) besides the ArcFace embedding.
 
 FaceID's checkpoints carry a rank-128 LoRA on Q, K, V and out of every attention layer (``N.to_q_lora.down`` /
 ``.up`` ..., N in ``unet.attn_processors`` order), trained together with the ID K/V: IP-Adapter adds
@@ -23,6 +25,7 @@ from torch import nn
 from idto3d.core.errors import IdtoError
 
 FACEID, FACEID_PLUS, FACEID_PLUS_V2, OTHER = "faceid", "faceid_plus", "faceid_plus_v2", "other"
+PLUS_KINDS = (FACEID_PLUS, FACEID_PLUS_V2)
 # IP-Adapter's LoRA name -> the diffusers Attention submodule it adds to
 LORA_TARGETS = {"to_q_lora": "to_q", "to_k_lora": "to_k", "to_v_lora": "to_v", "to_out_lora": "to_out.0"}
 
@@ -35,6 +38,18 @@ def checkpoint_kind(image_proj: Mapping[str, torch.Tensor], filename: str = "") 
     if "norm.weight" in image_proj and "proj.0.weight" in image_proj:
         return FACEID
     return OTHER
+
+
+def plus_spec(image_proj: Mapping[str, torch.Tensor], kind: str, image_encoder: str) -> dict:
+    """``PriorSpec.id_projection`` of a Plus checkpoint: the sizes diffusers' converter reads from its weights
+    (depth 4 and 4 tokens are what every published Plus checkpoint and diffusers assume), the v2 shortcut, and
+    the CLIP image encoder whose features it reads."""
+    proj_in = image_proj["perceiver_resampler.proj_in.weight"]
+    depth = len({k.split(".")[2] for k in image_proj if k.startswith("perceiver_resampler.layers.")})
+    return {"kind": kind, "embed_dims": int(proj_in.shape[0]), "hidden_dims": int(proj_in.shape[1]),
+            "heads": int(image_proj["perceiver_resampler.layers.0.0.to_q.weight"].shape[0]) // 64, "depth": depth,
+            "num_tokens": int(image_proj["proj.2.weight"].shape[0]) // int(proj_in.shape[0]),
+            "shortcut": kind == FACEID_PLUS_V2, "shortcut_scale": 1.0, "image_encoder": image_encoder}
 
 
 def lora_deltas(unet: nn.Module, ip_adapter: Mapping[str, torch.Tensor], source: str

@@ -256,7 +256,8 @@ class SDSGuidance(ScoreDistillation):
         uncond_ids, uncond_lam_id = ids, off
         if ids is not None and getattr(self.conventions, "uncond_id", "off") == "zero":
             # IP-Adapter FaceID's unconditional branch: the projection of a zero embedding, attended as usual
-            uncond_ids = prior.id_tokens(torch.zeros(prior.spec.id_dim, device=prior.device), b)
+            uncond_ids = prior.id_tokens(torch.zeros(prior.spec.id_dim, device=prior.device), b,
+                                           unconditional=True)
             uncond_lam_id = on * cfg.lambda_id
         eps = prior.predict_noise_tokens(
             torch.cat([z_t, z_t]), t, torch.cat([uncond, text]),

@@ -45,6 +45,29 @@ def _faceid_id_dim(path: Path) -> int:
     return int(weight.shape[1])
 
 
+def _checked_image_encoder(ref: str, ip_path: Path) -> str:
+    """A CLIP vision model whose width is what the Plus checkpoint's perceiver reads; a local folder made
+    absolute (recorded for generate)."""
+    from transformers import CLIPVisionConfig
+
+    from idto3d.priors.faceid import PLUS_KINDS, checkpoint_kind
+
+    proj = ad.read_faceid_checkpoint(ip_path)["image_proj"]
+    if checkpoint_kind(proj, ip_path.name) not in PLUS_KINDS:
+        raise IdtoError(f"--image-encoder is for FaceID Plus checkpoints; {ip_path.name} is plain FaceID")
+    if Path(ref).expanduser().is_dir():
+        ref = str(Path(ref).expanduser().resolve())
+    try:
+        width = int(CLIPVisionConfig.from_pretrained(ref, local_files_only=True).hidden_size)
+    except (OSError, ValueError) as exc:
+        raise IdtoError(f"cannot read the CLIP image encoder {ref!r}: {str(exc).splitlines()[0]}") from None
+    want = int(proj["perceiver_resampler.proj_in.weight"].shape[1])
+    if width != want:
+        raise IdtoError(f"image encoder {ref} gives {width}-wide features but {ip_path.name} reads {want}-wide ones "
+                        f"(CLIP ViT-H-14: 1280)")
+    return ref
+
+
 @torch.no_grad()
 def _silence_branches(prior: Any, keep_id: bool) -> None:
     """Zero K/V of the expression branch (and of the ID branch unless a checkpoint filled it)."""
@@ -58,9 +81,10 @@ def _silence_branches(prior: Any, keep_id: bool) -> None:
 def make_prior(domain: str, base_model: str | Path, out: str | Path, *, vae: str | None = None,
                ip_adapter: str | Path | None = None, conventions: str | None = None, fuse_lora: bool = False,
                recogniser: str | Path | None = None, id_dim: int | None = None, adapter: Any = None,
-               seed: int = 0, uncond_id: str | None = None) -> MadePrior:
+               seed: int = 0, uncond_id: str | None = None, image_encoder: str | None = None) -> MadePrior:
     """Build and save a prior folder in ``out`` (see the module docstring); nothing is trained. ``uncond_id``
-    overrides the conventions' unconditional ID branch (``off`` or ``zero``)."""
+    overrides the conventions' unconditional ID branch (``off`` or ``zero``); ``image_encoder`` is the CLIP
+    image encoder a FaceID Plus checkpoint reads the face with (checked here, recorded in the prior)."""
     from idto3d.priors.prior import build_prior, save_prior
 
     if domain not in MAKE_DOMAINS:
@@ -80,6 +104,10 @@ def make_prior(domain: str, base_model: str | Path, out: str | Path, *, vae: str
     expects = record_of(recogniser) if recogniser is not None else (dict(FACEID_RECOGNISER) if ip_path else None)
     if fuse_lora and ip_path is None:
         raise IdtoError("--fuse-lora needs --ip-adapter (the LoRA is FaceID's own)")
+    if image_encoder is not None:
+        if ip_path is None:
+            raise IdtoError("--image-encoder is for FaceID Plus checkpoints: give --ip-adapter too")
+        image_encoder = _checked_image_encoder(image_encoder, ip_path)
     out = Path(out)
     if (out / "prior_config.json").exists() or (out / "adapters.safetensors").exists():
         raise IdtoError(f"{out} already holds a prior; choose another --out or remove it")
@@ -89,7 +117,7 @@ def make_prior(domain: str, base_model: str | Path, out: str | Path, *, vae: str
                         recogniser=expects)
     _silence_branches(prior, keep_id=False)
     if ip_path is not None:
-        prior.load_ip_adapter_faceid(ip_path, fuse_lora=fuse_lora)
+        prior.load_ip_adapter_faceid(ip_path, fuse_lora=fuse_lora, image_encoder=image_encoder)
     save_prior(prior, out)
     return MadePrior(out=out, base_model=prior.spec.base_model, vae=prior.spec.vae, conventions=chosen.name,
                      id_dim=dim, ip_adapter=prior.spec.ip_adapter, recogniser=expects,

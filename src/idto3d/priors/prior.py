@@ -57,6 +57,8 @@ class PriorSpec:
     recogniser: dict | None = None       # {"model": file name, "sha256": hex or None} the ID branch expects
     base_fingerprint: list | None = None  # statistics of a few base UNet tensors: a substituted base must match
     ip_adapter: dict | None = None       # {"file", "kind", "lora": "fused" | "ignored" | "none"}
+    # FaceID Plus (v2): the perceiver projection's sizes and the CLIP image encoder it reads (faceid.PlusProjection)
+    id_projection: dict | None = None
 
     def __post_init__(self) -> None:
         if self.conventions is not None:
@@ -93,14 +95,17 @@ class Prior(nn.Module):
         with torch.random.fork_rng(devices=[]):  # fresh adapters are a function of the seed alone
             torch.manual_seed(seed)
             ad.install_adapters(unet, spec.self_attn_rank, spec.cross_attn_rank)
-            # IP-Adapter-FaceID's MLPProjModel (id -> 2*id -> tokens*cross, LayerNorm): its checkpoints load as is.
-            self.id_proj = IPAdapterFaceIDImageProjection(image_embed_dim=spec.id_dim, cross_attention_dim=cross,
-                                                          mult=2, num_tokens=spec.id_tokens).to(ref.device, ref.dtype)
+            # IP-Adapter-FaceID's MLPProjModel (id -> 2*id -> tokens*cross, LayerNorm): its checkpoints load as is;
+            # FaceID Plus's perceiver over CLIP face features when the spec says so.
+            self.id_proj = (plus_projection(spec.id_projection, spec.id_dim, cross) if spec.id_projection else
+                            IPAdapterFaceIDImageProjection(image_embed_dim=spec.id_dim, cross_attention_dim=cross,
+                                                           mult=2, num_tokens=spec.id_tokens)).to(ref.device, ref.dtype)
             # IP-Adapter's original linear projection + LayerNorm for the CLIP expression embedding.
             self.exp_proj = ImageProjection(image_embed_dim=spec.exp_dim, cross_attention_dim=cross,
                                             num_image_text_embeds=spec.exp_tokens).to(ref.device, ref.dtype)
         self._text_cache: dict[str, torch.Tensor] = {}
         self._exp_table: torch.Tensor | None = None
+        self._face_features: tuple[torch.Tensor, torch.Tensor] | None = None  # FaceID Plus: (cond, uncond)
         # What priors.runtime.configure_prior applied (device, precision, kernels); empty = as built.
         self.runtime: dict[str, Any] = {}
 
@@ -176,10 +181,33 @@ class Prior(nn.Module):
             posterior = self.vae.encode(x).latent_dist
         return posterior.mean.float() * self.vae.config.scaling_factor
 
-    def id_tokens(self, id_embedding: torch.Tensor, batch: int) -> torch.Tensor:
+    @property
+    def needs_face_features(self) -> bool:
+        """FaceID Plus: the ID tokens also read CLIP image features of the face (``set_face_features``)."""
+        return self.spec.id_projection is not None
+
+    def set_face_features(self, cond: torch.Tensor, uncond: torch.Tensor) -> None:
+        """The CLIP features (``[seq, hidden]``) of the person's aligned face and of a zero input (the
+        unconditional branch), from ``identity.clip_face``."""
+        hidden = int(self.spec.id_projection["hidden_dims"])
+        for what, x in (("cond", cond), ("uncond", uncond)):
+            if x.ndim != 2 or x.shape[-1] != hidden:
+                raise IdtoError(f"FaceID Plus face features ({what}) must be [tokens, {hidden}] (the prior's CLIP "
+                                f"image encoder's width), got {tuple(x.shape)}")
+        self._face_features = (cond.to(self.device, self.dtype), uncond.to(self.device, self.dtype))
+
+    def id_tokens(self, id_embedding: torch.Tensor, batch: int, unconditional: bool = False) -> torch.Tensor:
+        """ID tokens ``[B, n, cross]``; ``unconditional``: FaceID Plus's CFG branch (the zero-input features)."""
         emb = _batched(id_embedding, batch, "id_embedding")
         if emb.shape[-1] != self.spec.id_dim:
             raise IdtoError(_id_size_message(emb.shape[-1], self.spec.id_dim))
+        if self.needs_face_features:
+            if self._face_features is None:
+                raise IdtoError("this prior is IP-Adapter FaceID Plus: its ID tokens need CLIP features of the face "
+                                "(generate computes them from the photos; call prior.set_face_features)")
+            feats = self._face_features[1 if unconditional else 0].to(self.device, self.dtype)
+            # diffusers' projection reads its CLIP input from this attribute: [B, images=1, seq, hidden]
+            self.id_proj.clip_embeds = feats[None, None].expand(emb.shape[0], 1, -1, -1)
         return self.id_proj(emb.to(self.device, self.dtype))
 
     def exp_tokens(self, exp_embedding: torch.Tensor, batch: int) -> torch.Tensor:
@@ -252,19 +280,32 @@ class Prior(nn.Module):
         for prefix, m in self.adapter_modules().items():
             m.load_state_dict({k[len(prefix) + 1:]: v for k, v in state.items() if k.startswith(prefix + ".")})
 
-    def load_ip_adapter_faceid(self, path: str | Path, fuse_lora: bool = False) -> dict[str, int]:
-        """Initialise the ID branch from an ``ip-adapter-faceid_sd15`` checkpoint (.bin or .safetensors);
-        ``fuse_lora`` also adds FaceID's own LoRA (trained with its ID K/V) into the frozen UNet."""
+    def load_ip_adapter_faceid(self, path: str | Path, fuse_lora: bool = False,
+                               image_encoder: str | Path | None = None) -> dict[str, int]:
+        """Initialise the ID branch from an ``ip-adapter-faceid(-plus/-plusv2)_sd15`` checkpoint (.bin or
+        .safetensors); ``fuse_lora`` also adds FaceID's own LoRA (trained with its ID K/V) into the frozen UNet.
+        A Plus checkpoint replaces the ID projection with its perceiver and records ``image_encoder``."""
         from idto3d.priors import faceid
 
         state = ad.read_faceid_checkpoint(path)
+        kind = faceid.checkpoint_kind(state["image_proj"], str(path))
+        if kind in faceid.PLUS_KINDS:
+            if image_encoder is None:
+                raise IdtoError(f"{path}: an IP-Adapter FaceID Plus{' v2' if kind == faceid.FACEID_PLUS_V2 else ''} "
+                                f"checkpoint: its ID tokens also read CLIP ViT-H image features of the face; give "
+                                f"--image-encoder (e.g. h94/IP-Adapter's models/image_encoder folder)")
+            plus = faceid.plus_spec(state["image_proj"], kind, str(image_encoder))
+            self.spec = dataclasses.replace(self.spec, id_projection=plus)
+            ref = next(self.unet.parameters())
+            self.id_proj = plus_projection(plus, self.spec.id_dim, int(self.unet.config.cross_attention_dim)
+                                           ).to(ref.device, ref.dtype)
         report = ad.load_faceid_state(self.unet, self.id_proj, state, source=str(path))
         deltas = faceid.lora_deltas(self.unet, state["ip_adapter"], str(path))
         if fuse_lora and deltas:
             self.fuse_base_lora(deltas)
         report["fused_lora"] = len(deltas) if fuse_lora else 0
         self.spec = dataclasses.replace(self.spec, ip_adapter={
-            "file": Path(path).name, "kind": faceid.FACEID,
+            "file": Path(path).name, "kind": kind,
             "lora": "fused" if fuse_lora and deltas else ("ignored" if deltas else "none")})
         return report
 
@@ -278,6 +319,20 @@ class Prior(nn.Module):
 
     def parameter_breakdown(self) -> dict[str, int | float]:
         return ad.adapter_parameter_breakdown(self.unet, self.id_proj, self.exp_proj)
+
+
+def plus_projection(plus: dict, id_dim: int, cross: int) -> nn.Module:
+    """diffusers' ``IPAdapterFaceIDPlusImageProjection`` sized as ``PriorSpec.id_projection`` records; the v2
+    shortcut (ID tokens + scale x perceiver output) as the checkpoint's kind says."""
+    from diffusers.models.embeddings import IPAdapterFaceIDPlusImageProjection
+
+    proj = IPAdapterFaceIDPlusImageProjection(
+        embed_dims=int(plus["embed_dims"]), output_dims=cross, hidden_dims=int(plus["hidden_dims"]),
+        id_embeddings_dim=id_dim, depth=int(plus["depth"]), heads=int(plus["heads"]),
+        num_tokens=int(plus["num_tokens"]))
+    proj.shortcut = bool(plus.get("shortcut", False))
+    proj.shortcut_scale = float(plus.get("shortcut_scale", 1.0))
+    return proj
 
 
 def _batched(emb: torch.Tensor, batch: int, what: str) -> torch.Tensor:

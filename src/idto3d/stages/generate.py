@@ -122,7 +122,25 @@ def _load_checked(ref: str | None, ident: IdentityEmbedding, domain: str, cfg: C
     prior = load_prior(ref, device=device, dtype=resolve_dtype(cfg.runtime.precision, device),
                        base_model=cfg.prior.base_model, vae=cfg.prior.vae, prefer_recorded=True)
     check_prior_for_identity(prior, ident, str(ref), domain)
+    if prior.needs_face_features:
+        give_face_features(prior, ident, str(ref))
     return configure_prior(prior, cfg.runtime, device)
+
+
+def give_face_features(prior, ident: IdentityEmbedding, ref: str) -> None:
+    """FaceID Plus: CLIP features of the identity's aligned faces (the photos it used), with the image encoder
+    the prior records (``identity.clip_face``)."""
+    from idto3d.identity.clip_face import face_clip_features
+
+    used = [i for i, p in enumerate(ident.photos) if p.get("used", True)]
+    photos = [Path(str(ident.photos[i].get("path", ""))) for i in used]
+    missing = [str(p) for p in photos if not p.is_file()]
+    if not photos or missing:
+        raise IdtoError(f"prior {ref} is IP-Adapter FaceID Plus: it reads the face from the photos, but "
+                        f"{missing[0] if missing else 'the identity names no photo'} is not on this machine; "
+                        f"generate from the photos instead of an identity file")
+    feats = face_clip_features(photos, ident.landmarks[used].numpy(), prior.spec.id_projection["image_encoder"])
+    prior.set_face_features(feats.cond, feats.uncond)
 
 
 def _guidance(prior, cfg: Config, schedule: str, iterations: int, seed: int):
