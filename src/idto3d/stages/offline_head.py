@@ -20,6 +20,7 @@ import torch
 from idto3d.core.atomic import atomic_write_text
 from idto3d.core.config import Config
 from idto3d.core.run_layout import RunLayout
+from idto3d.geometry.face_repair import crumpled_vertices, relax
 from idto3d.geometry.head_stitch import StitchedHead, build_stitched_head, conform_body, face_mask, pose_head, smooth_body
 from idto3d.geometry.mesh_io import save_mesh
 from idto3d.render.mesh import Mesh
@@ -38,8 +39,10 @@ def stitched_heads(model, shape: torch.Tensor, place, template: Mesh, names: lis
     and the face model's 68 landmarks as vertex indices of those layouts (-1: cut away)."""
     from idto3d.face_model.offline_expressions import expression_vertices
 
-    faces = {n: place(expression_vertices(model, shape, n)) for n in names}
     neutral = place(model.vertices(shape))
+    smooth = _nostril_patch(neutral, model)
+    faces = {n: _relaxed(place(expression_vertices(model, shape, n)), model, smooth) for n in names}
+    neutral = _relaxed(neutral, model, smooth)
     mask = face_mask(neutral, model.faces, model.landmarks)
     body = smooth_body(template, BODY_FACES)
     face_mesh = Mesh(neutral, model.faces)
@@ -48,6 +51,20 @@ def stitched_heads(model, shape: torch.Tensor, place, template: Mesh, names: lis
     base = stitched_atlas(heads[names[0]], layout, chart_centre(neutral[model.landmarks[30]]))
     atlases = [base] + [base.with_positions(heads[n].vertices) for n in names[1:]]
     return heads, atlases, _landmark_vertices(layout, base, model.landmarks.numpy())
+
+
+def _nostril_patch(neutral: torch.Tensor, model) -> np.ndarray:
+    """The face model's crumpled nostril wings (``geometry.face_repair``): near the nose's base landmarks (iBUG
+    30-35), within half the nose's width."""
+    v = neutral.detach().double().cpu().numpy()
+    lm = v[model.landmarks.numpy()]
+    width = float(np.linalg.norm(lm[31] - lm[35]))
+    return crumpled_vertices(v, model.faces.cpu().numpy(), lm[30:48], 0.5 * width)
+
+
+def _relaxed(vertices: torch.Tensor, model, patch: np.ndarray) -> torch.Tensor:
+    out = relax(vertices.detach().double().cpu().numpy(), model.faces.cpu().numpy(), patch)
+    return torch.from_numpy(out).to(vertices)
 
 
 def _landmark_vertices(layout: StitchedHead, atlas: UVMesh, landmarks: np.ndarray) -> np.ndarray:
