@@ -43,7 +43,7 @@ def stitched_heads(model, shape: torch.Tensor, place, template: Mesh, names: lis
     from idto3d.face_model.offline_expressions import expression_vertices
 
     neutral = place(model.vertices(shape))
-    smooth = _nostril_patch(neutral, model)
+    smooth = _crumpled_patch(neutral, model)
     faces = {n: _relaxed(place(expression_vertices(model, shape, n)), model, smooth) for n in names}
     neutral = _relaxed(neutral, model, smooth)
     mask = face_mask(neutral, model.faces, model.landmarks)
@@ -56,9 +56,10 @@ def stitched_heads(model, shape: torch.Tensor, place, template: Mesh, names: lis
     return heads, atlases, _landmark_vertices(layout, base, model.landmarks.numpy())
 
 
-def _nostril_patch(neutral: torch.Tensor, model) -> np.ndarray:
-    """The face model's crumpled nostril wings (``geometry.face_repair``): near the nose's base landmarks (iBUG
-    30-35), within half the nose's width."""
+def _crumpled_patch(neutral: torch.Tensor, model) -> np.ndarray:
+    """Where the face model's mesh crumples (``geometry.face_repair``): the nostril wings and the eyelids'
+    borders, within half the nose's width of the nose-base and eye landmarks (iBUG 30-47). Found on the neutral
+    and applied to every expression, so all keep one patch."""
     v = neutral.detach().double().cpu().numpy()
     lm = v[model.landmarks.numpy()]
     width = float(np.linalg.norm(lm[31] - lm[35]))
