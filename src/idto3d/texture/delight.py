@@ -11,8 +11,9 @@ its frontal term, and per-channel levels tinted the astronaut's skin yellow): th
 removed and the photo's exposure of the face kept. One photo cannot fix the albedo's overall level (a bright
 albedo under dim light looks like a dark one under bright light); the photo was exposed for the face, so its
 mean is the level. (The level was the light's average over all directions before, issue 17: a mostly frontal
-portrait light then read as a ~30 % darker albedo, and the astronaut's renders lost identity: 0.377 mean dlib
-distance against 0.361 with this level, README "Offline head".) A small ridge on the
+portrait light then read as a ~30 % darker albedo, and the astronaut's renders lost identity: mean dlib
+distance 0.377 then, 0.361 with this level and the nostrils relaxed, which alone moved it by < 0.001; README
+"Offline head".) A small ridge on the
 directional coefficients keeps the fit stable when the photo's normals cover only the front of the head.
 """
 
