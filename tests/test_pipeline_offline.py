@@ -126,6 +126,20 @@ def test_rerunning_an_offline_run_reuses_every_step(offline_run):
     assert not rewritten, f"re-running a finished run rewrote {rewritten}"
 
 
+@pytest.mark.slow
+def test_the_offline_heads_refuse_other_settings_at_their_own_step(offline_run):
+    from idto3d.core.run_manifest import StaleOutputError
+    from idto3d.stages.offline_head import ensure_offline_heads
+
+    result, cfg = offline_run
+    layout = RunLayout(result.run_dir)
+    assert json.loads(layout.head_landmarks.read_text())["key"]
+    ensure_offline_heads(result.run_dir, cfg, result.person)  # the same settings: reused
+    other = load_config("preview", None, QUICK + ["expressions=[neutral, smile, mouth_open]", "seed=1"])
+    with pytest.raises(StaleOutputError, match="head_landmarks.json was made from other settings"):
+        ensure_offline_heads(result.run_dir, other, result.person)
+
+
 def test_a_photo_with_no_face_stops_before_anything_is_written(tmp_path):
     blank = tmp_path / "wall.png"
     Image.fromarray(np.full((256, 256, 3), 180, np.uint8)).save(blank)

@@ -20,10 +20,14 @@ import torch
 from idto3d.core.atomic import atomic_write_text
 from idto3d.core.config import Config
 from idto3d.core.run_layout import RunLayout
+from idto3d.core.run_manifest import check_stage_key
+from idto3d.core.stored_files import read_json_file
+from idto3d.geometry.face_repair import crumpled_vertices, relax
 from idto3d.geometry.head_stitch import StitchedHead, build_stitched_head, conform_body, face_mask, pose_head, smooth_body
 from idto3d.geometry.mesh_io import save_mesh
 from idto3d.render.mesh import Mesh
 from idto3d.stages.initial_geometry import resolve_template
+from idto3d.stages.stage_keys import offline_head_key
 from idto3d.stages.subject_init import SubjectFit
 from idto3d.stages.texture_stage import save_atlases
 from idto3d.texture.head_atlas import chart_centre, stitched_atlas
@@ -38,8 +42,10 @@ def stitched_heads(model, shape: torch.Tensor, place, template: Mesh, names: lis
     and the face model's 68 landmarks as vertex indices of those layouts (-1: cut away)."""
     from idto3d.face_model.offline_expressions import expression_vertices
 
-    faces = {n: place(expression_vertices(model, shape, n)) for n in names}
     neutral = place(model.vertices(shape))
+    smooth = _crumpled_patch(neutral, model)
+    faces = {n: _relaxed(place(expression_vertices(model, shape, n)), model, smooth) for n in names}
+    neutral = _relaxed(neutral, model, smooth)
     mask = face_mask(neutral, model.faces, model.landmarks)
     body = smooth_body(template, BODY_FACES)
     face_mesh = Mesh(neutral, model.faces)
@@ -48,6 +54,21 @@ def stitched_heads(model, shape: torch.Tensor, place, template: Mesh, names: lis
     base = stitched_atlas(heads[names[0]], layout, chart_centre(neutral[model.landmarks[30]]))
     atlases = [base] + [base.with_positions(heads[n].vertices) for n in names[1:]]
     return heads, atlases, _landmark_vertices(layout, base, model.landmarks.numpy())
+
+
+def _crumpled_patch(neutral: torch.Tensor, model) -> np.ndarray:
+    """Where the face model's mesh crumples (``geometry.face_repair``): the nostril wings and the eyelids'
+    borders, within half the nose's width of the nose-base and eye landmarks (iBUG 30-47). Found on the neutral
+    and applied to every expression, so all keep one patch."""
+    v = neutral.detach().double().cpu().numpy()
+    lm = v[model.landmarks.numpy()]
+    width = float(np.linalg.norm(lm[31] - lm[35]))
+    return crumpled_vertices(v, model.faces.cpu().numpy(), lm[30:48], 0.5 * width)
+
+
+def _relaxed(vertices: torch.Tensor, model, patch: np.ndarray) -> torch.Tensor:
+    out = relax(vertices.detach().double().cpu().numpy(), model.faces.cpu().numpy(), patch)
+    return torch.from_numpy(out).to(vertices)
 
 
 def _landmark_vertices(layout: StitchedHead, atlas: UVMesh, landmarks: np.ndarray) -> np.ndarray:
@@ -63,10 +84,14 @@ def _landmark_vertices(layout: StitchedHead, atlas: UVMesh, landmarks: np.ndarra
 
 def ensure_offline_heads(run_dir, cfg: Config, subject: SubjectFit) -> dict[str, Mesh]:
     """Build the offline heads, save them (``geometry/<expression>.ply``), their atlas (``texture/atlas.npz``,
-    which the photo texture and the export read) and where the landmarks are (``geometry/head_landmarks.json``).
-    Rebuilt on every call (seconds, deterministic); files already in the run are kept (a resumed run keeps its
-    texels)."""
+    which the photo texture and the export read) and where the landmarks are (``geometry/head_landmarks.json``,
+    with the step's key, ``stages.stage_keys.offline_head_key``). Rebuilt on every call (seconds, deterministic);
+    files already in the run are kept (a resumed run keeps its texels), and only when they were made from the
+    same photos and settings (else ``StaleOutputError``, before anything is built)."""
     layout = RunLayout(run_dir)
+    key = offline_head_key(cfg, subject.photos)
+    if layout.atlas.exists() and layout.head_landmarks.exists():
+        check_stage_key(layout.head_landmarks, read_json_file(layout.head_landmarks), key, layout.root)
     heads, atlases, landmarks = stitched_heads(subject.model, subject.fit.shape, subject.place,
                                                resolve_template(cfg), list(cfg.expressions))
     for name, mesh in heads.items():
@@ -75,6 +100,6 @@ def ensure_offline_heads(run_dir, cfg: Config, subject: SubjectFit) -> dict[str,
     if not layout.atlas.exists():  # else: a resumed run keeps its atlas and what was said of it
         atomic_write_text(layout.head_landmarks, json.dumps({
             "about": "the face model's 68 landmarks (iBUG order) as vertex indices of export/<expression>.glb/.obj; "
-                     "-1 where the face was cut", "vertices": landmarks.tolist()}))
+                     "-1 where the face was cut", "vertices": landmarks.tolist(), "key": key}))
         save_atlases(layout.atlas, dict(zip(heads, atlases)))  # last: its presence marks the step done
     return heads

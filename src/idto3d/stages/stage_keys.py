@@ -56,6 +56,14 @@ def template_fit_key(cfg: Config, photos: Sequence[Path] | None) -> dict[str, st
                      version=__version__)
 
 
+def offline_head_key(cfg: Config, photos: Sequence[Path] | None) -> dict[str, str]:
+    """The offline heads (``stages.offline_head``): the face fitted to ``photos``, stitched into the template,
+    one per expression."""
+    return stage_key(photos=photos_digest(photos),
+                     config=config_digest(cfg, "seed", "expressions", "template", "face_model"),
+                     version=__version__)
+
+
 def photo_texture_key(cfg: Config, photos: Sequence[Path], meshes: Mapping[str, Mesh]) -> dict[str, str]:
     return stage_key(photos=photos_digest(photos), upstream=meshes_digest(meshes),
                      config=config_digest(cfg, "seed", "expressions", "texture", "photo_texture", "face_model"),

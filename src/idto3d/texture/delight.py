@@ -5,12 +5,15 @@ smooth light is, to a few per cent, a 2nd-order spherical-harmonic function of t
 2001). With the fitted head's normals at each face pixel, ``a S`` is fitted per channel as ``Y(n) . l_c`` (the 9
 SH basis functions, ``render.pbr.sh9_basis``) by iteratively reweighted least squares (Huber weights, so eyes,
 brows and lips, whose albedo differs from the skin's, do not tilt the light). The albedo is then the pixel over
-its *relative* shading ``S_rel = (Y(n) . l) / (Y_00 l_0)``, with ``l`` the luminance of the three channels' fits
-(one shading for all channels: seen from the front, each channel's ambient level trades off against its frontal
-term, and per-channel levels tinted the astronaut's skin yellow): the light's directional part is removed and its
-average over all directions kept as the albedo's scale (a surface under uniform light of the photo's mean
-intensity shows its albedo). That level is the least certain part (within ~5 % on the synthetic test; a mostly
-frontal light reads as a darker albedo, ~30 % on the astronaut). A small ridge on the
+its *relative* shading ``S_rel = (Y(n) . l) / mean_face(Y(n) . l)``, with ``l`` the luminance of the three
+channels' fits (one shading for all channels: seen from the front, each channel's ambient level trades off against
+its frontal term, and per-channel levels tinted the astronaut's skin yellow): the light's pattern over the face is
+removed and the photo's exposure of the face kept. One photo cannot fix the albedo's overall level (a bright
+albedo under dim light looks like a dark one under bright light); the photo was exposed for the face, so its
+mean is the level. (The level was the light's average over all directions before, issue 17: a mostly frontal
+portrait light then read as a ~30 % darker albedo, and the astronaut's renders lost identity: mean dlib
+distance 0.377 then, 0.361 with this level and the nostrils relaxed, which alone moved it by < 0.001; README
+"Offline head".) A small ridge on the
 directional coefficients keeps the fit stable when the photo's normals cover only the front of the head.
 """
 
@@ -71,5 +74,8 @@ def delight(srgb: torch.Tensor, normals: torch.Tensor, weight: torch.Tensor | No
     # ambient level trades off against its frontal term, and per-channel levels would tint the albedo.
     mono = coeffs @ torch.tensor([0.2126, 0.7152, 0.0722])
     shading = relative_shading(mono[:, None], normals).to(linear)
+    # The photo's exposure of the face is the level (see the module docstring): mean shading 1 over the face.
+    w = torch.ones(shading.shape[0]) if weight is None else weight.to(shading)
+    shading = shading / float((shading[:, 0] * w).sum() / w.sum().clamp(min=1e-12))
     albedo = linear / shading
     return linear_to_srgb(albedo.clamp(0.0, 1.0)), coeffs
