@@ -160,3 +160,37 @@ def shared_atlas(meshes: Sequence[Mesh]) -> list[UVMesh]:
         _mesh_arrays(m)  # the same checks per expression: a collapsed face in one pose is still an error
         out.append(base.with_positions(m.vertices))
     return out
+
+
+def chart_count(atlas: UVMesh) -> int:
+    """How many UV charts ``atlas`` has: its faces joined through shared (seam-split) vertices."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    f = atlas.faces
+    n = atlas.uvs.shape[0]
+    graph = coo_matrix((np.ones(2 * f.shape[0]), (np.concatenate([f[:, 0], f[:, 0]]),
+                                                   np.concatenate([f[:, 1], f[:, 2]]))), shape=(n, n))
+    labels = connected_components(graph, directed=False)[1]
+    return int(np.unique(labels[f[:, 0]]).size)
+
+
+def texel_density_spread(atlas: UVMesh, low: float = 5.0, high: float = 95.0) -> float:
+    """The ``high``/``low`` percentile ratio of per-face texel density ``sqrt(UV area / 3D area)`` (1: every
+    face gets the same texels per unit of surface)."""
+    def areas(p: np.ndarray) -> np.ndarray:
+        a, b, c = (p[atlas.faces[:, i]].astype(np.float64) for i in range(3))
+        return 0.5 * cross_norm(b - a, c - a)
+
+    area3d = areas(atlas.vertices)
+    ok = area3d > _MIN_AREA
+    density = np.sqrt(areas(atlas.uvs)[ok] / area3d[ok])
+    lo, hi = np.percentile(density, [low, high])
+    return float(hi / max(lo, 1e-30))
+
+
+def cross_norm(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """``|x × y|`` per row, for 2D (UV) or 3D vectors."""
+    if x.shape[1] == 2:
+        return np.abs(x[:, 0] * y[:, 1] - x[:, 1] * y[:, 0])
+    return np.linalg.norm(np.cross(x, y), axis=1)
