@@ -30,7 +30,7 @@ from idto3d.core.device import resolve_device
 from idto3d.core.errors import IdtoError
 from idto3d.core.run_layout import RunLayout, SDSFiles
 from idto3d.core.stored_files import load_npz_file
-from idto3d.geometry.mesh_io import weld_degenerate
+from idto3d.geometry.mesh_clean import clean_meshes
 from idto3d.priors.conventions import LEGACY_PROMPTS, Conventions, legacy
 from idto3d.priors.guidance import GuidanceCond, ScoreDistillation, get_schedule
 from idto3d.render.backend import Rasterizer
@@ -118,9 +118,10 @@ def load_atlases(path: Path, names: list[str]) -> dict[str, UVMesh]:
 
 
 def unwrap_expressions(meshes: dict[str, Mesh]) -> dict[str, UVMesh]:
-    """UV atlases of the stage's meshes (one shared layout where the topology allows), after merging the
-    coincident vertices marching tets leaves and dropping the faces they collapse."""
-    return dict(zip(meshes, shared_atlas([weld_degenerate(m.detach().cpu()) for m in meshes.values()])))
+    """UV atlases of the stage's meshes (one shared layout where the topology allows), after cleaning them
+    (``geometry.mesh_clean``: one body, manifold, closed, and Taubin-smoothed: they come from the DMTet grid)."""
+    cleaned = clean_meshes([m.detach().cpu() for m in meshes.values()], smooth=True)
+    return dict(zip(meshes, shared_atlas(cleaned)))
 
 
 def prepare_expressions(path: Path, meshes: dict[str, Mesh], size: int) -> dict[str, TexturedExpression]:

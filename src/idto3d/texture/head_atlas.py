@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from idto3d.geometry.head_stitch import StitchedHead
+from idto3d.geometry.mesh_clean import CleanSelection
 from idto3d.render.mesh import Mesh
 from idto3d.texture.uv_atlas import UVMesh, cross_norm, unwrap
 
@@ -67,22 +68,28 @@ def _unit_density(uv: np.ndarray, v: np.ndarray, f: np.ndarray) -> np.ndarray:
     return uv * np.sqrt(_area(v, f) / max(_area(uv, f), 1e-30))
 
 
-def _pack(charts: list[np.ndarray]) -> list[np.ndarray]:
-    """The charts (same density) placed in rows, tallest first, then scaled uniformly into the unit square."""
-    size = [c.max(0) - c.min(0) for c in charts]
-    gap = 2 * _MARGIN * np.sqrt(sum(float(s.prod()) for s in size))
-    width = max(max(float(s[0]) for s in size), np.sqrt(sum(float(((s + gap)).prod()) for s in size) * 1.2))
-    order = sorted(range(len(charts)), key=lambda i: -size[i][1])
-    placed: list[np.ndarray] = [np.empty(0)] * len(charts)
-    x = y = row_h = 0.0
-    for i in order:
+def _shelves(size: list[np.ndarray], width: float, gap: float) -> tuple[list[np.ndarray], float]:
+    """Corners of boxes ``size`` placed in rows of at most ``width``, tallest first, and the square's side."""
+    corner: list[np.ndarray] = [np.zeros(2)] * len(size)
+    x = y = row_h = used_w = 0.0
+    for i in sorted(range(len(size)), key=lambda i: -size[i][1]):
         if x > 0 and x + size[i][0] > width:
             x, y, row_h = 0.0, y + row_h + gap, 0.0
-        placed[i] = charts[i] - charts[i].min(0) + np.array([x, y])
-        x, row_h = x + size[i][0] + gap, max(row_h, float(size[i][1]))
-    extent = max(width, y + row_h)
+        corner[i] = np.array([x, y])
+        used_w = max(used_w, x + float(size[i][0]))
+        x, row_h = x + float(size[i][0]) + gap, max(row_h, float(size[i][1]))
+    return corner, max(used_w, y + row_h)
+
+
+def _pack(charts: list[np.ndarray]) -> list[np.ndarray]:
+    """The charts (same density) placed in rows, tallest first, on the row width (of 64 tried) that needs the
+    smallest square, then scaled uniformly into the unit square."""
+    size = [c.max(0) - c.min(0) for c in charts]
+    gap = 2 * _MARGIN * np.sqrt(sum(float(s.prod()) for s in size))
+    widths = np.linspace(max(float(s[0]) for s in size), sum(float(s[0]) + gap for s in size), 64)
+    corner, extent = min((_shelves(size, float(w), gap) for w in widths), key=lambda r: r[1])
     scale = (1.0 - 2 * _MARGIN) / extent
-    return [p * scale + _MARGIN for p in placed]
+    return [(c - c.min(0) + o) * scale + _MARGIN for c, o in zip(charts, corner)]
 
 
 def _edge_neighbours(f: np.ndarray) -> np.ndarray:
@@ -112,14 +119,19 @@ def _rest_parts(v: np.ndarray, f: np.ndarray, centre: np.ndarray) -> np.ndarray:
     return part
 
 
-def stitched_atlas(head: Mesh, layout: StitchedHead, centre: np.ndarray | torch.Tensor) -> UVMesh:
+def stitched_atlas(head: Mesh, layout: StitchedHead, centre: np.ndarray | torch.Tensor,
+                   cleaned: CleanSelection | None = None) -> UVMesh:
     """The UV layout of a stitched head (any of its expressions: they share the topology); ``centre``: the
-    point behind the face that its chart is seen from (``chart_centre``)."""
+    point behind the face that its chart is seen from (``chart_centre``); ``cleaned``: the repair that made
+    ``head`` from the stitched one (``geometry.mesh_clean``), if any (it tells which faces are the face's)."""
     v = head.vertices.detach().double().cpu().numpy()
     f = head.faces.cpu().numpy().astype(np.int64)
     centre = np.asarray(centre, dtype=np.float64)
     split = layout.n_body_faces + layout.n_bridge_faces
-    part = np.concatenate([_rest_parts(v, f[:split], centre), np.full(f.shape[0] - split, 4)])
+    source = cleaned.face_source if cleaned is not None else np.arange(f.shape[0])
+    on_face = source >= split  # hole fills (-1) go with the rest
+    part = np.full(f.shape[0], 4)
+    part[~on_face] = _rest_parts(v, f[~on_face], centre)
     maps, faces, uvs, order = [], [], [], []
     offset = 0
     for k in range(5):
