@@ -191,7 +191,8 @@ def clean_selection(mesh: Mesh) -> CleanSelection:
     f = _weld(v, f)
     source = np.arange(f.shape[0])
     for _ in range(3):  # dropping non-manifold faces can leave fragments and holes; repeat until nothing changes
-        for pick in (_good_faces(v, f), _manifold_faces(f)):
+        for select in (_good_faces, lambda _, faces: _manifold_faces(faces)):
+            pick = select(v, f)
             f, source = f[pick], source[pick]
         pick = _large_component_faces(f)
         f, source = f[pick], source[pick]

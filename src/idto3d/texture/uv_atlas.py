@@ -15,7 +15,7 @@ between charts (so bilinear lookups and mip level 1 do not bleed across charts),
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -144,20 +144,23 @@ def same_topology(meshes: Sequence[Mesh]) -> bool:
     )
 
 
-def shared_atlas(meshes: Sequence[Mesh]) -> list[UVMesh]:
-    """Unwrap a set of expression meshes: one shared layout when they share topology, else one each.
+def shared_atlas(meshes: Sequence[Mesh], layout: Callable[[Mesh], UVMesh] | None = None) -> list[UVMesh]:
+    """Unwrap a set of expression meshes (with ``layout``; default ``unwrap``): one shared layout when they share
+    topology, else one each.
 
     The shared layout is computed on the first mesh (the neutral expression, by convention) and
     reused, so every expression's texture maps are interchangeable texel for texel.
     """
     if len(meshes) == 0:
         raise UnwrapError("no meshes to unwrap; pass at least one expression mesh")
+    layout = layout or unwrap
+    for m in meshes:
+        _mesh_arrays(m)  # the same checks per expression, whichever layout: a collapsed face is still an error
     if not same_topology(meshes):
-        return [unwrap(m) for m in meshes]
-    base = unwrap(meshes[0])
+        return [layout(m) for m in meshes]
+    base = layout(meshes[0])
     out = [base]
     for m in meshes[1:]:
-        _mesh_arrays(m)  # the same checks per expression: a collapsed face in one pose is still an error
         out.append(base.with_positions(m.vertices))
     return out
 
