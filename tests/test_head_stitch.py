@@ -91,7 +91,7 @@ MAX_DENSITY_SPREAD = 2.0
 
 def test_the_atlas_has_a_face_chart_and_four_large_charts_at_one_density(stitched):
     from idto3d.texture.head_atlas import chart_centre, stitched_atlas
-    from idto3d.texture.uv_atlas import chart_count, texel_density_spread
+    from idto3d.texture.uv_atlas import chart_count, chart_densities, texel_density_spread
 
     model, face, body, bent, layout, head = stitched
     atlas = stitched_atlas(head, layout, chart_centre(face[model.landmarks[30]]))
@@ -105,6 +105,8 @@ def test_the_atlas_has_a_face_chart_and_four_large_charts_at_one_density(stitche
     print(f"charts {charts}, texel-density spread p95/p5 {spread:.2f}")
     assert chart_count(face_only) == 1  # the face is one chart
     assert charts <= MAX_CHARTS and spread <= MAX_DENSITY_SPREAD
+    density = chart_densities(atlas)
+    assert density.max() / density.min() < 1.01  # every chart at the same texels per unit of surface
     uv = atlas.uvs[atlas.faces]
     cross = (uv[:, 1, 0] - uv[:, 0, 0]) * (uv[:, 2, 1] - uv[:, 0, 1]) - \
         (uv[:, 1, 1] - uv[:, 0, 1]) * (uv[:, 2, 0] - uv[:, 0, 0])

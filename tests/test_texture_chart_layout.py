@@ -10,7 +10,7 @@ import torch
 from idto3d.geometry.mesh_clean import clean_meshes
 from idto3d.render.mesh import Mesh
 from idto3d.texture.chart_layout import head_layout
-from idto3d.texture.uv_atlas import chart_count, texel_density_spread
+from idto3d.texture.uv_atlas import chart_count, chart_densities, texel_density_spread
 
 # Measured on the built-in template at grid 48, cleaned and smoothed: xatlas (the SDS path before issue 19) 17
 # charts, density spread 1.33; head_layout 5 charts, 1.61 (grid-48 astronaut runs: 708 -> 5 charts).
@@ -51,6 +51,8 @@ def test_a_grid_head_gets_a_few_large_charts_at_one_density(grid_head):
     print(f"charts {charts}, density spread {spread:.2f}, folded {(signed <= 0).sum()} of {signed.size}, "
           f"coverage {np.abs(signed).sum() / 2:.0%}")
     assert charts <= MAX_CHARTS and spread <= MAX_DENSITY_SPREAD
+    density = chart_densities(atlas)
+    assert density.max() / density.min() < 1.01  # every chart at the same texels per unit of surface
     assert (signed <= 0).mean() < 5e-3  # no mirrored island, next to no folds
     assert _overlap(atlas) < 1e-3
     assert np.abs(signed).sum() / 2 > 0.35  # the packing uses the square

@@ -165,8 +165,8 @@ def shared_atlas(meshes: Sequence[Mesh], layout: Callable[[Mesh], UVMesh] | None
     return out
 
 
-def chart_count(atlas: UVMesh) -> int:
-    """How many UV charts ``atlas`` has: its faces joined through shared (seam-split) vertices."""
+def chart_labels(atlas: UVMesh) -> np.ndarray:
+    """The UV chart of each face of ``atlas``: faces joined through shared (seam-split) vertices."""
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
@@ -174,20 +174,34 @@ def chart_count(atlas: UVMesh) -> int:
     n = atlas.uvs.shape[0]
     graph = coo_matrix((np.ones(2 * f.shape[0]), (np.concatenate([f[:, 0], f[:, 0]]),
                                                    np.concatenate([f[:, 1], f[:, 2]]))), shape=(n, n))
-    labels = connected_components(graph, directed=False)[1]
-    return int(np.unique(labels[f[:, 0]]).size)
+    labels = connected_components(graph, directed=False)[1][f[:, 0]]
+    return np.unique(labels, return_inverse=True)[1].reshape(-1)
+
+
+def chart_count(atlas: UVMesh) -> int:
+    """How many UV charts ``atlas`` has."""
+    return int(chart_labels(atlas).max()) + 1
+
+
+def chart_densities(atlas: UVMesh) -> np.ndarray:
+    """Each chart's texel density ``sqrt(UV area / 3D area)`` (equal everywhere: no chart wastes the map)."""
+    labels = chart_labels(atlas)
+    uv = np.bincount(labels, _face_areas(atlas.uvs, atlas.faces))
+    xyz = np.bincount(labels, _face_areas(atlas.vertices, atlas.faces))
+    return np.sqrt(uv / np.maximum(xyz, 1e-30))
+
+
+def _face_areas(p: np.ndarray, faces: np.ndarray) -> np.ndarray:
+    a, b, c = (p[faces[:, i]].astype(np.float64) for i in range(3))
+    return 0.5 * cross_norm(b - a, c - a)
 
 
 def texel_density_spread(atlas: UVMesh, low: float = 5.0, high: float = 95.0) -> float:
     """The ``high``/``low`` percentile ratio of per-face texel density ``sqrt(UV area / 3D area)`` (1: every
     face gets the same texels per unit of surface)."""
-    def areas(p: np.ndarray) -> np.ndarray:
-        a, b, c = (p[atlas.faces[:, i]].astype(np.float64) for i in range(3))
-        return 0.5 * cross_norm(b - a, c - a)
-
-    area3d = areas(atlas.vertices)
+    area3d = _face_areas(atlas.vertices, atlas.faces)
     ok = area3d > _MIN_AREA
-    density = np.sqrt(areas(atlas.uvs)[ok] / area3d[ok])
+    density = np.sqrt(_face_areas(atlas.uvs, atlas.faces)[ok] / area3d[ok])
     lo, hi = np.percentile(density, [low, high])
     return float(hi / max(lo, 1e-30))
 
