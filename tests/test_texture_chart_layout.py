@@ -10,7 +10,7 @@ import torch
 from idto3d.geometry.mesh_clean import clean_meshes
 from idto3d.render.mesh import Mesh
 from idto3d.texture.chart_layout import head_layout
-from idto3d.texture.uv_atlas import chart_count, chart_densities, texel_density_spread
+from idto3d.texture.uv_atlas import chart_count, chart_densities, chart_labels, texel_density_spread
 
 # Measured on the built-in template at grid 48, cleaned and smoothed: xatlas (the SDS path before issue 19) 17
 # charts, density spread 1.33; head_layout 5 charts, 1.61 (grid-48 astronaut runs: 708 -> 5 charts).
@@ -94,3 +94,20 @@ def test_the_sds_unwrap_repairs_a_messy_grid_mesh_before_laying_it_out():
     mesh, _, _ = atlas.render_inputs()
     defects = mesh_defects(mesh)
     assert defects.clean and defects.boundary_edges == 0, defects
+
+
+def test_a_projection_that_folds_is_not_trusted():
+    """A caller's projection that folds (here: a closed sphere seen along z, front over back, as a mouth cavity
+    behind the face would be) is replaced, so no texel is shared by two parts of the surface."""
+    import trimesh
+
+    from idto3d.texture.chart_layout import layout_parts
+
+    s = trimesh.creation.icosphere(subdivisions=3, radius=0.5)
+    v, f = np.asarray(s.vertices, np.float64), np.asarray(s.faces, np.int64)
+    atlas = layout_parts(v, f, np.zeros(len(f), np.int64), {0: lambda vertices, _: vertices[:, :2].copy()})
+    assert _overlap(atlas) < 1e-3
+    # Within each chart the triangles keep one winding (xatlas, which takes the closed sphere, may mirror a chart).
+    labels, signed = chart_labels(atlas), _signed_uv_areas(atlas)
+    folds = sum(min((signed[labels == k] < 0).sum(), (signed[labels == k] > 0).sum()) for k in np.unique(labels))
+    assert folds / len(signed) < 5e-3

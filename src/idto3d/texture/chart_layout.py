@@ -47,6 +47,13 @@ def conformal_chart(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray | Non
     return uv if (signed <= 0).mean() <= MAX_FOLDS else None
 
 
+def _folded_share(uv: np.ndarray, faces: np.ndarray) -> float:
+    """Share of the triangles whose UV winding is against the chart's majority."""
+    a, b, c = (uv[faces[:, i]] for i in range(3))
+    signed = (b - a)[:, 0] * (c - a)[:, 1] - (b - a)[:, 1] * (c - a)[:, 0]
+    return float(min((signed <= 0).sum(), (signed >= 0).sum()) / max(signed.size, 1))
+
+
 def _xatlas_charts(vertices: np.ndarray, faces: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     rest = unwrap(Mesh(torch.from_numpy(vertices).float(), torch.from_numpy(faces)))
     return rest.vmapping, rest.faces, rest.uvs.astype(np.float64)
@@ -131,7 +138,8 @@ def layout_parts(v: np.ndarray, f: np.ndarray, part: np.ndarray,
                  flatten: dict[int, Flatten] | None = None) -> UVMesh:
     """The UV layout of mesh ``(v, f)`` cut into ``part`` (a label per face): each edge-connected piece of a part
     is one chart, flattened by ``flatten[label]`` when given (a projection the caller knows is fold-free) or by
-    LSCM, and by xatlas when neither can (not a disc); all at one texel density, packed into the unit square."""
+    LSCM (also when the caller's projection folds more than ``MAX_FOLDS`` of the piece), and by xatlas when
+    neither can (not a disc); all at one texel density, packed into the unit square."""
     flatten = flatten or {}
     maps, faces, uvs, order = [], [], [], []
     offset = 0
@@ -142,7 +150,11 @@ def layout_parts(v: np.ndarray, f: np.ndarray, part: np.ndarray,
             sel = in_part[pieces == piece]
             ids = np.unique(f[sel])
             local = np.searchsorted(ids, f[sel])
-            uv = (flatten.get(label) or conformal_chart)(v[ids], local)
+            uv = flatten[label](v[ids], local) if label in flatten else None
+            if uv is not None and _folded_share(uv, local) > MAX_FOLDS:  # e.g. a mouth cavity behind the face
+                uv = None
+            if uv is None:
+                uv = conformal_chart(v[ids], local)
             if uv is None:  # not a disc: let xatlas cut it
                 mapping, local, uv = _xatlas_charts(v[ids], local)
                 ids = ids[mapping]
