@@ -48,6 +48,24 @@ def test_offline_head_has_the_photos_identity(offline_run):
     assert distances[0] < threshold
 
 
+# Measured on the astronaut with these settings (README "Clean meshes and UVs"): before issue 19 the layout had
+# 77 charts and a texel-density spread (p95/p5) of 1.99; the hand-cut layout has 5 charts and 1.74.
+MAX_CHARTS = 6
+MAX_DENSITY_SPREAD = 2.0
+
+
+@pytest.mark.slow
+def test_offline_exports_are_clean_accepted_by_render_and_share_a_few_chart_layout(offline_run, tmp_path):
+    from mesh_checks import atlas_numbers, check_exported_meshes, same_layout
+
+    result, cfg = offline_run
+    names = list(cfg.expressions)
+    assert len(check_exported_meshes(result.run_dir, tmp_path)) == 2 * len(names)
+    for charts, spread in atlas_numbers(result.run_dir, names).values():
+        assert charts <= MAX_CHARTS and spread <= MAX_DENSITY_SPREAD
+    assert same_layout(result.run_dir, names)  # one UV layout for all expressions
+
+
 @pytest.mark.slow
 def test_offline_run_folder_passes_the_export_checks(offline_run):
     from gltf_checks import check_exported_glb

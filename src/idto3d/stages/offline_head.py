@@ -24,6 +24,7 @@ from idto3d.core.run_manifest import check_stage_key
 from idto3d.core.stored_files import read_json_file
 from idto3d.geometry.face_repair import crumpled_vertices, relax
 from idto3d.geometry.head_stitch import StitchedHead, build_stitched_head, conform_body, face_mask, pose_head, smooth_body
+from idto3d.geometry.mesh_clean import CleanSelection, clean_selection
 from idto3d.geometry.mesh_io import save_mesh
 from idto3d.render.mesh import Mesh
 from idto3d.stages.initial_geometry import resolve_template
@@ -50,10 +51,13 @@ def stitched_heads(model, shape: torch.Tensor, place, template: Mesh, names: lis
     body = smooth_body(template, BODY_FACES)
     face_mesh = Mesh(neutral, model.faces)
     layout = build_stitched_head(conform_body(body, face_mesh, mask), face_mesh, mask)
-    heads = {n: pose_head(layout, conform_body(body, Mesh(faces[n], model.faces), mask), faces[n]) for n in names}
-    base = stitched_atlas(heads[names[0]], layout, chart_centre(neutral[model.landmarks[30]]))
+    stitched = {n: pose_head(layout, conform_body(body, Mesh(faces[n], model.faces), mask), faces[n]) for n in names}
+    # One repair, decided on the first (neutral) head and applied to all: the expressions keep one topology.
+    cleaned = clean_selection(stitched[names[0]])
+    heads = {n: cleaned.apply(m) for n, m in stitched.items()}
+    base = stitched_atlas(heads[names[0]], layout, chart_centre(neutral[model.landmarks[30]]), cleaned)
     atlases = [base] + [base.with_positions(heads[n].vertices) for n in names[1:]]
-    return heads, atlases, _landmark_vertices(layout, base, model.landmarks.numpy())
+    return heads, atlases, _landmark_vertices(layout, base, model.landmarks.numpy(), cleaned)
 
 
 def _crumpled_patch(neutral: torch.Tensor, model) -> np.ndarray:
@@ -71,12 +75,14 @@ def _relaxed(vertices: torch.Tensor, model, patch: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(out).to(vertices)
 
 
-def _landmark_vertices(layout: StitchedHead, atlas: UVMesh, landmarks: np.ndarray) -> np.ndarray:
+def _landmark_vertices(layout: StitchedHead, atlas: UVMesh, landmarks: np.ndarray,
+                       cleaned: CleanSelection) -> np.ndarray:
     head_id = np.full(landmarks.shape, -1, np.int64)
     pos = np.searchsorted(layout.face_vertices, landmarks)
     found = (pos < layout.face_vertices.size) & (layout.face_vertices[np.minimum(pos, layout.face_vertices.size - 1)]
                                                  == landmarks)
     head_id[found] = layout.n_body + pos[found]
+    head_id = cleaned.vertex_of(head_id)
     first = np.full(int(atlas.vmapping.max()) + 1, -1, np.int64)
     first[atlas.vmapping[::-1]] = np.arange(atlas.vmapping.size)[::-1]  # the first layout vertex of each
     return np.where(head_id >= 0, first[np.maximum(head_id, 0)], -1)

@@ -30,7 +30,7 @@ from idto3d.core.device import resolve_device
 from idto3d.core.errors import IdtoError
 from idto3d.core.run_layout import RunLayout, SDSFiles
 from idto3d.core.stored_files import load_npz_file
-from idto3d.geometry.mesh_io import weld_degenerate
+from idto3d.geometry.mesh_clean import clean_meshes
 from idto3d.priors.conventions import LEGACY_PROMPTS, Conventions, legacy
 from idto3d.priors.guidance import GuidanceCond, ScoreDistillation, get_schedule
 from idto3d.render.backend import Rasterizer
@@ -41,6 +41,7 @@ from idto3d.render.pseudo_albedo import FLAT_LIGHT, render_pseudo_albedo
 from idto3d.stages.sds_runner import (SDSProgress, SDSStage, SDSStep, conditioning_key, draw_views, embedding_on,
                                       finished, preview_resolution, run_sds, stage_rasterizer, write_done)
 from idto3d.stages.stage_keys import meshes_digest
+from idto3d.texture.chart_layout import head_layout
 from idto3d.texture.lighting import LightingSampler
 from idto3d.texture.texels import TexelMap, texel_map
 from idto3d.texture.texture_field import TextureField, build_texture_field, texture_optimizer
@@ -118,9 +119,11 @@ def load_atlases(path: Path, names: list[str]) -> dict[str, UVMesh]:
 
 
 def unwrap_expressions(meshes: dict[str, Mesh]) -> dict[str, UVMesh]:
-    """UV atlases of the stage's meshes (one shared layout where the topology allows), after merging the
-    coincident vertices marching tets leaves and dropping the faces they collapse."""
-    return dict(zip(meshes, shared_atlas([weld_degenerate(m.detach().cpu()) for m in meshes.values()])))
+    """UV atlases of the stage's meshes (one shared layout where the topology allows), after cleaning them
+    (``geometry.mesh_clean``: one body, manifold, closed, and Taubin-smoothed: they come from the DMTet grid),
+    laid out in a few large charts (``texture.chart_layout.head_layout``)."""
+    cleaned = clean_meshes([m.detach().cpu() for m in meshes.values()], smooth=True)
+    return dict(zip(meshes, shared_atlas(cleaned, head_layout)))
 
 
 def prepare_expressions(path: Path, meshes: dict[str, Mesh], size: int) -> dict[str, TexturedExpression]:

@@ -1,13 +1,14 @@
-"""The UV layout of the stitched offline head (``geometry.head_stitch``): one chart for the face, xatlas for
-the rest.
+"""The UV layout of the stitched offline head (``geometry.head_stitch``): five large charts at one texel density.
 
-xatlas charts a 100k-triangle face in about a minute on two cores (it grows many small charts on the face's
-dense, curved surface), while the face is a disc that its longitude and latitude, seen from a point behind it,
-flatten at once (the 3DDFA triangulation was made in that projection: about 40 of 69k triangles fold, in the
-nostrils, where the model's mesh itself folds). So the face gets that single chart, in the left ``FACE_SHARE`` of the square (scaled
-uniformly: it is where the detail is), and the smooth, coarse rest of the head (body and zipper) is unwrapped by
-xatlas and scaled into the remaining strip. The result is a ``UVMesh`` like ``uv_atlas.unwrap``'s, seam-split
-along the face's cut, in the stitched head's face order.
+An artist paints on a few large islands, not on the ~80 small ones xatlas cuts the smooth body into. So the head is
+cut by hand where nobody looks: the face is one chart (its longitude and latitude seen from a point behind it, the
+projection the 3DDFA triangulation was made in, so it has next to no folds); the rest (the back of the head, the
+neck and its cap, topologically a disc around the face's cut) is cut by a seam down the middle of the back and
+over the crown (the sagittal plane through the nose) and one around the neck (``NECK_SHARE``), into four discs
+that are flattened conformally (libigl's LSCM). Every chart is then scaled to the same texels per unit of surface
+(so the map is not wasted on the neck) and the five are packed in rows into the square. A part that is not a disc
+(a stitch gone wrong) falls back to xatlas. The result is a ``UVMesh`` like ``uv_atlas.unwrap``'s, seam-split
+along the cuts, in the stitched head's face order.
 """
 
 from __future__ import annotations
@@ -16,11 +17,12 @@ import numpy as np
 import torch
 
 from idto3d.geometry.head_stitch import StitchedHead
+from idto3d.geometry.mesh_clean import CleanSelection
 from idto3d.render.mesh import Mesh
-from idto3d.texture.uv_atlas import UVMesh, unwrap
+from idto3d.texture.chart_layout import layout_parts, smooth_parts
+from idto3d.texture.uv_atlas import UVMesh
 
-FACE_SHARE = 0.55  # of the atlas width given to the face chart
-_MARGIN = 0.01     # around each part, in UV units
+NECK_SHARE = 0.3  # of the non-face faces below the neck seam: the neck and its cap, up to under the jaw
 
 
 def _face_chart(vertices: np.ndarray, centre: np.ndarray) -> np.ndarray:
@@ -30,39 +32,27 @@ def _face_chart(vertices: np.ndarray, centre: np.ndarray) -> np.ndarray:
     return np.stack([np.arctan2(d[:, 0], d[:, 2]), np.arctan2(d[:, 1], np.hypot(d[:, 0], d[:, 2]))], axis=1)
 
 
-def _fit_box(uv: np.ndarray, x0: float, x1: float, uniform: bool) -> np.ndarray:
-    """``uv`` scaled (uniformly, or per axis) and moved into ``[x0, x1] x [0, 1]`` minus the margin."""
-    lo, hi = uv.min(0), uv.max(0)
-    span = np.maximum(hi - lo, 1e-12)
-    box = np.array([x1 - x0 - 2 * _MARGIN, 1.0 - 2 * _MARGIN])
-    scale = np.full(2, (box / span).min()) if uniform else box / span
-    out = (uv - lo) * scale
-    out += (box - span * scale) / 2 + np.array([x0 + _MARGIN, _MARGIN])
-    return out
+def _rest_parts(v: np.ndarray, f: np.ndarray, centre: np.ndarray) -> np.ndarray:
+    """Part 0-3 of each non-face face: left/right of the sagittal plane, neck (below the seam) or head."""
+    c = v[f].mean(1)
+    neck = c[:, 1] <= np.percentile(c[:, 1], 100 * NECK_SHARE)
+    return smooth_parts(f, (c[:, 0] > centre[0]).astype(np.int64) + 2 * (~neck))
 
 
-def stitched_atlas(head: Mesh, layout: StitchedHead, centre: np.ndarray | torch.Tensor) -> UVMesh:
+def stitched_atlas(head: Mesh, layout: StitchedHead, centre: np.ndarray | torch.Tensor,
+                   cleaned: CleanSelection | None = None) -> UVMesh:
     """The UV layout of a stitched head (any of its expressions: they share the topology); ``centre``: the
-    point behind the face that its chart is seen from (``chart_centre``)."""
+    point behind the face that its chart is seen from (``chart_centre``); ``cleaned``: the repair that made
+    ``head`` from the stitched one (``geometry.mesh_clean``), if any (it tells which faces are the face's)."""
     v = head.vertices.detach().double().cpu().numpy()
     f = head.faces.cpu().numpy().astype(np.int64)
+    centre = np.asarray(centre, dtype=np.float64)
     split = layout.n_body_faces + layout.n_bridge_faces
-    parts = []
-    for part_faces, face_part in ((f[:split], False), (f[split:], True)):
-        ids = np.unique(part_faces)
-        local = np.searchsorted(ids, part_faces)
-        if face_part:
-            uv = _fit_box(_face_chart(v[ids], np.asarray(centre, dtype=np.float64)), 0.0, FACE_SHARE, uniform=True)
-            parts.append((ids, local, uv))
-        else:
-            rest = unwrap(Mesh(torch.from_numpy(v[ids]).float(), torch.from_numpy(local)))
-            uv = _fit_box(rest.uvs.astype(np.float64), FACE_SHARE, 1.0, uniform=False)
-            parts.append((ids[rest.vmapping], rest.faces, uv))
-    (m_a, f_a, uv_a), (m_b, f_b, uv_b) = parts
-    vmapping = np.concatenate([m_a, m_b]).astype(np.int64)
-    faces = np.concatenate([f_a, f_b + m_a.shape[0]]).astype(np.int64)
-    uvs = np.clip(np.concatenate([uv_a, uv_b]), 0.0, 1.0).astype(np.float32)
-    return UVMesh(v[vmapping].astype(np.float32), faces, uvs, vmapping)
+    source = cleaned.face_source if cleaned is not None else np.arange(f.shape[0])
+    on_face = source >= split  # hole fills (-1) go with the rest
+    part = np.full(f.shape[0], 4)
+    part[~on_face] = _rest_parts(v, f[~on_face], centre)
+    return layout_parts(v, f, part, {4: lambda vertices, _: _face_chart(vertices, centre)})
 
 
 def chart_centre(nose_tip: torch.Tensor, depth: float = 0.8) -> np.ndarray:

@@ -15,7 +15,7 @@ between charts (so bilinear lookups and mip level 1 do not bleed across charts),
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -144,19 +144,70 @@ def same_topology(meshes: Sequence[Mesh]) -> bool:
     )
 
 
-def shared_atlas(meshes: Sequence[Mesh]) -> list[UVMesh]:
-    """Unwrap a set of expression meshes: one shared layout when they share topology, else one each.
+def shared_atlas(meshes: Sequence[Mesh], layout: Callable[[Mesh], UVMesh] | None = None) -> list[UVMesh]:
+    """Unwrap a set of expression meshes (with ``layout``; default ``unwrap``): one shared layout when they share
+    topology, else one each.
 
     The shared layout is computed on the first mesh (the neutral expression, by convention) and
     reused, so every expression's texture maps are interchangeable texel for texel.
     """
     if len(meshes) == 0:
         raise UnwrapError("no meshes to unwrap; pass at least one expression mesh")
+    layout = layout or unwrap
+    for m in meshes:
+        _mesh_arrays(m)  # the same checks per expression, whichever layout: a collapsed face is still an error
     if not same_topology(meshes):
-        return [unwrap(m) for m in meshes]
-    base = unwrap(meshes[0])
+        return [layout(m) for m in meshes]
+    base = layout(meshes[0])
     out = [base]
     for m in meshes[1:]:
-        _mesh_arrays(m)  # the same checks per expression: a collapsed face in one pose is still an error
         out.append(base.with_positions(m.vertices))
     return out
+
+
+def chart_labels(atlas: UVMesh) -> np.ndarray:
+    """The UV chart of each face of ``atlas``: faces joined through shared (seam-split) vertices."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    f = atlas.faces
+    n = atlas.uvs.shape[0]
+    graph = coo_matrix((np.ones(2 * f.shape[0]), (np.concatenate([f[:, 0], f[:, 0]]),
+                                                   np.concatenate([f[:, 1], f[:, 2]]))), shape=(n, n))
+    labels = connected_components(graph, directed=False)[1][f[:, 0]]
+    return np.unique(labels, return_inverse=True)[1].reshape(-1)
+
+
+def chart_count(atlas: UVMesh) -> int:
+    """How many UV charts ``atlas`` has."""
+    return int(chart_labels(atlas).max()) + 1
+
+
+def chart_densities(atlas: UVMesh) -> np.ndarray:
+    """Each chart's texel density ``sqrt(UV area / 3D area)`` (equal everywhere: no chart wastes the map)."""
+    labels = chart_labels(atlas)
+    uv = np.bincount(labels, _face_areas(atlas.uvs, atlas.faces))
+    xyz = np.bincount(labels, _face_areas(atlas.vertices, atlas.faces))
+    return np.sqrt(uv / np.maximum(xyz, 1e-30))
+
+
+def _face_areas(p: np.ndarray, faces: np.ndarray) -> np.ndarray:
+    a, b, c = (p[faces[:, i]].astype(np.float64) for i in range(3))
+    return 0.5 * cross_norm(b - a, c - a)
+
+
+def texel_density_spread(atlas: UVMesh, low: float = 5.0, high: float = 95.0) -> float:
+    """The ``high``/``low`` percentile ratio of per-face texel density ``sqrt(UV area / 3D area)`` (1: every
+    face gets the same texels per unit of surface)."""
+    area3d = _face_areas(atlas.vertices, atlas.faces)
+    ok = area3d > _MIN_AREA
+    density = np.sqrt(_face_areas(atlas.uvs, atlas.faces)[ok] / area3d[ok])
+    lo, hi = np.percentile(density, [low, high])
+    return float(hi / max(lo, 1e-30))
+
+
+def cross_norm(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """``|x × y|`` per row, for 2D (UV) or 3D vectors."""
+    if x.shape[1] == 2:
+        return np.abs(x[:, 0] * y[:, 1] - x[:, 1] * y[:, 0])
+    return np.linalg.norm(np.cross(x, y), axis=1)

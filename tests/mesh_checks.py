@@ -1,0 +1,50 @@
+"""What every mesh we export must be: one body, manifold, closed, no collapsed faces, and accepted by our own
+``idto3d render`` (which validates it as a closed manifold); and what its UV layout must be."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+from typer.testing import CliRunner
+
+from idto3d.cli import app
+from idto3d.core.run_layout import RunLayout
+from idto3d.geometry.mesh_clean import mesh_defects
+from idto3d.geometry.mesh_io import load_mesh
+from idto3d.stages.texture_stage import load_atlases
+from idto3d.texture.uv_atlas import chart_count, texel_density_spread
+
+
+def check_exported_meshes(run: Path, tmp: Path) -> list[Path]:
+    """Assert every ``export/*.obj|glb`` of ``run`` is clean and ``idto3d render`` accepts it; returns them."""
+    files = sorted((run / "export").glob("*.obj")) + sorted((run / "export").glob("*.glb"))
+    assert files
+    for path in files:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a GLB's texture/material notes are not the point here
+            defects = mesh_defects(load_mesh(path))
+        print(f"{path.name}: {defects}")
+        assert defects.components == 1 and defects.nonmanifold_edges == 0, (path, defects)
+        assert defects.boundary_edges == 0 and defects.degenerate_faces == 0, (path, defects)
+        out = tmp / f"{path.stem}_{path.suffix[1:]}.png"
+        result = CliRunner().invoke(app, ["render", str(path), "-o", str(out), "--views", "1", "--resolution", "32"])
+        assert result.exit_code == 0, (path, result.output)
+        assert out.stat().st_size > 0
+    return files
+
+
+def atlas_numbers(run: Path, names: list[str]) -> dict[str, tuple[int, float]]:
+    """``{expression: (charts, texel-density spread p95/p5)}`` of the run's UV atlas."""
+    atlases = load_atlases(RunLayout(run).atlas, names)
+    out = {n: (chart_count(a), texel_density_spread(a)) for n, a in atlases.items()}
+    print("atlas (charts, density spread):", {n: (c, round(s, 2)) for n, (c, s) in out.items()})
+    return out
+
+
+def same_layout(run: Path, names: list[str]) -> bool:
+    """True when every expression's atlas has the first one's faces and UVs (stored once for all)."""
+    atlases = load_atlases(RunLayout(run).atlas, names)
+    first = atlases[names[0]]
+    return all(np.array_equal(a.faces, first.faces) and np.array_equal(a.uvs, first.uvs) for a in atlases.values())
