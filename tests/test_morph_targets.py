@@ -10,6 +10,7 @@ import pygltflib
 import pytest
 import torch
 import trimesh
+from gltf_checks import check_exported_glb, validate_glb
 from typer.testing import CliRunner
 
 from idto3d.cli import app
@@ -19,8 +20,6 @@ from idto3d.export.morph import morph_glb_bytes, write_morph_glb
 from idto3d.geometry.surface_fit import closest_distances, fit_to_surface
 from idto3d.geometry.template import build_head_template
 from idto3d.identity.io import IdentityEmbedding, save_identity
-
-from gltf_checks import check_exported_glb, validate_glb
 
 TOL_M = 1e-6  # float32 metres: base + delta reproduces the expression's own .glb to well under a micrometre
 
@@ -140,7 +139,7 @@ def test_the_smoothness_term_keeps_a_fit_onto_sharp_corners_from_folding():
     raw = fit_to_surface(s.vertices, s.faces, cube.vertices, cube.faces, iterations=1, smoothness=0.0)
     smooth = fit_to_surface(s.vertices, s.faces, cube.vertices, cube.faces, smoothness=10.0, final_ratio=0.05)
     ref = s.face_normals
-    area = lambda v: trimesh.Trimesh(v, s.faces, process=False).area_faces  # noqa: E731
+    area = lambda v: trimesh.Trimesh(v, s.faces, process=False).area_faces
     assert _flipped(raw.vertices, s.faces, ref) + int((area(raw.vertices) < 1e-6).sum()) > 0
     assert _flipped(smooth.vertices, s.faces, ref) == 0 and area(smooth.vertices).min() > 1e-6
     assert smooth.distances.mean() < 0.02

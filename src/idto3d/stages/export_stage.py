@@ -17,16 +17,16 @@ from rich.console import Console
 
 from idto3d.core.atomic import atomic_write_text
 from idto3d.core.config import Config
-from idto3d.export import PBRMaps, UVMesh, export_expression
-from idto3d.export.morph import same_layout, write_morph_glb
-from idto3d.export.turntable import find_ffmpeg, write_turntable
-from idto3d.geometry.surface_fit import fit_to_surface
 from idto3d.core.progress import progress_bar
 from idto3d.core.run_layout import RunLayout
 from idto3d.core.run_manifest import check_stage_key
 from idto3d.core.stored_files import read_json_file
-from idto3d.texture.texture_field import TextureField
+from idto3d.export import PBRMaps, UVMesh, export_expression
+from idto3d.export.morph import same_layout, write_morph_glb
+from idto3d.export.turntable import find_ffmpeg, write_turntable
+from idto3d.geometry.surface_fit import fit_to_surface
 from idto3d.texture.texels import texel_map
+from idto3d.texture.texture_field import TextureField
 
 GREY = (0.5, 0.7, 0.0)  # albedo, roughness, metallic of the placeholder material
 
