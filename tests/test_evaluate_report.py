@@ -140,7 +140,8 @@ def test_report_is_local_and_complete(report, run_dir):
                 "examples/jsm/controls/OrbitControls.js", "examples/jsm/environments/RoomEnvironment.js",
                 "examples/jsm/utils/BufferGeometryUtils.js", "LICENSE"]:
         assert (rdir / "vendor" / "three" / rel).is_file(), rel
-    assert set(embedded["glbs"]) == {"neutral", "smile"}
+    assert set(embedded["glbs"]) == {"neutral", "smile", "morph/head"}  # the expressions and the morph head
+    assert base64.b64decode(embedded["glbs"]["morph/head"]) == (run_dir / "export/morph/head.glb").read_bytes()
     assert base64.b64decode(embedded["glbs"]["smile"]) == (run_dir / "export" / "smile.glb").read_bytes()
     # Every local file the page references exists (links, images, scripts, import map, GLBs).
     parser = _Refs()
