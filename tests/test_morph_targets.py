@@ -173,6 +173,8 @@ def _generate(tmp_path: Path, extra: list[str]) -> Path:
     result = CliRunner().invoke(app, ["generate", str(ident), "--out", str(run), "--expressions", "neutral,smile",
                                       *args])
     assert result.exit_code == 0, result.output
+    out = " ".join(result.output.split())
+    assert "wrote 2 GLB heads" in out and ("morph targets" in out) == ("export.morph_targets=false" not in extra)
     return run
 
 
