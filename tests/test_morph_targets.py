@@ -204,3 +204,29 @@ def test_a_run_exports_the_morph_glb_fitted_across_topologies(tmp_path):
 def test_morph_targets_off_writes_no_morph_glb(tmp_path):
     run = _generate(tmp_path, ["export.morph_targets=false"])
     assert (run / "export" / "smile.glb").exists() and not (run / "export" / "morph").exists()
+
+
+def test_offline_heads_share_one_layout_and_become_exact_morph_targets(tmp_path):
+    """The offline path: the stitched heads share faces and UVs, so the targets are the heads themselves."""
+    from idto3d.core.config import load_config
+    from idto3d.face_model.morphable_model import load_morphable_model
+    from idto3d.geometry.face_merge import placement
+    from idto3d.stages.export_stage import export_run, grey_maps
+    from idto3d.stages.offline_head import stitched_heads
+
+    model = load_morphable_model()
+    names = ["neutral", "smile", "mouth_open"]
+    heads, atlases, _ = stitched_heads(model, None, placement(model.mean, model.landmarks),
+                                       build_head_template(32), names)
+    cfg = load_config("preview", None, ["export.turntable_views=1", "export.turntable_resolution=32",
+                                        "export.video=false"])
+    export_run(tmp_path, cfg, dict(zip(heads, atlases)), lambda i, n, a: grey_maps(), progress=False)
+    morph = tmp_path / "export" / "morph" / "head.glb"
+    assert not (tmp_path / "export" / "morph" / "morph_fit.json").exists()  # no fit: the layouts are one
+    gltf = pygltflib.GLTF2().load(str(morph))
+    assert gltf.meshes[0].extras["targetNames"] == ["smile", "mouth_open"]
+    base = _glb_positions(morph)
+    for name, delta in zip(["smile", "mouth_open"], _targets(gltf)):
+        np.testing.assert_allclose(base + delta, _glb_positions(tmp_path / "export" / f"{name}.glb"), atol=TOL_M)
+    assert np.abs(_targets(gltf)[1]).max() > 0.01  # mouth_open moves the jaw by centimetres
+    check_exported_glb(morph)
