@@ -72,6 +72,11 @@ def _glb_positions(path: Path) -> np.ndarray:
     return np.asarray(tm.vertices)
 
 
+def gltf_faces(path: Path) -> np.ndarray:
+    (tm,) = trimesh.load(path, process=False).geometry.values()
+    return np.asarray(tm.faces)
+
+
 def test_morph_glb_holds_each_expression_as_a_named_target(tmp_path, poses):
     path = _morph(tmp_path / "head.glb", poses)
     gltf = pygltflib.GLTF2().load(str(path))
@@ -198,6 +203,9 @@ def test_a_run_exports_the_morph_glb_fitted_across_topologies(tmp_path):
     assert dist_mm.mean() == pytest.approx(err["mean_mm"], rel=0.02, abs=1e-3)
     assert np.percentile(dist_mm, 95) == pytest.approx(err["p95_mm"], rel=0.02, abs=1e-3)
     assert err["max_mm"] < 0.1 * before_mm.max()  # the fit moved the neutral onto the smile
+    back_mm = closest_distances(smile_v, fitted, np.asarray(gltf_faces(morph)))[0] * 1000.0
+    assert back_mm.max() == pytest.approx(err["expression_to_fit_max_mm"], rel=0.02, abs=1e-3)
+    assert err["expression_to_fit_p95_mm"] < 0.5 * np.percentile(before_mm, 95) + 0.05
     check_exported_glb(morph)
 
 

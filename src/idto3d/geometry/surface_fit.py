@@ -30,8 +30,13 @@ class SurfaceFit:
 
     def error_mm(self, metres_per_unit: float = METRES_PER_UNIT) -> dict[str, float]:
         """Mean / 95th percentile / max distance of the fitted vertices to the target, in millimetres."""
-        d = self.distances * metres_per_unit * 1000.0
-        return {"mean_mm": float(d.mean()), "p95_mm": float(np.percentile(d, 95)), "max_mm": float(d.max())}
+        return distance_stats_mm(self.distances, metres_per_unit)
+
+
+def distance_stats_mm(distances: np.ndarray, metres_per_unit: float = METRES_PER_UNIT) -> dict[str, float]:
+    """Mean / 95th percentile / max of model-unit distances, in millimetres."""
+    d = np.asarray(distances, dtype=np.float64) * metres_per_unit * 1000.0
+    return {"mean_mm": float(d.mean()), "p95_mm": float(np.percentile(d, 95)), "max_mm": float(d.max())}
 
 
 def uniform_laplacian(faces: np.ndarray, n_vertices: int) -> sp.csr_matrix:

@@ -24,7 +24,7 @@ from idto3d.core.stored_files import read_json_file
 from idto3d.export import PBRMaps, UVMesh, export_expression
 from idto3d.export.morph import same_layout, write_morph_glb
 from idto3d.export.turntable import find_ffmpeg, write_turntable
-from idto3d.geometry.surface_fit import fit_to_surface
+from idto3d.geometry.surface_fit import closest_distances, distance_stats_mm, fit_to_surface
 from idto3d.texture.texels import texel_map
 from idto3d.texture.texture_field import TextureField
 
@@ -96,7 +96,10 @@ def morph_poses(atlases: dict[str, UVMesh]) -> tuple[dict[str, UVMesh], dict[str
     poses, offsets, errors = {}, {}, {}
     for n in names[1:]:
         fit = fit_to_surface(src_v, src_f, atlases[n].vertices, atlases[n].faces)
-        poses[n], errors[n] = base.with_positions(fit.vertices), fit.error_mm()
+        # One-sided distances miss parts of the expression the fit never reached: record the reverse too.
+        back, _ = closest_distances(atlases[n].vertices, fit.vertices, src_f)
+        reverse = {f"expression_to_fit_{k}": v for k, v in distance_stats_mm(back).items()}
+        poses[n], errors[n] = base.with_positions(fit.vertices), fit.error_mm() | reverse
         # Each .glb is centred on its own bounding box: the target must sit where the expression's .glb puts its
         # surface, not on the fitted mesh's (slightly different) box.
         offsets[n] = _box_centre(poses[n].vertices) - _box_centre(atlases[n].vertices)
@@ -116,7 +119,8 @@ def write_morph_targets(layout: RunLayout, atlases: dict[str, UVMesh], base_maps
     if errors is not None:
         written.append(atomic_write_text(layout.morph_fit, json.dumps({
             "about": f"distance of the morph targets' vertices ({first} mesh fitted onto each expression's "
-                     "surface) to that expression's exported mesh, millimetres",
+                     "surface) to that expression's exported mesh, millimetres; expression_to_fit_*: the other "
+                     "way round (the expression's vertices to the fitted mesh)",
             "base": first, "expressions": errors}, indent=2)))
     return written
 
