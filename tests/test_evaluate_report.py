@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from rich.console import Console
 
@@ -27,6 +28,7 @@ from idto3d.core.errors import IdtoError
 from idto3d.evaluate import viewer_assets
 from idto3d.evaluate.report import ensure_report, serve, write_report
 from idto3d.export import PBRMaps, export_expression, shared_atlas
+from idto3d.export.morph import write_morph_glb
 from idto3d.geometry.template import build_head_template
 
 BACKGROUND = np.array([0x2B, 0x2F, 0x36])  # viewer.js's clear colour
@@ -58,9 +60,13 @@ def run_dir(tmp_path_factory) -> Path:
     """A tiny run: config, two expressions' GLBs (red neutral, blue smile), a turntable, a plot, a stage report."""
     run = tmp_path_factory.mktemp("run")
     (run / "config.yaml").write_text(dump_config(load_config("preview")), encoding="utf-8")
-    (uv,) = shared_atlas([build_head_template(32)])
+    head = build_head_template(32)
+    (uv,) = shared_atlas([head])
     export_expression(run / "export", "neutral", uv, _maps((0.85, 0.12, 0.1)))
     export_expression(run / "export", "smile", uv, _maps((0.1, 0.2, 0.9)))
+    # The morph head: neutral (red) with a "smile" target 35 % wider, so the slider visibly changes the canvas.
+    wide = uv.with_positions(head.vertices * torch.tensor([1.35, 1.0, 1.0]))
+    write_morph_glb(run / "export" / "morph" / "head.glb", uv, {"smile": wide}, _maps((0.85, 0.12, 0.1)))
     (run / "renders").mkdir()
     Image.new("RGB", (48, 16), (200, 180, 170)).save(run / "renders" / "neutral_turntable.png")
     (run / "report").mkdir()
@@ -134,7 +140,8 @@ def test_report_is_local_and_complete(report, run_dir):
                 "examples/jsm/controls/OrbitControls.js", "examples/jsm/environments/RoomEnvironment.js",
                 "examples/jsm/utils/BufferGeometryUtils.js", "LICENSE"]:
         assert (rdir / "vendor" / "three" / rel).is_file(), rel
-    assert set(embedded["glbs"]) == {"neutral", "smile"}
+    assert set(embedded["glbs"]) == {"neutral", "smile", "morph/head"}  # the expressions and the morph head
+    assert base64.b64decode(embedded["glbs"]["morph/head"]) == (run_dir / "export/morph/head.glb").read_bytes()
     assert base64.b64decode(embedded["glbs"]["smile"]) == (run_dir / "export" / "smile.glb").read_bytes()
     # Every local file the page references exists (links, images, scripts, import map, GLBs).
     parser = _Refs()
@@ -280,7 +287,25 @@ def test_viewer_renders_and_switches_in_headless_chromium(report, run_dir, tmp_p
         deadline = time.time() + 10
         while driver.execute_script("return window.idto3dViewer.expression") != "neutral" and time.time() < deadline:
             time.sleep(0.05)
-        assert _head(_canvas(driver)).mean() > 0.05
+        neutral = _canvas(driver)
+        assert _head(neutral).mean() > 0.05
+
+        # The morph head's slider: at 0 it is the neutral head (same pixels), at 1 the wider smile target.
+        assert _call(driver, "window.idto3dViewer.morphTargets") == ["smile"]
+        assert _call(driver, "window.idto3dViewer.setMorph('smile', 0)") == 0
+        assert np.abs(_canvas(driver) - neutral).max() <= 2
+        slide = ("const s = document.querySelector('#viewer-morphs input[data-target=smile]'); s.value = '1';"
+                 "s.dispatchEvent(new Event('input')); return s.value;")
+        assert driver.execute_script(slide) == "1"
+        deadline = time.time() + 10
+        while _call(driver, "window.idto3dViewer.expression") != "morph" and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.2)
+        wide = _canvas(driver)
+        assert np.abs(wide - neutral).mean() > 1 and _head(wide).mean() > 1.15 * _head(neutral).mean()
+        assert _call(driver, "window.idto3dViewer.setMorph('smile', 0)") == 0
+        assert np.abs(_canvas(driver) - neutral).max() <= 2
+        assert _call(driver, "window.idto3dViewer.setExpression('neutral')") == "neutral"
 
         shot = tmp_path / "report_screenshot.png"
         driver.find_element("id", "viewer").screenshot(str(shot))

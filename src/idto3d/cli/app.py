@@ -478,10 +478,12 @@ def _print_generate_summary(result: GenerateResult, cfg: Config, out: Path) -> N
         console.print(f"texture: {tex.iterations} iterations ({tex.skipped_steps} skipped), {tex.seconds:.1f} s",
                       highlight=False)
     if result.exported:
-        glbs = sum(p.suffix == ".glb" for p in result.exported)
         layout = RunLayout(out)
+        glbs = sum(p.suffix == ".glb" and p.parent.name != layout.morph_glb.parent.name for p in result.exported)
+        morph = (f" (and {layout.morph_glb}: the expressions as morph targets)"
+                 if any(p.name == layout.morph_glb.name for p in result.exported) else "")
         console.print(f"wrote {glbs} GLB heads and {len(result.exported) - glbs} more files to {layout.export} "
-                      f"and {layout.renders}", highlight=False)
+                      f"and {layout.renders}{morph}", highlight=False)
     if result.missing:
         console.print(f"[yellow]{'note' if result.exported else 'stopped'}:[/] {result.missing}", highlight=False)
 

@@ -193,6 +193,8 @@ class ExportConfig:
     turntable_views: int = _opt(12, ge=1, le=360, help="frames of each expression's turntable")
     turntable_resolution: int = _opt(256, ge=32, le=2048)
     video: bool = _opt(True, help="also write an MP4 turntable where ffmpeg (or imageio-ffmpeg) is found")
+    morph_targets: bool = _opt(True, help="also write export/morph/head.glb: the first expression with every "
+                               "other one as a named morph target (blend shape)")
 
 
 @dataclass

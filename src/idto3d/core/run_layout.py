@@ -13,7 +13,7 @@ RUN/geometry/                   init.pt, init_report.json, init_<expr>.ply, init
                                 done.json, <expr>.ply/.obj (geometry SDS)
 RUN/texture/                    atlas.npz, photo.pt, photo_report.json (photo texture), ckpt.pt, log.jsonl,
                                 progress.png, done.json (texture SDS)
-RUN/export/                     <expr>.glb/.obj/.mtl/_*.png, done.json
+RUN/export/                     <expr>.glb/.obj/.mtl/_*.png, done.json, morph/head.glb (+ morph_fit.json)
 RUN/renders/                    <expr>_turntable.png/.mp4
 RUN/report/                     index.html, metrics.json, plots, viewer/, vendor/three/
 RUN/.idto3d/                    manifest.json (the files idto3d wrote, the run's inputs), lock (held by the
@@ -70,7 +70,7 @@ _OUR_NAMES = ("config.yaml", "identity.safetensors", "crops/*", ".idto3d/*",
               "texture/atlas.npz", "texture/photo.pt", "texture/photo_report.json", "texture/ckpt.pt",
               "texture/ckpt.prev.pt", "texture/log.jsonl", "texture/progress.png", "texture/done.json",
               "export/*.glb", "export/*.obj", "export/*.mtl", "export/*_albedo.png", "export/*_roughness.png",
-              "export/*_metallic.png", "export/*_normal.png", "export/done.json",
+              "export/*_metallic.png", "export/*_normal.png", "export/done.json", "export/morph/*",
               f"renders/*{TURNTABLE}.png", f"renders/*{TURNTABLE}.mp4",
               "report/index.html", "report/metrics.json", "report/*.png", "report/viewer/*", "report/vendor/*")
 
@@ -203,6 +203,16 @@ class RunLayout:
 
     def glb(self, expression: str) -> Path:
         return self.export / f"{expression}.glb"
+
+    @property
+    def morph_glb(self) -> Path:
+        """All expressions in one file as morph targets (a subfolder: ``export/*.glb`` are the expressions)."""
+        return self.export / "morph" / "head.glb"
+
+    @property
+    def morph_fit(self) -> Path:
+        """How far the fitted morph targets lie from each expression's own surface (SDS path only)."""
+        return self.export / "morph" / "morph_fit.json"
 
     def turntable(self, expression: str, suffix: str = ".png") -> Path:
         return self.renders / f"{expression}{TURNTABLE}{suffix}"

@@ -245,7 +245,7 @@ def _viewer_section(layout: RunLayout, names: list[str], three: Path | None, emb
     vendored, viewer = layout.from_report(layout.report_three), layout.from_report(layout.report_viewer)
     data = {
         "names": names,
-        "glbs": {n: _url(layout.from_report(layout.glb(n))) for n in names},
+        "glbs": {n: _url(layout.from_report(p)) for n, p in _viewer_glbs(layout, names).items()},
         "importMap": {"three": f"./{vendored}/build/three.module.js",
                       "three/addons/": f"./{vendored}/examples/jsm/",
                       "idto3d/viewer": f"./{viewer}/viewer.js"},
@@ -273,6 +273,12 @@ def _config_section(run_dir: Path) -> str:
 # ---------------------------------------------------------------- the page
 
 
+def _viewer_glbs(layout: RunLayout, names: list[str]) -> dict[str, Path]:
+    """The GLBs the viewer loads: each expression's, and the morph-target head under the key ``morph/head``."""
+    glbs = {n: layout.glb(n) for n in names}
+    return glbs | ({"morph/head": layout.morph_glb} if layout.morph_glb.is_file() else {})
+
+
 def _install_viewer(layout: RunLayout, names: list[str], three: Path, embed_limit_bytes: int) -> bool:
     """Vendor three.js, write the viewer's scripts; returns whether the GLBs were embedded for file://."""
     vendor = layout.report_three
@@ -283,13 +289,13 @@ def _install_viewer(layout: RunLayout, names: list[str], three: Path, embed_limi
     viewer_js = (templates / "viewer.js").read_text(encoding="utf-8")
     atomic_write_text(layout.report_viewer / "viewer.js", viewer_js)
     atomic_write_text(layout.report_viewer / "boot.js", (templates / "boot.js").read_text(encoding="utf-8"))
-    glbs = [layout.glb(n) for n in names]
-    embed = sum(p.stat().st_size for p in glbs) <= embed_limit_bytes
+    glbs = _viewer_glbs(layout, names)
+    embed = sum(p.stat().st_size for p in glbs.values()) <= embed_limit_bytes
     embedded_js = layout.report_viewer / "embedded.js"
     if embed:
         modules = {**viewer_assets.bare_sources(three, module_files), "idto3d/viewer": viewer_js}
         payload = {"modules": modules, "glbs": {n: b64encode(p.read_bytes()).decode("ascii")
-                                                for n, p in zip(names, glbs)}}
+                                                for n, p in glbs.items()}}
         atomic_write_text(embedded_js, "// idto3d report: three.js modules and GLBs for pages opened from "
                           "file:// (see boot.js).\nwindow.__idto3dEmbedded = " + json.dumps(payload) + ";\n")
     elif embedded_js.exists():

@@ -26,7 +26,7 @@ from typing import Any
 from rich.console import Console
 
 from idto3d.core.atomic import recording_writes, remove_stale_temps
-from idto3d.core.config import Config, dump_config
+from idto3d.core.config import Config, dump_config, load_config
 from idto3d.core.errors import IdtoError
 from idto3d.core.run_layout import RunLayout
 from idto3d.core.run_lock import RunLock
@@ -42,6 +42,15 @@ def describe_inputs(inputs: Sequence[str | Path]) -> dict[str, Any]:
             raise IdtoError(f"identity file not found: {paths[0]}")
         return {"kind": "identity", "files": [{"name": paths[0].name, "sha256": file_digest(paths[0])}]}
     return {"kind": "photos", "files": [{"name": p.name, "sha256": file_digest(p)} for p in collect_photos(paths)]}
+
+
+def _same_config(path: Path, cfg: Config) -> bool:
+    """Whether the folder's config file is ``cfg``, read with today's defaults: a key added since (at its default)
+    is not a change. An unreadable file is a different config."""
+    try:
+        return dump_config(load_config(None, path)) == dump_config(cfg)
+    except Exception:  # noqa: BLE001 - any unreadable or invalid config.yaml simply differs
+        return False
 
 
 def _inputs_differ(old: dict[str, Any] | None, new: dict[str, Any] | None, layout: RunLayout) -> str | None:
@@ -120,7 +129,7 @@ class RunFolder:
         if overwrite or not self.has_results():
             return
         cfg_path = self.layout.config
-        if cfg is not None and cfg_path.exists() and cfg_path.read_text(encoding="utf-8") != dump_config(cfg):
+        if cfg is not None and cfg_path.exists() and not _same_config(cfg_path, cfg):
             raise IdtoError(f"{self.layout.root} holds a run with a different config; {WAYS_OUT}")
         differ = _inputs_differ(self.manifest.inputs, inputs, self.layout)
         if differ:
@@ -134,7 +143,7 @@ class RunFolder:
         if cfg is not None:
             text = dump_config(cfg)
             # An unchanged config is left alone, so it stays the run's first output.
-            if not self.layout.config.exists() or self.layout.config.read_text(encoding="utf-8") != text:
+            if not self.layout.config.exists() or not _same_config(self.layout.config, cfg):
                 from idto3d.core.atomic import atomic_write_text
 
                 atomic_write_text(self.layout.config, text)

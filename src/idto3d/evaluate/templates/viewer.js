@@ -6,6 +6,7 @@ import { OrbitControls } from 'three/addons/controls/OrbitControls.js';
 import { RoomEnvironment } from 'three/addons/environments/RoomEnvironment.js';
 
 const BACKGROUND = 0x2b2f36;
+const MORPH = 'morph/head';  // the report's key for export/morph/head.glb (never an expression name: has a '/')
 
 function base64Buffer(text) {
   const bytes = atob(text);
@@ -88,6 +89,8 @@ export async function start(hook) {
   hook.setExpression = async function (name) {
     if (!hook.names.includes(name)) throw new Error('no exported expression ' + name);
     const object = await load(name);
+    if (morphMesh) morphMesh.morphTargetInfluences.fill(0);
+    for (const input of document.querySelectorAll('#viewer-morphs input')) input.value = '0';
     if (current) scene.remove(current);
     scene.add(object);
     current = object;
@@ -98,6 +101,56 @@ export async function start(hook) {
     render();
     return name;
   };
+
+  // Morph targets (export/morph/head.glb): the first expression's mesh with one blend shape per other
+  // expression; a slider per shape sets mesh.morphTargetInfluences (shown instead of the per-expression GLB).
+  let morphMesh = null;
+  async function loadMorph() {
+    if (!morphMesh) {
+      (await load(MORPH)).traverse((o) => { if (o.isMesh && o.morphTargetDictionary) morphMesh = o; });
+      if (!morphMesh) throw new Error('the morph GLB has no morph targets');
+    }
+    return morphMesh;
+  }
+  hook.setMorph = async function (target, weight) {
+    const mesh = await loadMorph();
+    const index = mesh.morphTargetDictionary[target];
+    if (index === undefined) throw new Error('no morph target ' + target);
+    const object = await load(MORPH);
+    if (current !== object) {
+      if (current) scene.remove(current);
+      scene.add(object);
+      current = object;
+      for (const b of buttons.querySelectorAll('button')) b.classList.remove('active');
+    }
+    mesh.morphTargetInfluences[index] = Math.min(1, Math.max(0, Number(weight)));
+    const slider = document.querySelector('#viewer-morphs input[data-target="' + target + '"]');
+    if (slider) slider.value = String(mesh.morphTargetInfluences[index]);
+    hook.expression = 'morph';
+    status.textContent = 'Morph targets of ' + hook.names[0] + ': ' + target + ' = ' +
+      mesh.morphTargetInfluences[index].toFixed(2) + ' (blend shapes of one mesh, ' + hook.names[0] + ' texture).';
+    render();
+    return mesh.morphTargetInfluences[index];
+  };
+  hook.morphTargets = [];
+  if (glbs.files[MORPH]) {
+    const mesh = await loadMorph();
+    hook.morphTargets = Object.keys(mesh.morphTargetDictionary);
+    const box = document.createElement('span');
+    box.id = 'viewer-morphs';
+    box.append('Morph targets:');
+    for (const target of hook.morphTargets) {
+      const label = document.createElement('label');
+      const input = document.createElement('input');
+      Object.assign(input, { type: 'range', min: '0', max: '1', step: '0.01', value: '0' });
+      input.dataset.target = target;
+      input.addEventListener('input', () => hook.setMorph(target, input.value)
+        .catch((e) => hook._fail(String(e.message || e))));
+      label.append(' ' + target + ' ', input);
+      box.appendChild(label);
+    }
+    buttons.parentElement.appendChild(box);
+  }
 
   for (const name of hook.names) {
     const b = document.createElement('button');
