@@ -58,7 +58,9 @@ def test_pipeline_counts_stages_and_skips_unneeded_ones():
     clock = FakeClock()
     plan = prog.Pipeline(["a", "b", "c", "d"], clock)
     plan.begin("a")
-    assert plan.label() == "stage 1/4 a" and plan.overall_eta(None) is not None
+    assert plan.label() == "stage 1/4 a" and plan.overall_eta(None) is None  # no rate yet
+    clock.t += 4.0
+    assert plan.overall_eta(2.0) == 2.0 + 3 * 6.0  # 3 stages to come at (4 s + 2 s) each
     plan.end()
     plan.skip("c")
     plan.begin("d")

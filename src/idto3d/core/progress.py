@@ -95,6 +95,8 @@ class Pipeline:
 
     def overall_eta(self, stage_remaining: float | None) -> float | None:
         """The current stage's remaining seconds plus, per stage still to come, the mean of those run so far."""
+        if stage_remaining is None and self.started is not None:
+            return None  # the current stage has no rate yet
         elapsed = self.clock() - self.started if self.started is not None else 0.0
         remaining = stage_remaining or 0.0
         spans = self.durations + ([elapsed + remaining] if self.started is not None else [])
