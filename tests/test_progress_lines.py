@@ -100,6 +100,18 @@ def test_progress_every_comes_from_the_environment(monkeypatch):
         prog.progress_every()
 
 
+def test_generate_refuses_a_bad_interval_before_any_work(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from idto3d.cli import app
+
+    monkeypatch.setenv(prog.EVERY_ENV, "-1")
+    ident = _identity_file(tmp_path / "id.safetensors")
+    result = CliRunner().invoke(app, ["generate", str(ident), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2 and f"error: {prog.EVERY_ENV}" in result.output, result.output
+    assert not (tmp_path / "run" / "identity.safetensors").exists()
+
+
 def _identity_file(path: Path) -> Path:
     emb = torch.nn.functional.normalize(torch.randn(128, generator=torch.Generator().manual_seed(0)), dim=0)
     save_identity(path, IdentityEmbedding(emb, emb[None].clone(), torch.ones(1, dtype=torch.bool),

@@ -15,7 +15,7 @@ from rich.console import Console
 from idto3d.core.config import Config, dump_config
 from idto3d.core.device import resolve_device, resolve_dtype
 from idto3d.core.errors import IdtoError
-from idto3d.core.progress import current_pipeline, pipeline, pipeline_stage
+from idto3d.core.progress import current_pipeline, pipeline, pipeline_stage, progress_every
 from idto3d.core.run_layout import RunLayout
 from idto3d.export import PBRMaps, UVMesh
 from idto3d.identity.io import IdentityEmbedding, load_identity
@@ -240,6 +240,8 @@ def generate(inputs: Sequence[str | Path], run_dir: str | Path, cfg: Config, *, 
     full-resolution head; ``bench generate`` times it as its baseline).
     """
     clock = _Clock()
+    if progress:
+        progress_every()  # a bad IDTO3D_PROGRESS_EVERY is refused now, not when the first loop starts
     refs = (normal_prior or cfg.prior.normal, albedo_prior or cfg.prior.albedo)
     record = {**describe_inputs(inputs), "priors": {"normal": refs[0], "albedo": refs[1]}}
     with open_run(run_dir, console) as run, pipeline(_planned_stages(inputs, cfg, refs)):
