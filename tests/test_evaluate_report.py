@@ -326,3 +326,111 @@ def test_viewer_renders_and_switches_in_headless_chromium(report, run_dir, tmp_p
         server.shutdown()
         server.server_close()
     print(f"browser test: {time.perf_counter() - t0:.1f} s")
+
+
+# ---------------------------------------------------------------- the headline (answer first)
+
+HEADLINE_SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "report_headline.png"
+
+
+def _bare_run(tmp_path: Path) -> Path:
+    """A run folder with a config and two step records, no exports (no viewer needed)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(dump_config(load_config("preview")), encoding="utf-8")
+    (run / "geometry").mkdir()
+    (run / "geometry" / "done.json").write_text(json.dumps({"iterations": 40, "seconds": 75.0}), encoding="utf-8")
+    (run / "report").mkdir()
+    for name in ("similarity.png", "tsne.png"):
+        Image.new("RGB", (40, 30), (255, 255, 255)).save(run / "report" / name)
+    return run
+
+
+def _metrics(distance: float, threshold: float, refs: int = 1) -> dict:
+    m = json.loads(json.dumps(METRICS))
+    m["references"] = [f"refs/{i}.jpg" for i in range(refs)]
+    m["identity"].update({"distance": {"mean": distance}, "threshold": threshold, "renders": 18,
+                          "faces_missed": 3, "same_person_rate": 0.8,
+                          "per_expression": {"neutral": {"cosine": {"mean": 0.6}}}})
+    m["timings"] = {"evaluate": {"total": 4.5}}
+    m["files"] = {"comparison": None}
+    return m
+
+
+def _main_sections(page: str) -> list[str]:
+    main = page.split("<main>", 1)[1]
+    return re.findall(r'<section id="([^"]+)"', main)
+
+
+@pytest.mark.parametrize("distance,threshold,same", [(0.34, 0.40, True), (0.47, 0.40, False), (0.9, 1.15, True),
+                                                      (1.2, 1.15, False)])
+def test_headline_is_first_and_its_verdict_matches_the_numbers(tmp_path, distance, threshold, same):
+    run = _bare_run(tmp_path)
+    page = write_report(run, _metrics(distance, threshold)).read_text(encoding="utf-8")
+    assert _main_sections(page)[0] == "headline"
+    verdict = html.unescape(re.search(r'<p class="verdict [a-z]+" id="verdict">(.*?)</p>', page).group(1))
+    op = "<" if same else "≥"
+    words = "Likely the same person" if same else "Likely not the same person"
+    assert verdict == f"{words}: distance {distance:.2f} {op} {threshold:.2f} (dlib)"
+    headline = page.split('<section id="headline">', 1)[1].split("</section>", 1)[0]
+    assert "80% of the 15 views with a face are under the threshold" in headline
+    assert "3 of 18 views without a face" in headline
+    assert "Expressions:</b> none exported yet" in headline
+    # Time taken: the geometry record (75 s) + the evaluation (4.5 s).
+    assert "Time taken:</b> 1 min 20 s" in headline and "geometry SDS 1 min 15 s" in headline
+
+
+def test_page_order_and_raw_metrics_collapsed(tmp_path):
+    run = _bare_run(tmp_path)
+    page = write_report(run, _metrics(0.3, 0.4)).read_text(encoding="utf-8")
+    assert _main_sections(page) == ["headline", "viewer", "turntables", "plots", "timings", "config", "metrics"]
+    raw = page.split('<details id="raw-metrics">', 1)
+    assert len(raw) == 2, "raw metrics are not collapsed"
+    collapsed = raw[1].split("</section>", 1)[0]
+    # The flat per-expression keys and the per-view table are only inside the <details>.
+    assert "per_expression.neutral.cosine.mean" in collapsed and "per_expression" not in raw[0]
+    assert "<h3>Per view</h3>" in collapsed and "<h3>Per view</h3>" not in raw[0]
+    # Wide tables scroll inside their own box.
+    assert not re.search(r"(?<!<div class=\"scroll\">)<table>", page)
+
+
+def test_tsne_only_for_several_runs_or_references(tmp_path):
+    run = _bare_run(tmp_path)
+    single = write_report(run, _metrics(0.3, 0.4, refs=1)).read_text(encoding="utf-8")
+    assert 'src="tsne.png"' not in single and 'id="tsne-absent"' in single
+    assert 'src="similarity.png"' in single
+    several = write_report(run, _metrics(0.3, 0.4, refs=3)).read_text(encoding="utf-8")
+    assert 'src="tsne.png"' in several and "tsne-absent" not in several
+    runs = _metrics(0.3, 0.4, refs=1)
+    runs["files"]["comparison"] = "report/comparison.png"
+    assert 'src="tsne.png"' in write_report(run, runs).read_text(encoding="utf-8")
+
+
+@pytest.mark.slow
+def test_report_has_no_horizontal_overflow_at_1024px(report, run_dir, tmp_path):
+    """The full report (viewer, wide per-view table, long paths) fits 1024 px; screenshots the headline."""
+    wide = _metrics(0.34, 0.40)
+    wide["identity"]["per_view"] = [{f"column_{i}": f"a-long-value-{i}-" * 3 for i in range(14)}] * 3
+    wide["run"] = "/" + "very-long-folder-name/" * 12
+    index = write_report(run_dir, wide)
+    driver = _chrome()
+    try:
+        driver.set_window_size(1024, 900)
+        driver.get(index.as_uri())
+        width = driver.execute_script("return [document.documentElement.scrollWidth, "
+                                      "document.documentElement.clientWidth];")
+        assert width[0] <= width[1], f"page scrolls sideways at 1024 px: {width}"
+        driver.execute_script("document.getElementById('raw-metrics').open = true;")
+        width = driver.execute_script("return [document.documentElement.scrollWidth, "
+                                      "document.documentElement.clientWidth];")
+        assert width[0] <= width[1], f"opened raw metrics scroll the page sideways: {width}"
+        png = driver.find_element("id", "headline").screenshot_as_png
+    finally:
+        driver.quit()
+        write_report(run_dir, METRICS)  # the module's other tests expect their page
+    shot = Image.open(io.BytesIO(png)).convert("RGB")
+    assert shot.width > 300 and shot.height > 60
+    out = tmp_path / "report_headline.png"
+    shot.quantize(64).save(out, optimize=True)
+    shutil.copy(out, SCREENSHOT_COPY.with_name("idto3d_report_headline.png"))
+    assert out.stat().st_size < 150_000

@@ -1,5 +1,6 @@
-"""``RUN/report/index.html``: a static page with the config, timings, metrics, plots, turntables and a
-three.js viewer of the exported GLBs; and ``serve`` for ``idto3d view``.
+"""``RUN/report/index.html``: a static page that answers first (headline: same person?, expressions, time
+taken; ``headline.py``), then shows the three.js viewer of the exported GLBs, the turntables, the plots, timings
+and config, with every raw metric collapsed at the end; and ``serve`` for ``idto3d view``.
 
 The page needs no server and loads nothing remote. Over http (``idto3d view``) the viewer imports the
 vendored three.js from ``report/vendor/three`` and fetches ``../export/<expression>.glb``. Browsers refuse
@@ -30,6 +31,7 @@ from idto3d.core.atomic import atomic_write_text
 from idto3d.core.errors import IdtoError
 from idto3d.core.run_layout import RunLayout
 from idto3d.evaluate import viewer_assets
+from idto3d.evaluate.headline import headline_html
 
 EMBED_LIMIT_BYTES = 48 * 2**20
 # Plots written by `idto3d evaluate`, in page order, with their captions.
@@ -90,7 +92,7 @@ def _kv_table(d: dict, head: tuple[str, str] = ("", "")) -> str:
         return ""
     th = f"<tr><th>{_e(head[0])}</th><th>{_e(head[1])}</th></tr>" if any(head) else ""
     body = "".join(f"<tr><th>{_e(k)}</th><td>{_e(_fmt(v))}</td></tr>" for k, v in rows)
-    return f"<table>{th}{body}</table>"
+    return f'<div class="scroll"><table>{th}{body}</table></div>'
 
 
 def _records_table(records: list[dict]) -> str:
@@ -100,7 +102,7 @@ def _records_table(records: list[dict]) -> str:
         cols += [k for k in r if k not in cols]
     head = "".join(f"<th>{_e(c)}</th>" for c in cols)
     body = "".join("<tr>" + "".join(f"<td>{_e(_fmt(r.get(c)))}</td>" for c in cols) + "</tr>" for r in flat)
-    return f"<table><tr>{head}</tr>{body}</table>"
+    return f'<div class="scroll"><table><tr>{head}</tr>{body}</table></div>'
 
 
 def _read_json(path: Path) -> tuple[dict | None, str | None]:
@@ -169,7 +171,9 @@ def _metrics_section(metrics: dict) -> str:
         parts.append("<h3>Other</h3>" + _kv_table(rest))
     raw = json.dumps(metrics, indent=2, default=str)
     parts.append(f"<details><summary>metrics.json</summary><pre>{_e(raw)}</pre></details>")
-    return _section("metrics", "Identity metrics", "\n".join(parts))
+    # Every number behind the headline, collapsed: the summary above answers first.
+    return _section("metrics", "All metrics", '<details id="raw-metrics"><summary>Show all metrics (tables and '
+                    'metrics.json)</summary>\n' + "\n".join(parts) + "\n</details>")
 
 
 def _timings_section(run_dir: Path, metrics: dict) -> str:
@@ -190,8 +194,8 @@ def _timings_section(run_dir: Path, metrics: dict) -> str:
     if rows:
         body = "".join(f"<tr><th>{_e(label)}</th><td>{_e(_fmt(s))}</td><td>{_e(d)}</td><td><code>{_e(rel)}</code>"
                        f"</td></tr>" for label, s, d, rel in rows)
-        parts.append(f"<h3>Pipeline stages</h3><table><tr><th>stage</th><th>seconds</th><th>details</th>"
-                     f"<th>from</th></tr>{body}</table>")
+        parts.append(f'<h3>Pipeline stages</h3><div class="scroll"><table><tr><th>stage</th><th>seconds</th>'
+                     f"<th>details</th><th>from</th></tr>{body}</table></div>")
     timings = metrics.get("timings")
     if isinstance(timings, dict) and timings:
         parts.append("<h3>Evaluation</h3>" + _kv_table(timings, ("step", "seconds")))
@@ -200,14 +204,27 @@ def _timings_section(run_dir: Path, metrics: dict) -> str:
     return _section("timings", "Timings", "\n".join(parts))
 
 
-def _plots_section(report_dir: Path) -> str:
+def _tsne_useful(metrics: dict) -> bool:
+    """A t-SNE of one run against one photo shows two blobs and says nothing: keep it for several runs
+    (``comparison.png`` exists) or several references."""
+    refs = metrics.get("references")
+    files_ = metrics.get("files") if isinstance(metrics.get("files"), dict) else {}
+    return (isinstance(refs, list) and len(refs) > 1) or bool(files_.get("comparison"))
+
+
+def _plots_section(report_dir: Path, metrics: dict) -> str:
     plots = _plots(report_dir)
+    note = ""
+    if any(n == "tsne.png" for n, _ in plots) and not _tsne_useful(metrics):
+        plots = [(n, c) for n, c in plots if n != "tsne.png"]
+        note = ('<p class="note" id="tsne-absent">No t-SNE: it compares several runs or reference photos, and '
+                "this evaluation had one run and one reference.</p>")
     if not plots:
         return _section("plots", "Plots", '<p class="note">No plots yet (<code>idto3d evaluate</code> '
                         "writes them here).</p>")
     figs = "\n".join(f'<figure><img src="{_url(n)}" alt="{_e(c)}" loading="lazy"><figcaption>{_e(c)}'
                      f"</figcaption></figure>" for n, c in plots)
-    return _section("plots", "Plots", figs)
+    return _section("plots", "Plots", note + figs)
 
 
 def _turntables_section(run_dir: Path) -> str:
@@ -261,6 +278,21 @@ def _viewer_section(layout: RunLayout, names: list[str], three: Path | None, emb
 <script type="application/json" id="idto3d-viewer-data">{blob}</script>
 <script src="{viewer}/boot.js"></script>"""
     return _section("viewer", "3D viewer", body)
+
+
+def _stage_seconds(run_dir: Path, metrics: dict) -> dict[str, float]:
+    """Seconds per pipeline step (its record in the run folder) and for the evaluation, in pipeline order."""
+    layout = RunLayout(run_dir)
+    out: dict[str, float] = {}
+    for stage, path in layout.stage_reports.items():
+        data, _ = _read_json(path) if path.is_file() else (None, None)
+        if data and isinstance(data.get("seconds"), (int, float)):
+            out[STAGE_LABELS[stage]] = float(data["seconds"])
+    timings = metrics.get("timings") if isinstance(metrics.get("timings"), dict) else {}
+    evaluate = timings.get("evaluate") if isinstance(timings.get("evaluate"), dict) else {}
+    if isinstance(evaluate.get("total"), (int, float)):
+        out["evaluation"] = float(evaluate["total"])
+    return out
 
 
 def _config_section(run_dir: Path) -> str:
@@ -325,11 +357,15 @@ def write_report(run_dir: Path, metrics: dict, *, console: Console | None = None
                       f"{viewer_assets.INSTALL_HINT}", highlight=False)
     css = (files("idto3d.evaluate") / "templates" / "report.css").read_text(encoding="utf-8")
     title = f"idto3d report: {run_dir.resolve().name}"
-    sections = [_viewer_section(layout, names, three, embedded), _metrics_section(metrics), _plots_section(report_dir),
-                _turntables_section(run_dir), _timings_section(run_dir, metrics), _config_section(run_dir)]
-    nav = " ".join(f'<a href="#{i}">{t}</a>' for i, t in (("viewer", "3D viewer"), ("metrics", "Metrics"),
-                                                          ("plots", "Plots"), ("turntables", "Turntables"),
-                                                          ("timings", "Timings"), ("config", "Config")))
+    # Answer first (headline), then what to look at, then the plots; every raw number last, collapsed.
+    sections = [headline_html(metrics, names, _stage_seconds(run_dir, metrics)),
+                _viewer_section(layout, names, three, embedded), _turntables_section(run_dir),
+                _plots_section(report_dir, metrics), _timings_section(run_dir, metrics), _config_section(run_dir),
+                _metrics_section(metrics)]
+    nav = " ".join(f'<a href="#{i}">{t}</a>' for i, t in (("headline", "Summary"), ("viewer", "3D viewer"),
+                                                          ("turntables", "Turntables"), ("plots", "Plots"),
+                                                          ("timings", "Timings"), ("config", "Config"),
+                                                          ("metrics", "All metrics")))
     page = f"""<!doctype html>
 <html lang="en">
 <head>

@@ -15,6 +15,7 @@ from rich.console import Console
 from idto3d.core.config import Config, dump_config
 from idto3d.core.device import resolve_device, resolve_dtype
 from idto3d.core.errors import IdtoError
+from idto3d.core.progress import current_pipeline, pipeline, pipeline_stage, progress_every
 from idto3d.core.run_layout import RunLayout
 from idto3d.export import PBRMaps, UVMesh
 from idto3d.identity.io import IdentityEmbedding, load_identity
@@ -183,11 +184,12 @@ def _start(inputs: Sequence[str | Path], run: RunFolder, cfg: Config, reuse: boo
            ) -> tuple[IdentityEmbedding, Any, Any]:
     """The run's identity and both priors, loaded and checked before the template fit spends any time (and before
     ``--overwrite`` removes anything): ``(identity, normal prior, albedo prior)``."""
-    ident = resolve_identity(inputs, run.layout.root, cfg, console, progress, reuse=reuse)
-    clock.lap("identity")
-    check_one_person(ident)
-    normal = _load_checked(priors[0], ident, "normal", cfg)
-    albedo = _load_checked(priors[1], ident, "albedo", cfg)
+    with pipeline_stage("identity + priors", console, progress):
+        ident = resolve_identity(inputs, run.layout.root, cfg, console, progress, reuse=reuse)
+        clock.lap("identity")
+        check_one_person(ident)
+        normal = _load_checked(priors[0], ident, "normal", cfg)
+        albedo = _load_checked(priors[1], ident, "albedo", cfg)
     return ident, normal, albedo
 
 
@@ -238,9 +240,11 @@ def generate(inputs: Sequence[str | Path], run_dir: str | Path, cfg: Config, *, 
     full-resolution head; ``bench generate`` times it as its baseline).
     """
     clock = _Clock()
+    if progress:
+        progress_every()  # a bad IDTO3D_PROGRESS_EVERY is refused now, not when the first loop starts
     refs = (normal_prior or cfg.prior.normal, albedo_prior or cfg.prior.albedo)
     record = {**describe_inputs(inputs), "priors": {"normal": refs[0], "albedo": refs[1]}}
-    with open_run(run_dir, console) as run:
+    with open_run(run_dir, console) as run, pipeline(_planned_stages(inputs, cfg, refs)):
         run.check(cfg, record, overwrite)  # another config or person: refused before anything is written
         reuse = not overwrite and _same_run(run, cfg, record)
         ident, normal, albedo = _start(inputs, run, cfg, reuse, refs, console, progress, clock)
@@ -249,26 +253,38 @@ def generate(inputs: Sequence[str | Path], run_dir: str | Path, cfg: Config, *, 
                          field_offline)
 
 
+def _planned_stages(inputs: Sequence[str | Path], cfg: Config, refs: tuple[str | None, str | None]) -> list[str]:
+    """The stages a run will go through, for the progress's 'stage k/n' (one not needed is dropped later)."""
+    photos = cfg.face_model.enabled and not _is_identity_file([Path(p) for p in inputs])
+    return (["identity + priors", "face fit", "head"] + (["geometry SDS"] if refs[0] else [])
+            + (["photo texture"] if photos else []) + (["texture SDS"] if refs[1] else []) + ["export"])
+
+
 def _pipeline(run_dir: Path, cfg: Config, ident: IdentityEmbedding, normal: Any, albedo: Any, prompt: str | None,
               console: Console | None, progress: bool, stop_after: int | None, clock: _Clock,
               field_offline: bool = False) -> GenerateResult:
     """The stages, in the held run folder."""
     device = resolve_device(cfg.runtime.device)
-    person = subject_for_run(run_dir, cfg, ident, console if progress else None)
+    with pipeline_stage("face fit", console, progress):
+        person = subject_for_run(run_dir, cfg, ident, console if progress else None)
     clock.lap("face fit")
+    if person is None and current_pipeline() is not None:
+        current_pipeline().skip("photo texture")
     targets = (lambda: subject_targets(person, cfg)) if person is not None else None
     # The field is regressed only for the geometry SDS stage to start from; offline, the fit is exported as is.
     offline = normal is None and person is not None and not field_offline
-    init = None if offline else ensure_init(run_dir, cfg, console, progress, targets=targets, device=device,
-                                            photos=person.photos if person is not None else None)
-    meshes = ensure_offline_heads(run_dir, cfg, person) if offline else None
+    with pipeline_stage("head", console, progress):
+        init = None if offline else ensure_init(run_dir, cfg, console, progress, targets=targets, device=device,
+                                                photos=person.photos if person is not None else None)
+        meshes = ensure_offline_heads(run_dir, cfg, person) if offline else None
     clock.lap("offline head" if offline else "template regression")
     notes = [NO_PHOTOS] if cfg.face_model.enabled and person is None else []
     subject, geo, tex, photo = prompt or "a person", None, None, None
     if normal is not None:
         guidance = _guidance(normal, cfg, "geometry", cfg.geometry.iterations, cfg.seed)
-        geo = run_geometry_stage(run_dir, cfg, guidance, init, id_embedding=ident.embedding, subject=subject,
-                                 progress=progress, console=console, stop_after=stop_after)
+        with pipeline_stage("geometry SDS", console, progress):
+            geo = run_geometry_stage(run_dir, cfg, guidance, init, id_embedding=ident.embedding, subject=subject,
+                                     progress=progress, console=console, stop_after=stop_after)
         if geo.iterations < cfg.geometry.iterations:
             return GenerateResult(run_dir, ident, geo, missing=f"stopped at geometry iteration {geo.iterations} "
                                                                f"on request")
@@ -279,14 +295,17 @@ def _pipeline(run_dir: Path, cfg: Config, ident: IdentityEmbedding, normal: Any,
         meshes = meshes if offline else current_meshes(init, list(cfg.expressions))
         notes.append(NO_NORMAL_PRIOR)
     if person is not None:
-        photo = run_photo_texture(run_dir, cfg, meshes, person, console=console, progress=progress, device=device)
+        with pipeline_stage("photo texture", console, progress):
+            photo = run_photo_texture(run_dir, cfg, meshes, person, console=console, progress=progress,
+                                      device=device)
         clock.lap("photo texture")
     if albedo is not None:
         tex_guidance = _guidance(albedo, cfg, "texture_diffuse", cfg.texture.iterations, cfg.seed + 1)
         start = photo.field.state_dict() if photo is not None else None  # the SDS refines the photo texture
-        tex = run_texture_stage(run_dir, cfg, tex_guidance, meshes, id_embedding=ident.embedding, subject=subject,
-                                refine_guidance=_refine_guidance(cfg), progress=progress, console=console,
-                                stop_after=stop_after, init_state=start)
+        with pipeline_stage("texture SDS", console, progress):
+            tex = run_texture_stage(run_dir, cfg, tex_guidance, meshes, id_embedding=ident.embedding,
+                                    subject=subject, refine_guidance=_refine_guidance(cfg), progress=progress,
+                                    console=console, stop_after=stop_after, init_state=start)
         clock.lap("texture SDS")
         if tex.iterations < cfg.texture.iterations:
             return GenerateResult(run_dir, ident, geo, texture=tex, photo=photo,
@@ -294,10 +313,11 @@ def _pipeline(run_dir: Path, cfg: Config, ident: IdentityEmbedding, normal: Any,
     else:
         notes.append(PHOTO_TEXTURE_ONLY if photo is not None else GREY_ONLY)
     key = export_key(cfg, _texture_marker(tex, photo), meshes)
-    files = exported_files(run_dir, key)  # a finished export is reused: its source (UV unwrap...) is not built
-    if not files:
-        atlases, maps_for = _export_source(tex, photo, meshes, cfg.export.texture_size)
-        files = export_run(run_dir, cfg, atlases, maps_for, console=console, progress=progress, key=key)
+    with pipeline_stage("export", console, progress):
+        files = exported_files(run_dir, key)  # a finished export is reused: its source (UV unwrap) is not built
+        if not files:
+            atlases, maps_for = _export_source(tex, photo, meshes, cfg.export.texture_size)
+            files = export_run(run_dir, cfg, atlases, maps_for, console=console, progress=progress, key=key)
     clock.lap("export")
     return GenerateResult(run_dir, ident, geo, texture=tex, photo=photo, person=person, exported=files,
                           missing="; ".join(notes) or None, seconds=clock.laps)
