@@ -95,3 +95,25 @@ def test_table_compares_each_result_with_its_own_subject_start_others_and_expres
     s = out["summary"]["id"]
     assert s["rows"] == 2 and s["face_closer_than_others"] == 1.0 and s["face_mean_gain"] > 0.85
     assert (tmp_path / "metrics.json").is_file()
+
+
+def test_figure_puts_each_held_out_head_next_to_its_ground_truth(tmp_path):
+    from PIL import Image
+
+    spec = importlib.util.spec_from_file_location(
+        "miniature_figure", Path(__file__).parents[1] / "examples" / "miniature_figure.py")
+    fig = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fig)
+    sphere = trimesh.creation.icosphere(2, radius=0.6)
+    for name in ("heldout/002/000/scan.ply", "runs/id/002/geometry/neutral.ply",
+                 "runs/id/002/geometry/init_neutral.ply"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        sphere.export(tmp_path / name)
+    page = fig.main(tmp_path).read_text()
+    assert "figure.png" in page and "002 neutral" in page
+    img = np.asarray(Image.open(tmp_path / "figure.png"))
+    # One row (002 neutral), 4 columns x 2 views; the missing ID-off run is left blank (white).
+    assert img.shape[:2] == (fig.SIZE + 2, 8 * (fig.SIZE + 2))
+    tiles = [img[:fig.SIZE, k * (fig.SIZE + 2):k * (fig.SIZE + 2) + fig.SIZE] for k in range(8)]
+    assert all((t < 250).any() for k, t in enumerate(tiles) if k not in (4, 5))  # a head is drawn
+    assert all((t >= 254).all() for t in tiles[4:6])
