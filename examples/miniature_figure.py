@@ -75,8 +75,8 @@ def main(work: Path) -> Path:
             "<h2>Held-out heads (normal maps, front and 40&deg;)</h2>",
             f"<p>columns: {' | '.join(html.escape(c) for c in columns)}; rows: {', '.join(rows)}</p>",
             "<img src=figure.png>",
-            "<h2>Prior samples (rows: held-out identities; columns: expressions)</h2><img src=samples.png "
-            "style='image-rendering:pixelated;width:50%'>"]
+            ("<h2>Prior samples (rows: held-out identities; columns: expressions)</h2><img src=samples.png "
+             "style='image-rendering:pixelated;width:50%'>")]
     if metrics:
         page += ["<h2>Chamfer (working units; 0.01 = 2 mm)</h2>", _table(metrics),
                  f"<pre>{html.escape(json.dumps(metrics['summary'], indent=1))}</pre>"]

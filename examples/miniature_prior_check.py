@@ -7,8 +7,8 @@
 - **Samples look like the data**: DDIM samples (one per training subject, its prompt, identity and expression):
   RMSE of each sample to the nearest training image and to the mean training image (both in the prior's
   latent image space, [0, 1]); a sample of noise is far from both, a memorised or generalising one near the first.
-- **Conditioning acts**: RMSE between samples from the same seed for two identities, for the same identity from
-  two seeds, with the ID branch off (lambda_id 0) vs on, and with CFG 1 vs 3.
+- **Conditioning acts**: RMSE between samples from the same initial noise for two identities (ID branch on, and
+  off), for the same identity from other noise, and ID on vs off from the same noise; at CFG 1 and 3.
 """
 
 from __future__ import annotations
@@ -56,12 +56,17 @@ def _rmse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _specs(batch: dict, ids: dict[str, torch.Tensor]) -> list[SampleSpec]:
-    """One front-ish record per identity: its prompt and expression, the subject's embedding."""
+    """Per identity, its first training record's prompt and expression, with the subject's embedding."""
     specs = []
-    for name, emb in ids.items():
+    for emb in ids.values():
         k = next(i for i, p in enumerate(batch["id_embedding"]) if torch.allclose(p, emb))
         specs.append(SampleSpec(batch["prompt"][k], emb, batch["expression"][k]))
     return specs
+
+
+def _same_noise(prior, specs: list[SampleSpec], cfg: float, lambda_id: float = 1.0) -> torch.Tensor:
+    """One sample per spec, all from the same initial noise (sample ``i`` of ``ddim_samples`` draws its own)."""
+    return torch.cat([ddim_samples(prior, [sp], guidance_scale=cfg, seed=0, lambda_id=lambda_id) for sp in specs])
 
 
 def sample_checks(prior, batch: dict, z0: torch.Tensor, work: Path) -> dict:
@@ -69,22 +74,22 @@ def sample_checks(prior, batch: dict, z0: torch.Tensor, work: Path) -> dict:
     specs = _specs(batch, ids)
     data = ((z0[:, :3] + 1) / 2).permute(0, 2, 3, 1)  # [N, h, w, 3] in [0, 1], as ddim_samples returns
     mean = data.mean(0, keepdim=True)
-    out: dict = {}
+    out: dict = {"training_images_between_subjects": _offdiag_mean(_rmse(data, data))}
     for cfg in (1.0, 3.0):
-        s = ddim_samples(prior, specs, guidance_scale=cfg, seed=0)
+        s = _same_noise(prior, specs, cfg)
         d = _rmse(s, data)
-        out[f"cfg{cfg:g}"] = {"to_nearest_training_image": float(d.min(1).values.mean()),
-                              "to_mean_image": float(_rmse(s, mean).mean()),
-                              "nearest_is_own_subject": float(sum(
-                                  torch.allclose(batch["id_embedding"][int(j)], sp.id_embedding)
-                                  for j, sp in zip(d.argmin(1), specs)) / len(specs))}
-        out[f"cfg{cfg:g}"]["between_identities_same_seed"] = _offdiag_mean(_rmse(s, s))
-        other_seed = ddim_samples(prior, specs, guidance_scale=cfg, seed=1)
-        out[f"cfg{cfg:g}"]["same_identity_other_seed"] = float((s - other_seed).square().mean((1, 2, 3)).sqrt().mean())
-        no_id = ddim_samples(prior, specs, guidance_scale=cfg, seed=0, lambda_id=0.0)
-        out[f"cfg{cfg:g}"]["id_on_vs_off_same_seed"] = float((s - no_id).square().mean((1, 2, 3)).sqrt().mean())
-        out[f"cfg{cfg:g}"]["no_id_between_identities"] = _offdiag_mean(_rmse(no_id, no_id))
-    out["training_images_between_subjects"] = _offdiag_mean(_rmse(data, data))
+        other_seed = ddim_samples(prior, specs, guidance_scale=cfg, seed=1)  # other noise for every sample
+        no_id = _same_noise(prior, specs, cfg, lambda_id=0.0)
+        out[f"cfg{cfg:g}"] = {
+            "to_nearest_training_image": float(d.min(1).values.mean()),
+            "to_mean_image": float(_rmse(s, mean).mean()),
+            "nearest_is_own_subject": float(sum(torch.allclose(batch["id_embedding"][int(j)], sp.id_embedding)
+                                                for j, sp in zip(d.argmin(1), specs)) / len(specs)),
+            # same noise, other identity (and its prompt / expression) vs same conditions, other noise
+            "between_identities_same_noise": _offdiag_mean(_rmse(s, s)),
+            "between_identities_same_noise_id_off": _offdiag_mean(_rmse(no_id, no_id)),
+            "same_identity_other_noise": float((s - other_seed).square().mean((1, 2, 3)).sqrt().mean()),
+            "id_on_vs_off_same_noise": float((s - no_id).square().mean((1, 2, 3)).sqrt().mean())}
     return out
 
 

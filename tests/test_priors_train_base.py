@@ -17,9 +17,9 @@ from idto3d.priors.training.objective import background_mask, training_latents
 from idto3d.priors.training.train import train_prior
 
 sys.path.insert(0, str(Path(__file__).parent))
-from cpu_threads import single_thread  # noqa: E402, F401  (fixture)
-from priors_fixtures import isolated_cache, tiny_base  # noqa: E402, F401  (fixtures)
-from test_priors_dataset import write_data  # noqa: E402
+from cpu_threads import single_thread  # noqa: F401  (fixture)
+from priors_fixtures import isolated_cache, tiny_base  # noqa: F401  (fixtures)
+from test_priors_dataset import write_data
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 BASE_MODE = ["prior.train.base=true", "prior.train.latent_mode=downsample", "prior.guidance.latent_size=16"]
@@ -35,7 +35,7 @@ def _cfg(*overrides: str):
                                              "prior.train.lr=0.001", "prior.train.checkpoint_every=2", *overrides])
 
 
-def test_trained_base_unet_is_saved_in_diffusers_layout_and_loads_with_the_prior(tiny_base, data, tmp_path):
+def test_trained_base_unet_is_saved_in_diffusers_layout_and_loads_with_the_prior(tiny_base, data, tmp_path):  # noqa: F811
     from diffusers import UNet2DConditionModel
 
     start = build_prior(tiny_base, "normal", 128)
@@ -58,7 +58,7 @@ def test_trained_base_unet_is_saved_in_diffusers_layout_and_loads_with_the_prior
     assert (guide.config.latent_mode, guide.config.latent_size) == ("downsample", 16)
 
 
-def test_adapter_only_training_leaves_the_base_and_records_no_latents(tiny_base, data, tmp_path):
+def test_adapter_only_training_leaves_the_base_and_records_no_latents(tiny_base, data, tmp_path):  # noqa: F811
     train_prior("normal", data, tmp_path / "p", _cfg("prior.train.steps=1"), base_model=str(tiny_base),
                 progress=False)
     spec = json.loads((tmp_path / "p" / "prior_config.json").read_text())
@@ -68,7 +68,7 @@ def test_adapter_only_training_leaves_the_base_and_records_no_latents(tiny_base,
     assert guide.config.latent_mode == "vae"
 
 
-def test_resume_with_the_base_trained_is_bit_identical(tiny_base, data, tmp_path):
+def test_resume_with_the_base_trained_is_bit_identical(tiny_base, data, tmp_path):  # noqa: F811
     common = [*BASE_MODE, "prior.train.condition_dropout=0.25"]
     train_prior("normal", data, tmp_path / "a", _cfg("prior.train.steps=4", *common), base_model=str(tiny_base),
                 progress=False)
@@ -82,7 +82,7 @@ def test_resume_with_the_base_trained_is_bit_identical(tiny_base, data, tmp_path
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
 
 
-def test_training_latents_are_sds_downsample_latents_of_the_render(tiny_base):
+def test_training_latents_are_sds_downsample_latents_of_the_render(tiny_base):  # noqa: F811
     # A render as the geometry stage makes it: normals over the white background, and its coverage mask.
     g = torch.Generator().manual_seed(0)
     n = torch.nn.functional.normalize(torch.randn(2, 3, 32, 32, generator=g) + torch.tensor([0, 0, 1.5]).view(1, 3, 1, 1),
