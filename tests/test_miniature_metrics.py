@@ -40,11 +40,14 @@ def _plateau(h: float):
     return lambda x, y: h * np.clip((0.35 - np.maximum(abs(x), abs(y))) / 0.05, 0, 1)
 
 
-def test_face_box_bounds_the_vertices_that_differ_between_scans():
+def test_face_box_bounds_the_vertices_that_move_most_between_scans():
     lo, hi = mm.face_box([_mesh(), _mesh(_plateau(0.1)), _mesh(_plateau(-0.05))], margin=0.02)
     # Moved: the grid vertices with max(|x|, |y|) < 0.35 -> the ring at 0.30 is the outermost (spacing 0.05).
     torch.testing.assert_close(lo, torch.tensor([-0.32, -0.32, -0.07]))
     torch.testing.assert_close(hi, torch.tensor([0.32, 0.32, 0.12]))
+    # A small move elsewhere (under a quarter of the largest) does not widen the box.
+    far = _mesh(lambda x, y: _plateau(0.1)(x, y) + 0.01 * (x > 0.8))
+    torch.testing.assert_close(mm.face_box([_mesh(), far], margin=0.0)[1][:2], torch.tensor([0.3, 0.3]))
     with pytest.raises(ValueError, match="do not differ"):
         mm.face_box([_mesh(), _mesh()])
 
