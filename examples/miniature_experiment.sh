@@ -7,7 +7,9 @@
 # synth-scans (train + held-out subjects) -> synth-identities -> render-dataset -> make-base -> train-prior ->
 # sample-prior grid -> for each held-out subject: generate from its identity with the normal prior, geometry SDS
 # from the generic template (face_model.enabled=false), with the ID tokens on (runs/id) and off (runs/no_id,
-# lambda_id=0) -> WORK/metrics.json (examples/miniature_metrics.py).
+# lambda_id=0) -> WORK/metrics.json (examples/miniature_metrics.py: whole-head and face-region Chamfer),
+# WORK/prior_check.json (miniature_prior_check.py: is the prior a denoiser, does its conditioning act) and
+# WORK/figure.html + figure.png (miniature_figure.py: held-out heads next to their ground truth, the samples).
 # Size knobs (environment): TRAIN=8 HELDOUT=3 EXPRESSIONS=neutral,smile,mouth_open VIEWS=12 STEPS=400
 # GEO_ITERS=200 ID_BACKEND=synthetic (or dlib) SEED=0 PY=python
 set -euo pipefail
@@ -52,5 +54,7 @@ for variant in id no_id; do
       --set texture.iterations=5 --set texture.refine_iterations=1
   done
 done
-step "metrics"
+step "metrics, prior check, figure"
 $PY "$HERE/miniature_metrics.py" "$WORK"
+[[ -f "$WORK/prior_check.json" ]] || $PY "$HERE/miniature_prior_check.py" "$WORK" > /dev/null
+$PY "$HERE/miniature_figure.py" "$WORK"

@@ -288,6 +288,11 @@ class PriorTrainConfig:
     mixed_precision: str = _opt("no", choices=("no", "fp16", "bf16"), help="autocast dtype; quote 'no' in YAML")
     seed: int = _opt(0, help="decides data order, noise, timesteps and dropout")
     num_workers: int = _opt(0, ge=0, le=64, help="DataLoader worker processes")
+    latent_mode: str = _opt("vae", choices=("vae", "downsample"),
+                            help="vae: train on VAE latents; downsample: on the images (+ mask from the background) "
+                                 "resized to prior.guidance.latent_size, as SDS's downsample mode (recorded in the prior)")
+    base: bool = _opt(False, help="train the base UNet itself with the adapters (a base built from config with "
+                                  "random weights; the prior folder then holds its own unet/)")
 
 
 @dataclass

@@ -17,6 +17,7 @@ the loss (so it reaches the parameters' gradients, where the stage's optimizer s
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from collections.abc import Sequence
@@ -127,6 +128,15 @@ def downsample_latents(images: torch.Tensor, size: int) -> torch.Tensor:
     return _resize(images, size) * 2.0 - 1.0
 
 
+def prior_latents(prior: Any, config: GuidanceConfig) -> GuidanceConfig:
+    """``config`` with the latent space ``prior`` was trained on, when its folder records one (``spec.latents``):
+    a prior trained on downsampled renders guides in them at its size, whatever the preset says."""
+    latents = getattr(getattr(prior, "spec", None), "latents", None)
+    if not latents:
+        return config
+    return dataclasses.replace(config, latent_mode=str(latents["mode"]), latent_size=int(latents["size"]))
+
+
 def _sd15_alphas_cumprod() -> torch.Tensor:
     from diffusers import DDPMScheduler
 
@@ -216,7 +226,8 @@ class SDSGuidance(ScoreDistillation):
 
     def __init__(self, prior: Any, config: GuidanceConfig | None = None,
                  schedule: TimestepSchedule | str = "geometry", total_steps: int = 1000, seed: int = 0) -> None:
-        super().__init__(config, schedule, total_steps, prior.noise_scheduler.alphas_cumprod, seed)
+        super().__init__(prior_latents(prior, config or GuidanceConfig()), schedule, total_steps,
+                         prior.noise_scheduler.alphas_cumprod, seed)
         self.prior = prior
         self.conventions = getattr(prior, "conventions", None)
 

@@ -4,6 +4,9 @@ A saved prior is a folder::
 
     prior_config.json      PriorSpec: base model id/path, domain, adapter sizes, embedding sizes
     adapters.safetensors   adapter weights only (LoRA, ID/expression K/V, the two projections)
+    unet/                  only when training changed the base UNet too (``prior.train.base``): its weights in
+                           diffusers' layout (config.json, diffusion_pytorch_model.safetensors), laid over the
+                           base model's on loading
 
 The base model is any SD1.5-architecture diffusers folder or hub id; it is only ever read from disk
 (``local_files_only=True``), so an absent model fails at once with what to download and where to put it.
@@ -32,6 +35,7 @@ from idto3d.priors.expression_embeddings import expression_embeddings
 from idto3d.core.expressions import expression_index
 
 FORMAT = "idto3d.prior/1"
+UNET_WEIGHTS = "unet/diffusion_pytorch_model.safetensors"  # a trained base UNet, diffusers' layout
 BASE_LORA = "base_lora.safetensors"  # a LoRA fused into the frozen base UNet on loading (FaceID's own)
 # "photo": a base text-to-image model used as is (adapters stay zero and get no tokens): texture refinement.
 DOMAINS = ("normal", "albedo", "photo")
@@ -57,8 +61,10 @@ class PriorSpec:
     recogniser: dict | None = None       # {"model": file name, "sha256": hex or None} the ID branch expects
     base_fingerprint: list | None = None  # statistics of a few base UNet tensors: a substituted base must match
     ip_adapter: dict | None = None       # {"file", "kind", "lora": "fused" | "ignored" | "none"}
-    # FaceID Plus (v2): the perceiver projection's sizes and the CLIP image encoder it reads (faceid.PlusProjection)
+    # FaceID Plus (v2): the perceiver projection's sizes and the CLIP image encoder it reads (faceid.plus_spec)
     id_projection: dict | None = None
+    latents: dict | None = None          # {"mode": "downsample", "size": N} the prior was trained on; None = VAE
+    unet_weights: str | None = None      # UNET_WEIGHTS when the folder holds its own trained base UNet
 
     def __post_init__(self) -> None:
         if self.conventions is not None:
@@ -261,7 +267,28 @@ class Prior(nn.Module):
         return mods
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for m in self.adapter_modules().values() for p in m.parameters()]
+        params = [p for m in self.adapter_modules().values() for p in m.parameters()]
+        return params + list(self.base_unet_parameters().values()) if self.spec.unet_weights else params
+
+    def base_unet_parameters(self) -> dict[str, nn.Parameter]:
+        """The base UNet's own weights (diffusers' names), without the adapter processors installed in it."""
+        return {n: p for n, p in self.unet.named_parameters() if ".processor." not in n}
+
+    def train_base_unet(self) -> None:
+        """Make the base UNet trainable with the adapters (a base built from config); saved with the prior."""
+        for p in self.base_unet_parameters().values():
+            p.requires_grad_(True)
+        self.spec = dataclasses.replace(self.spec, unet_weights=UNET_WEIGHTS)
+
+    def load_base_unet_state_dict(self, state: dict[str, torch.Tensor], source: str) -> None:
+        own = self.base_unet_parameters()
+        missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        if missing or extra or any(own[k].shape != v.shape for k, v in state.items()):
+            raise IdtoError(f"{source}: the UNet weights do not match this prior's base model "
+                            f"(missing {missing[:3]}, unexpected {extra[:3]})")
+        with torch.no_grad():
+            for k, v in state.items():
+                own[k].copy_(v.to(own[k].device, own[k].dtype))
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
         return {f"{prefix}.{k}": v for prefix, m in self.adapter_modules().items()
@@ -510,7 +537,21 @@ def save_prior(prior: Prior, folder: str | Path) -> None:
 
         lora = lora_state(prior.base_lora)
         atomic_write(folder / BASE_LORA, lambda p: save_file(lora, str(p), metadata={"format": FORMAT}))
+    if prior.spec.unet_weights:
+        _save_base_unet(prior, folder)
     atomic_write_text(folder / "prior_config.json", json.dumps(spec, indent=2) + "\n")
+
+
+def _save_base_unet(prior: Prior, folder: Path) -> None:
+    """The trained base UNet in diffusers' layout (a ``UNet2DConditionModel.from_pretrained`` folder)."""
+    from safetensors.torch import save_file
+
+    unet_dir = folder / Path(UNET_WEIGHTS).parent
+    unet_dir.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in prior.base_unet_parameters().items()}
+    state.update({k: v.detach().contiguous().cpu() for k, v in prior.unet.named_buffers() if ".processor." not in k})
+    atomic_write(folder / UNET_WEIGHTS, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
+    atomic_write_text(unet_dir / "config.json", prior.unet.to_json_string())
 
 
 def _resolve_prior_folder(path_or_id: str | Path) -> Path:
@@ -602,11 +643,28 @@ def load_prior(path_or_id: str | Path, *, device: Any = None, dtype: Any = None,
     except Exception as exc:  # safetensors raises its own error types for corrupt files
         raise IdtoError(f"cannot read the weights in {folder}: {exc}") from None
     prior.load_adapter_state_dict(state, source=str(weights))
+    if spec.unet_weights:
+        _load_base_unet(prior, folder / spec.unet_weights)
     if lora:
         from idto3d.priors.faceid import deltas_from_state
 
         prior.fuse_base_lora(deltas_from_state(lora))
     return prior
+
+
+def _load_base_unet(prior: Prior, path: Path) -> None:
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise IdtoError(f"{path.parent.parent}: {path.relative_to(path.parent.parent)} is missing (the prior was "
+                        f"trained with its base UNet)")
+    try:
+        state = load_file(str(path))
+    except Exception as exc:  # safetensors raises its own error types for corrupt files
+        raise IdtoError(f"cannot read the weights in {path}: {exc}") from None
+    buffers = dict(prior.unet.named_buffers())
+    params = {k: v for k, v in state.items() if k not in buffers}
+    prior.load_base_unet_state_dict(params, source=str(path))
 
 
 def load_photo_prior(base_model: str | Path, *, vae: str | None = None, device: Any = None,

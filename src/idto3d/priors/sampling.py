@@ -3,7 +3,8 @@
 Each sample starts from seeded Gaussian latents and runs diffusers' ``DDIMScheduler`` (built from the prior's
 own noise schedule) with the same classifier-free guidance as SDS (``guidance.SDSGuidance.predict_noise``: one
 code path for the conditional/unconditional halves, the ID and expression branches), then the prior's VAE decodes
-the latents. Works for any prior folder ``load_prior`` reads: a miniature one trained here or a full-size one.
+the latents (a prior trained on downsampled renders: the latents' RGB channels are the image). Works for any
+prior folder ``load_prior`` reads: a miniature one trained here or a full-size one.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ def ddim_samples(prior, specs: Sequence[SampleSpec], *, steps: int = 25, guidanc
 
     cfg = GuidanceConfig(guidance_scale=guidance_scale, lambda_id=lambda_id)
     guide = SDSGuidance(prior, cfg)
-    size = prior.resolution // prior.vae_scale_factor
+    downsampled = guide.config.latent_mode == "downsample"  # the prior records it: latents are the image
+    size = guide.config.latent_size if downsampled else prior.resolution // prior.vae_scale_factor
     channels = int(prior.unet.config.in_channels)
     out = []
     for i, spec in enumerate(specs):
@@ -49,8 +51,11 @@ def ddim_samples(prior, specs: Sequence[SampleSpec], *, steps: int = 25, guidanc
             for t in sched.timesteps:
                 eps = guide.predict_noise(z, int(t), cond)
                 z = sched.step(eps, t, z, eta=eta, generator=gen).prev_sample
-            with prior.autocast():
-                image = prior.vae.decode(z.to(prior.dtype) / prior.vae.config.scaling_factor).sample
+            if downsampled:
+                image = z[:, :3]  # the RGB channels of a downsampled render, in [-1, 1]
+            else:
+                with prior.autocast():
+                    image = prior.vae.decode(z.to(prior.dtype) / prior.vae.config.scaling_factor).sample
         out.append(((image.float() + 1) / 2).clamp(0, 1)[0].permute(1, 2, 0).cpu())
     return torch.stack(out)
 

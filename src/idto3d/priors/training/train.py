@@ -1,7 +1,9 @@
 """Fine-tune a prior on rendered scans with the denoising objective L_simple (paper eq. 5).
 
-``E_{x, eps, t} || eps - eps_theta(x_t, t, text, ID, expression) ||^2`` on VAE latents of the images,
-optimising only the prior's adapters (``Prior.trainable_parameters``). HF ``accelerate`` runs the same
+``E_{x, eps, t} || eps - eps_theta(x_t, t, text, ID, expression) ||^2`` on VAE latents of the images (or,
+``prior.train.latent_mode=downsample``, on the images resized to the latent size, as SDS's downsample mode),
+optimising the prior's adapters (``Prior.trainable_parameters``), and with ``prior.train.base`` the base UNet
+too (a base built from config has random weights: adapters over it alone never make a denoiser). HF ``accelerate`` runs the same
 code on one CPU, one GPU or many (``accelerate launch -m idto3d.cli train-prior ...``).
 
 Reproducibility: the data order, noise, timesteps and condition dropout of micro-batch ``m`` on process
@@ -12,6 +14,7 @@ The objective and the seeded batches live in ``objective``, checkpoint and log f
 Output folder::
 
     PRIOR_DIR/prior_config.json, adapters.safetensors   the latest prior (``load_prior(PRIOR_DIR)``)
+    PRIOR_DIR/unet/                                      the trained base UNet (``prior.train.base`` only)
     PRIOR_DIR/run.json                                   what was trained on what (checked on --resume)
     PRIOR_DIR/train_log.jsonl, loss.png                  per-step loss and its curve
     PRIOR_DIR/checkpoints/step_000500/                   accelerate state + trainable.safetensors
@@ -182,11 +185,27 @@ def _prior_matching_data(dataset: PriorDataset, domain: str, base: str, init: st
     set_seed(cfg.prior.train.seed)  # fresh adapters are drawn from the global RNG
     prior = _build(domain, base, init, ip_adapter, id_dim, cfg)
     dataset.use_id_dim(int(prior.spec.id_dim))
+    _set_latents_and_base(prior, cfg)
     return prior
 
 
+def _set_latents_and_base(prior: Any, cfg: Config) -> None:
+    """Record the latent space trained on (SDS follows it) and, with ``prior.train.base``, unfreeze the base UNet."""
+    import dataclasses
+
+    tc = cfg.prior.train
+    if tc.latent_mode == "downsample":
+        latents = {"mode": "downsample", "size": int(cfg.prior.guidance.latent_size)}
+        prior.spec = dataclasses.replace(prior.spec, latents=latents)
+    elif prior.spec.latents:
+        raise TrainError(f"this prior was trained on {prior.spec.latents['mode']} latents; set "
+                         f"prior.train.latent_mode={prior.spec.latents['mode']} to fine-tune it")
+    if tc.base or prior.spec.unet_weights:
+        prior.train_base_unet()
+
+
 def _register_state_hooks(accelerator: Any, prior: Any) -> None:
-    """Checkpoints hold only the adapters; the frozen base model stays where it came from."""
+    """Checkpoints hold what training changes: the adapters (and the base UNet with prior.train.base)."""
     main = accelerator.is_main_process
 
     def save_hook(models: list, weights: list, folder: str) -> None:

@@ -18,6 +18,7 @@ from idto3d.core.errors import IdtoError
 CHECKPOINTS = "checkpoints"
 TRAINABLE_FILE = "trainable.safetensors"
 STATE_FILE = "trainer_state.json"
+BASE_PREFIX = "base_unet."  # the base UNet's weights in a checkpoint of a run that trains it
 
 
 class TrainError(IdtoError):
@@ -29,6 +30,9 @@ def save_trainable(prior: Any, path: Path) -> None:
     from safetensors.torch import save_file
 
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in prior.adapter_state_dict().items()}
+    if prior.spec.unet_weights:  # prior.train.base: the base UNet is trained too
+        tensors.update({BASE_PREFIX + k: v.detach().to("cpu").contiguous()
+                        for k, v in prior.base_unet_parameters().items()})
     atomic_write(path, lambda p: save_file(tensors, str(p)))
 
 
@@ -37,7 +41,14 @@ def load_trainable(prior: Any, path: Path) -> None:
 
     if not path.is_file():
         raise TrainError(f"checkpoint {path.parent} lacks {path.name}; it is incomplete: delete it and resume")
-    prior.load_adapter_state_dict(load_file(path), source=str(path))
+    state = load_file(path)
+    base = {k[len(BASE_PREFIX):]: state.pop(k) for k in list(state) if k.startswith(BASE_PREFIX)}
+    if bool(base) != bool(prior.spec.unet_weights):
+        raise TrainError(f"checkpoint {path.parent} {'holds' if base else 'lacks'} base UNet weights but this run "
+                         f"{'does not train' if base else 'trains'} the base (prior.train.base)")
+    prior.load_adapter_state_dict(state, source=str(path))
+    if base:
+        prior.load_base_unet_state_dict(base, source=str(path))
 
 
 def list_checkpoints(out: Path) -> list[tuple[int, Path]]:
