@@ -10,6 +10,8 @@ exception.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import io
 import os
 import signal
@@ -207,6 +209,8 @@ def test_an_interrupted_adapter_checkpoint_keeps_the_previous_weights(tmp_path, 
     from idto3d.priors.training.train_state import save_trainable
 
     class FakePrior:
+        spec = SimpleNamespace(unet_weights=None)  # adapters only: no trained base UNet
+
         def __init__(self, value: float) -> None:
             self.value = value
 

@@ -72,8 +72,8 @@ class CleanSelection:
         return np.where(source_vertices >= 0, inverse[np.maximum(source_vertices, 0)], -1)
 
     def apply(self, mesh: Mesh) -> Mesh:
-        v = mesh.vertices.detach()[torch.from_numpy(self.vertices).to(mesh.vertices.device)]
-        return Mesh(v, torch.from_numpy(self.faces).to(mesh.faces.device))
+        v = mesh.vertices.detach()[torch.as_tensor(self.vertices, device=mesh.vertices.device)]
+        return Mesh(v, torch.as_tensor(self.faces, device=mesh.faces.device))
 
 
 def _arrays(mesh: Mesh) -> tuple[np.ndarray, np.ndarray]:
