@@ -48,3 +48,17 @@ def same_layout(run: Path, names: list[str]) -> bool:
     atlases = load_atlases(RunLayout(run).atlas, names)
     first = atlases[names[0]]
     return all(np.array_equal(a.faces, first.faces) and np.array_equal(a.uvs, first.uvs) for a in atlases.values())
+
+
+def overlapping_texels(atlas, size: int = 512) -> float:
+    """Share of covered texels (triangle centroids snapped to texels, per chart) that two charts cover."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    f = atlas.faces
+    n = atlas.uvs.shape[0]
+    g = coo_matrix((np.ones(2 * len(f)), (np.r_[f[:, 0], f[:, 0]], np.r_[f[:, 1], f[:, 2]])), shape=(n, n))
+    label = connected_components(g, directed=False)[1][f[:, 0]]
+    texel = np.floor(atlas.uvs[f].mean(1) * size).astype(np.int64)
+    key = np.unique(np.stack([texel[:, 0] * size + texel[:, 1], label], 1), axis=0)
+    return float((np.unique(key[:, 0], return_counts=True)[1] > 1).mean())

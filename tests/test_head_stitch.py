@@ -13,6 +13,8 @@ from idto3d.geometry.template import build_head_template
 from idto3d.render.mesh import Mesh
 from idto3d.texture.uv_atlas import UVMesh
 
+from mesh_checks import overlapping_texels
+
 
 @pytest.fixture(scope="module")
 def stitched():
@@ -114,24 +116,9 @@ def test_the_atlas_has_a_face_chart_and_four_large_charts_at_one_density(stitche
     print(f"folded triangles: {(cross <= 0).sum()} of {len(cross)}; the charts cover {coverage:.0%} of the map")
     assert (cross <= 0).mean() < 1e-3  # every chart keeps the winding (no mirrored island, next to no folds)
     # Charts do not overlap: rasterised at 512^2, no texel is covered by two charts.
-    assert _overlapping_texels(atlas) < 1e-3
+    assert overlapping_texels(atlas) < 1e-3
     other = atlas.with_positions(head.vertices + 0.01)
     assert np.allclose(other.vertices, atlas.vertices + 0.01, atol=1e-6)
-
-
-def _overlapping_texels(atlas, size: int = 512) -> float:
-    """Share of covered texels (triangle centroids snapped to texels, per chart) that two charts cover."""
-    from scipy.sparse.csgraph import connected_components
-    from scipy.sparse import coo_matrix
-
-    f = atlas.faces
-    n = atlas.uvs.shape[0]
-    g = coo_matrix((np.ones(2 * len(f)), (np.r_[f[:, 0], f[:, 0]], np.r_[f[:, 1], f[:, 2]])), shape=(n, n))
-    label = connected_components(g, directed=False)[1][f[:, 0]]
-    texel = np.floor(atlas.uvs[f].mean(1) * size).astype(np.int64)
-    key = np.unique(np.stack([texel[:, 0] * size + texel[:, 1], label], 1), axis=0)
-    counts = np.unique(key[:, 0], return_counts=True)[1]
-    return float((counts > 1).sum() / counts.size)
 
 
 def _seam_angles(layout, head: Mesh) -> np.ndarray:

@@ -12,6 +12,8 @@ from idto3d.render.mesh import Mesh
 from idto3d.texture.chart_layout import head_layout
 from idto3d.texture.uv_atlas import chart_count, chart_densities, chart_labels, texel_density_spread
 
+from mesh_checks import overlapping_texels
+
 # Measured on the built-in template at grid 48, cleaned and smoothed: xatlas (the SDS path before issue 19) 17
 # charts, density spread 1.33; head_layout 5 charts, 1.61 (grid-48 astronaut runs: 708 -> 5 charts).
 MAX_CHARTS = 6
@@ -30,20 +32,6 @@ def _signed_uv_areas(atlas) -> np.ndarray:
     return (t[:, 1, 0] - t[:, 0, 0]) * (t[:, 2, 1] - t[:, 0, 1]) - (t[:, 1, 1] - t[:, 0, 1]) * (t[:, 2, 0] - t[:, 0, 0])
 
 
-def _overlap(atlas, size: int = 512) -> float:
-    """Share of covered texels (rasterised triangle centroids, per chart) that two charts cover."""
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-
-    f = atlas.faces
-    n = atlas.uvs.shape[0]
-    g = coo_matrix((np.ones(2 * len(f)), (np.r_[f[:, 0], f[:, 0]], np.r_[f[:, 1], f[:, 2]])), shape=(n, n))
-    label = connected_components(g, directed=False)[1][f[:, 0]]
-    texel = np.floor(atlas.uvs[f].mean(1) * size).astype(np.int64)
-    key = np.unique(np.stack([texel[:, 0] * size + texel[:, 1], label], 1), axis=0)
-    return float((np.unique(key[:, 0], return_counts=True)[1] > 1).mean())
-
-
 def test_a_grid_head_gets_a_few_large_charts_at_one_density(grid_head):
     atlas = head_layout(grid_head)
     charts, spread = chart_count(atlas), texel_density_spread(atlas)
@@ -54,7 +42,7 @@ def test_a_grid_head_gets_a_few_large_charts_at_one_density(grid_head):
     density = chart_densities(atlas)
     assert density.max() / density.min() < 1.01  # every chart at the same texels per unit of surface
     assert (signed <= 0).mean() < 5e-3  # no mirrored island, next to no folds
-    assert _overlap(atlas) < 1e-3
+    assert overlapping_texels(atlas) < 1e-3
     assert np.abs(signed).sum() / 2 > 0.35  # the packing uses the square
     assert atlas.uvs.min() >= 0.0 and atlas.uvs.max() <= 1.0
     assert np.array_equal(atlas.vmapping[atlas.faces], grid_head.faces.numpy())  # faces keep their order
@@ -68,7 +56,7 @@ def test_a_part_that_is_not_a_disc_still_gets_a_layout():
     mesh = Mesh(torch.tensor(torus.vertices, dtype=torch.float32), torch.tensor(torus.faces, dtype=torch.int64))
     atlas = head_layout(mesh)
     assert np.array_equal(atlas.vmapping[atlas.faces], mesh.faces.numpy())
-    assert _overlap(atlas) < 1e-3 and atlas.uvs.min() >= 0.0 and atlas.uvs.max() <= 1.0
+    assert overlapping_texels(atlas) < 1e-3 and atlas.uvs.min() >= 0.0 and atlas.uvs.max() <= 1.0
 
 
 def test_the_sds_unwrap_cleans_and_shares_one_layout_across_a_shared_topology(grid_head):
@@ -106,7 +94,7 @@ def test_a_projection_that_folds_is_not_trusted():
     s = trimesh.creation.icosphere(subdivisions=3, radius=0.5)
     v, f = np.asarray(s.vertices, np.float64), np.asarray(s.faces, np.int64)
     atlas = layout_parts(v, f, np.zeros(len(f), np.int64), {0: lambda vertices, _: vertices[:, :2].copy()})
-    assert _overlap(atlas) < 1e-3
+    assert overlapping_texels(atlas) < 1e-3
     # Within each chart the triangles keep one winding (xatlas, which takes the closed sphere, may mirror a chart).
     labels, signed = chart_labels(atlas), _signed_uv_areas(atlas)
     folds = sum(min((signed[labels == k] < 0).sum(), (signed[labels == k] > 0).sum()) for k in np.unique(labels))
