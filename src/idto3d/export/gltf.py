@@ -96,12 +96,17 @@ def glb_bytes(uv_mesh: UVMesh, maps: PBRMaps, metres_per_unit: float = METRES_PE
     # The binary chunk's layout is vertex data, indices, then images: keep this order (the bytes depend on it).
     primitive = _add_geometry(blob, uv_mesh, metres_per_unit, with_tangents=maps.normal is not None)
     images = _add_images(blob, maps)
+    return document_bytes(blob, g.Mesh(name=name, primitives=[primitive]), images, maps, name)
+
+
+def document_bytes(blob: _Blob, mesh: g.Mesh, images: list[g.Image], maps: PBRMaps, name: str) -> bytes:
+    """The ``.glb`` of one node holding ``mesh`` (its data and ``images`` already in ``blob``), material 0."""
     gltf = g.GLTF2(
         asset=g.Asset(version="2.0", generator="idto3d"),
         scene=0,
         scenes=[g.Scene(nodes=[0])],
         nodes=[g.Node(mesh=0, name=name)],
-        meshes=[g.Mesh(name=name, primitives=[primitive])],
+        meshes=[mesh],
         materials=[_material(name, with_normal_map=maps.normal is not None)],
         textures=[g.Texture(sampler=0, source=i) for i in range(len(images))],
         images=images,

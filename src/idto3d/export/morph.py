@@ -18,7 +18,7 @@ import pygltflib as g
 from idto3d.core.atomic import atomic_write_bytes
 from idto3d.core.errors import IdtoError
 from idto3d.core.units import METRES_PER_UNIT
-from idto3d.export.gltf import _add_geometry, _add_images, _Blob, _material
+from idto3d.export.gltf import _add_geometry, _add_images, _Blob, document_bytes
 from idto3d.export.maps import PBRMaps
 from idto3d.export.placement import metric_positions, smooth_normals
 from idto3d.texture.uv_atlas import UVMesh
@@ -54,24 +54,8 @@ def morph_glb_bytes(base: UVMesh, poses: dict[str, UVMesh], maps: PBRMaps,
     primitive.targets = [_add_target(blob, base, pose, metres_per_unit, offsets.get(n)) for n, pose in poses.items()]
     images = _add_images(blob, maps)
     names = list(poses)
-    gltf = g.GLTF2(
-        asset=g.Asset(version="2.0", generator="idto3d"),
-        scene=0,
-        scenes=[g.Scene(nodes=[0])],
-        nodes=[g.Node(mesh=0, name=name)],
-        meshes=[g.Mesh(name=name, primitives=[primitive], weights=[0.0] * len(names),
-                       extras={"targetNames": names})],
-        materials=[_material(name, with_normal_map=maps.normal is not None)],
-        textures=[g.Texture(sampler=0, source=i) for i in range(len(images))],
-        images=images,
-        samplers=[g.Sampler(magFilter=g.LINEAR, minFilter=g.LINEAR_MIPMAP_LINEAR, wrapS=g.CLAMP_TO_EDGE,
-                            wrapT=g.CLAMP_TO_EDGE)],
-        accessors=blob.accessors,
-        bufferViews=blob.views,
-        buffers=[g.Buffer(byteLength=len(blob.data))],
-    )
-    gltf.set_binary_blob(bytes(blob.data))
-    return b"".join(gltf.save_to_bytes())
+    mesh = g.Mesh(name=name, primitives=[primitive], weights=[0.0] * len(names), extras={"targetNames": names})
+    return document_bytes(blob, mesh, images, maps, name)
 
 
 def write_morph_glb(path: str | Path, base: UVMesh, poses: dict[str, UVMesh], maps: PBRMaps,
