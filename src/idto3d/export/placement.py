@@ -17,8 +17,13 @@ def metric_positions(uv_mesh: UVMesh, metres_per_unit: float) -> np.ndarray:
     if not (isinstance(metres_per_unit, (int, float)) and np.isfinite(metres_per_unit) and metres_per_unit > 0):
         raise IdtoError(f"metres_per_unit must be a positive number, got {metres_per_unit!r}")
     v = uv_mesh.vertices.astype(np.float64)
-    centre = 0.5 * (v.min(0) + v.max(0))
-    return ((v - centre) * metres_per_unit).astype(np.float32)
+    return ((v - box_centre(v)) * metres_per_unit).astype(np.float32)
+
+
+def box_centre(vertices: np.ndarray) -> np.ndarray:
+    """The centre of the vertices' axis-aligned bounding box (float64): the origin of the export frame."""
+    v = np.asarray(vertices, dtype=np.float64)
+    return 0.5 * (v.min(0) + v.max(0))
 
 
 def smooth_normals(uv_mesh: UVMesh) -> np.ndarray:

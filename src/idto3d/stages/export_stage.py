@@ -23,6 +23,7 @@ from idto3d.core.run_manifest import check_stage_key
 from idto3d.core.stored_files import read_json_file
 from idto3d.export import PBRMaps, UVMesh, export_expression
 from idto3d.export.morph import same_layout, write_morph_glb
+from idto3d.export.placement import box_centre
 from idto3d.export.turntable import find_ffmpeg, write_turntable
 from idto3d.geometry.surface_fit import closest_distances, distance_stats_mm, fit_to_surface
 from idto3d.texture.texels import texel_map
@@ -102,13 +103,8 @@ def morph_poses(atlases: dict[str, UVMesh]) -> tuple[dict[str, UVMesh], dict[str
         poses[n], errors[n] = base.with_positions(fit.vertices), fit.error_mm() | reverse
         # Each .glb is centred on its own bounding box: the target must sit where the expression's .glb puts its
         # surface, not on the fitted mesh's (slightly different) box.
-        offsets[n] = _box_centre(poses[n].vertices) - _box_centre(atlases[n].vertices)
+        offsets[n] = box_centre(poses[n].vertices) - box_centre(atlases[n].vertices)
     return poses, offsets, errors
-
-
-def _box_centre(v: np.ndarray) -> np.ndarray:
-    v = np.asarray(v, dtype=np.float64)
-    return 0.5 * (v.min(0) + v.max(0))
 
 
 def write_morph_targets(layout: RunLayout, atlases: dict[str, UVMesh], base_maps: PBRMaps) -> list[Path]:
