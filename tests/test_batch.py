@@ -327,3 +327,9 @@ def test_evaluate_measures_each_identity_against_its_own_photos(local_ray, tmp_p
     assert "% of views same person" in (out / "batch.html").read_text()
     again = CliRunner().invoke(app, ["batch", str(manifest), "--out", str(out), "--evaluate", *_sets()])
     assert again.exit_code == 0 and _rows(out)["anna"]["skipped"] and _rows(out)["anna"]["evaluation"] == "kept"
+    # An evaluation against other photos (a user's own `idto3d evaluate -r ...`) is not this row's: done again.
+    path = RunLayout(out / "anna").metrics
+    path.write_text(json.dumps({**json.loads(path.read_text()), "references": [str(photos / "wall.png")]}))
+    other = CliRunner().invoke(app, ["batch", str(manifest), "--out", str(out), "--evaluate", *_sets()])
+    assert other.exit_code == 0 and _rows(out)["anna"]["evaluation"] == "done"
+    assert [Path(r).name for r in json.loads(path.read_text())["references"]] == ["astronaut.png"]

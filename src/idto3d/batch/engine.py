@@ -19,7 +19,7 @@ from rich.console import Console
 from idto3d.batch.live import BatchView, eta_seconds
 from idto3d.batch.manifest import BatchOptions, BatchRow
 from idto3d.batch.results import RowRecord, collect_run_outputs, counts, write_results
-from idto3d.batch.task import RunSpec, one_line, run_identity
+from idto3d.batch.task import NO_PHOTOS, RunSpec, evaluated_against, from_identity_file, one_line, run_identity
 from idto3d.core.config import Config, dump_config
 from idto3d.core.errors import IdtoError
 from idto3d.core.run_layout import RunLayout
@@ -117,10 +117,11 @@ def plan(rows: Sequence[BatchRow], out: Path, opts: BatchOptions) -> list[tuple[
         spec = RunSpec(row.name, tuple(str(p) for p in row.inputs), str(run_dir), row.cfg, row.prompt,
                        _absolute(opts.normal_prior), _absolute(opts.albedo_prior), opts.evaluate)
         record = RowRecord(row.name, row.name)
-        evaluated = RunLayout(run_dir).metrics.exists()
-        if run_is_finished(run_dir, row.cfg, row.inputs) and (evaluated or not opts.evaluate):
+        no_photos = from_identity_file(row.inputs)
+        evaluated = not opts.evaluate or no_photos or evaluated_against(run_dir, row.inputs)
+        if run_is_finished(run_dir, row.cfg, row.inputs) and evaluated:
             record.status, record.skipped = "done", True
-            record.evaluation = "kept" if opts.evaluate else None
+            record.evaluation = (NO_PHOTOS if no_photos else "kept") if opts.evaluate else None
             collect_run_outputs(record, out)
         planned.append((spec, record))
     return planned

@@ -7,10 +7,13 @@ the retry resumes from the run folder's checkpoints, as a re-run of ``generate``
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from idto3d.core.config import Config
@@ -72,20 +75,41 @@ def run_identity(spec: RunSpec, threads: int, board: Any = None) -> dict[str, An
     return out
 
 
-def evaluate_row(spec: RunSpec) -> str:
-    """``idto3d evaluate RUN -r <the row's photos>`` with the row's config: "done", "kept" (already evaluated),
-    or why not. An evaluation that cannot run (no face in a reference, an identity file instead of photos) is
-    said in the row; the generated run stays done."""
-    from pathlib import Path
+NO_PHOTOS = "not evaluated: the row gives an identity file, not reference photos"
 
+
+def from_identity_file(inputs: Sequence[str | Path]) -> bool:
+    """A row given an identity file: it has no photos to evaluate against."""
+    return any(Path(p).suffix.lower() == ".safetensors" for p in inputs)
+
+
+def evaluated_against(run_dir: str | Path, inputs: Sequence[str | Path]) -> bool:
+    """Whether the run's ``report/metrics.json`` measures its current export against exactly these photos (not
+    another evaluation's references, not an export made since)."""
     from idto3d.core.run_layout import RunLayout
+    from idto3d.identity.photos import collect_photos
+
+    layout = RunLayout(run_dir)
+    try:
+        refs = json.loads(layout.metrics.read_text(encoding="utf-8")).get("references")
+        current = layout.metrics.stat().st_mtime_ns >= layout.export_done.stat().st_mtime_ns
+        photos = [str(p.resolve()) for p in collect_photos([Path(p) for p in inputs])]
+    except (OSError, ValueError, IdtoError, AttributeError):
+        return False
+    return current and refs == photos
+
+
+def evaluate_row(spec: RunSpec) -> str:
+    """``idto3d evaluate RUN -r <the row's photos>`` with the row's config: "done", "kept" (already evaluated
+    against these photos), or why not. An evaluation that cannot run (no face in a reference, an identity file
+    instead of photos) is said in the row; the generated run stays done."""
     from idto3d.evaluate.run import evaluate_runs
     from idto3d.stages.run_folder import hold_runs
 
-    if RunLayout(spec.run_dir).metrics.exists():
+    if from_identity_file(spec.inputs):
+        return NO_PHOTOS
+    if evaluated_against(spec.run_dir, spec.inputs):
         return "kept"
-    if any(Path(p).suffix.lower() == ".safetensors" for p in spec.inputs):
-        return "not evaluated: the row gives an identity file, not reference photos"
     try:
         with hold_runs([spec.run_dir]):
             evaluate_runs([spec.run_dir], list(spec.inputs), spec.cfg, progress=False)
