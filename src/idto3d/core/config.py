@@ -217,6 +217,16 @@ class FaceModelConfig:
                                      "(1 = the Gaussian MAP estimate)")
     expression_prior_weight: float = _opt(1.0, ge=0.0, help="weight of the N(0,1) prior on each photo's "
                                           "expression coefficients")
+    photometric: bool = _opt(True, help="refine the landmark fit so the face shaded by a fitted SH light matches "
+                             "the photos' skin (shape from shading, face_model/photometric_fit.py); false = "
+                             "landmarks only")
+    photometric_weight: float = _opt(1.0, ge=0.0, help="the photometric term's weight, in landmarks' worth of "
+                                     "evidence per 68 (1 = the skin pixels count as much as the 68 landmarks)")
+    photometric_resolution: int = _opt(160, ge=32, le=1024, help="side (px) of the square face crop the "
+                                       "photometric refinement renders and compares")
+    photometric_rounds: int = _opt(4, ge=1, le=50, help="photometric rounds: each re-renders which triangle "
+                                   "each skin pixel shows, then runs L-BFGS")
+    photometric_iterations: int = _opt(30, ge=1, le=2000, help="max L-BFGS iterations per photometric round")
 
 
 @dataclass

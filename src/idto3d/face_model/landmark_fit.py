@@ -253,6 +253,42 @@ def fit_photos(model: MorphableModel, landmarks: Sequence[np.ndarray], image_siz
     return FaceFit(model_name=model.name, shape=unknowns.beta.detach().float(), photos=photos)
 
 
+def resume_unknowns(model: MorphableModel, fit: FaceFit, cfg: FaceModelConfig | None = None
+                    ) -> tuple[_Targets, _Unknowns]:
+    """The landmark energy's targets and unknowns at ``fit`` (its rotations as the fixed starts, zero
+    axis-angle updates), so a later refinement (``face_model.photometric_fit``) keeps this energy as a term."""
+    cfg = cfg or FaceModelConfig()
+    lms = _check_inputs(model, [p.landmarks for p in fit.photos], [p.image_size for p in fit.photos])
+    targets = _targets(model, lms, cfg)
+    dt = torch.float64
+    unknowns = _Unknowns(
+        rot0=torch.stack([p.rotation.to(dt) for p in fit.photos]),
+        omega=torch.zeros(len(lms), 3, dtype=dt, requires_grad=True),
+        log_s=torch.tensor([math.log(p.scale) for p in fit.photos], dtype=dt).requires_grad_(True),
+        trans_hat=(torch.stack([p.translation.to(dt) for p in fit.photos]) / targets.spread[:, None]
+                   ).requires_grad_(True),
+        beta=fit.shape.to(dt).clone().requires_grad_(True),
+        psi=torch.stack([p.expression.to(dt) for p in fit.photos]).clone().requires_grad_(True))
+    return targets, unknowns
+
+
+def landmark_energy(targets: _Targets, unknowns: _Unknowns, cfg: FaceModelConfig) -> torch.Tensor:
+    """The landmark fit's MAP energy (module docstring) at ``unknowns``."""
+    return _energy(targets, unknowns, cfg)
+
+
+def fit_from_unknowns(model: MorphableModel, targets: _Targets, unknowns: _Unknowns,
+                      photos: Sequence[PhotoFit]) -> FaceFit:
+    """A ``FaceFit`` of ``unknowns`` (the photos' landmarks and sizes taken from ``photos``)."""
+    out = _photo_fits(targets, unknowns, [p.landmarks for p in photos], [p.image_size for p in photos])
+    return FaceFit(model_name=model.name, shape=unknowns.beta.detach().float(), photos=out)
+
+
+def minimise(energy: Callable[[], torch.Tensor], params: list[torch.Tensor], iterations: int) -> None:
+    """The landmark fit's L-BFGS loop (stops when the energy changes by < 1e-8 relative)."""
+    _minimise(energy, params, iterations, None)
+
+
 def weak_perspective_camera(fit: PhotoFit, distance: float = CAMERA_DISTANCE) -> Camera:
     """A ``Camera`` (batch of 1) whose renders of model space at the photo's ``(H, W)`` line up with the photo.
 

@@ -89,6 +89,11 @@ def fit_subject(run_dir: Path, cfg: Config, ident: IdentityEmbedding, console: C
     images = [load_photo(p) for p, _ in photos]
     landmarks = [detect_landmarks68(img, box) for img, (_, box) in zip(images, photos)]
     fit = fit_photos(model, landmarks, [img.shape[:2] for img in images], cfg.face_model, seed=cfg.seed)
+    shading = None
+    if cfg.face_model.photometric:
+        from idto3d.face_model.photometric_fit import refine_fit
+
+        fit, shading = refine_fit(model, fit, images, cfg.face_model)
     place = placement(fit.neutral_vertices(model), model.landmarks)
     layout = RunLayout(run_dir)
     atomic_torch_save(layout.face_fit_tensors, {
@@ -100,10 +105,18 @@ def fit_subject(run_dir: Path, cfg: Config, ident: IdentityEmbedding, console: C
         "model": model.name, "licence": model.licence,
         "photos": [{"path": str(path), "rms_px": round(float(p.rms_px), 3), "image_size": list(p.image_size)}
                    for (path, _), p in zip(photos, fit.photos)],
-        "shape_norm": round(float(fit.shape.norm()), 4), "placement_scale": round(place.scale, 4)}, indent=2))
+        "shape_norm": round(float(fit.shape.norm()), 4), "placement_scale": round(place.scale, 4),
+        "photometric": None if shading is None else {
+            "rms_linear_before": [round(v, 5) for v in shading.rms_before],
+            "rms_linear_after": [round(v, 5) for v in shading.rms_after], "skin_pixels": shading.pixels}},
+        indent=2))
     if console is not None:
         rms = ", ".join(f"{p.rms_px:.1f}" for p in fit.photos)
         console.print(f"face fit ({model.name}): landmark error {rms} px", highlight=False)
+        if shading is not None:
+            before = ", ".join(f"{v:.3f}" for v in shading.rms_before)
+            after = ", ".join(f"{v:.3f}" for v in shading.rms_after)
+            console.print(f"photometric refinement: skin rms {before} -> {after} (linear RGB)", highlight=False)
     return SubjectFit(model, fit, place, [p for p, _ in photos], images)
 
 
