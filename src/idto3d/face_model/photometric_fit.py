@@ -137,17 +137,6 @@ def _vertex_normals(vertices: torch.Tensor, faces: torch.Tensor) -> torch.Tensor
 
 
 @dataclass
-class _Visible:
-    """The skin pixels one rasterisation found on the face: their triangle corners and barycentrics, and
-    robust weights from the residuals there (held for a round)."""
-
-    corners: torch.Tensor  # [P, 3] vertex indices
-    bary: torch.Tensor     # [P, 3]
-    colour: torch.Tensor   # [P, 3] linear photo colour
-    weight: torch.Tensor   # [P] the light fit's robust weights
-
-
-@dataclass
 class _Basis:
     """The model in float64, the precision of the fit, converted once."""
 
@@ -161,8 +150,39 @@ class _Basis:
         return cls(model.mean.double(), model.shape_basis.double(), model.expression_basis.double(), model.faces)
 
 
+    def subset(self, ids: torch.Tensor) -> "_Basis":
+        return _Basis(self.mean[ids], self.shape[ids], self.expression[ids], self.faces)
+
+
+@dataclass
+class _Visible:
+    """The skin pixels one rasterisation found on the face: their triangle corners and barycentrics, and
+    robust weights from the residuals there (held for a round)."""
+
+    basis: _Basis             # the model's rows of the vertices the pixels' normals depend on (the pixels'
+                              # triangles' 1-ring: a quarter of the mesh or less, so each step is cheap)
+    faces: torch.Tensor       # [F', 3] the triangles around those pixels' corners, indices into vertex_ids
+    corners: torch.Tensor     # [P, 3] each pixel's triangle, indices into vertex_ids
+    bary: torch.Tensor     # [P, 3]
+    colour: torch.Tensor   # [P, 3] linear photo colour
+    weight: torch.Tensor   # [P] the light fit's robust weights
+
+
 def _face_vertices(model: _Basis, x: _Unknowns, i: int) -> torch.Tensor:
+    """Photo ``i``'s face vertices in model space."""
     return model.mean + model.shape @ x.beta + model.expression @ x.psi[i]
+
+
+def _local(faces: torch.Tensor, corners: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The sub-mesh whose vertex normals at ``corners`` equal the whole mesh's: every triangle touching a
+    corner vertex. Returns its vertex ids, its faces and ``corners`` in its local indices."""
+    used = torch.zeros(int(faces.max()) + 1, dtype=torch.bool)
+    used[corners.reshape(-1)] = True
+    ring = faces[used[faces].any(1)]
+    ids, local = torch.unique(ring, return_inverse=True)
+    lookup = torch.full((used.numel(),), -1, dtype=torch.int64)
+    lookup[ids] = torch.arange(ids.numel())
+    return ids, local.reshape(-1, 3), lookup[corners]
 
 
 def _visible(model: _Basis, t: _Targets, x: _Unknowns, i: int, crop: _Crop) -> _Visible:
@@ -175,14 +195,16 @@ def _visible(model: _Basis, t: _Targets, x: _Unknowns, i: int, crop: _Crop) -> _
         keep = (tid >= 0) & crop.skin
         corners = faces[tid[keep]]
         bary = frags.bary[0][keep].double()
-        sel = _Visible(corners=corners, bary=bary, colour=crop.linear[keep],
+        every = torch.arange(verts.shape[0])
+        sel = _Visible(basis=model, faces=faces, corners=corners, bary=bary, colour=crop.linear[keep],
                        weight=torch.ones(int(keep.sum()), dtype=torch.float64))
-        normals = _pixel_normals(model, x, i, verts, sel)
-        facing = normals[:, 2] > _MIN_FACING
-        sel = _Visible(corners=corners[facing], bary=bary[facing], colour=sel.colour[facing],
-                       weight=sel.weight[facing])
-        if sel.corners.shape[0] == 0:
-            return sel
+        facing = _pixel_normals(model, x, i, verts, sel)[:, 2] > _MIN_FACING
+        if not bool(facing.any()):
+            return _Visible(basis=model.subset(every[:0]), faces=faces[:0], corners=corners[:0], bary=bary[:0],
+                            colour=sel.colour[:0], weight=sel.weight[:0])
+        ids, local_faces, local_corners = _local(faces, corners[facing])
+        sel = _Visible(basis=model.subset(ids), faces=local_faces, corners=local_corners, bary=bary[facing],
+                       colour=sel.colour[facing], weight=sel.weight[facing])
         # The light is fitted with the robust term's weights at the round's start (IRLS), so pixels the
         # constant-albedo model cannot explain (nostrils, stubble) do not tilt it.
         r2 = (_residual(model, x, i, sel) ** 2).sum(-1) / PHOTO_SIGMA ** 2
@@ -194,7 +216,7 @@ def _pixel_normals(model: _Basis, x: _Unknowns, i: int, verts: torch.Tensor, vis
                    ) -> torch.Tensor:
     """Camera-space unit normals ``[P, 3]`` (+z toward the camera) at the visible pixels."""
     rot = (_rodrigues(x.omega[i:i + 1]) @ x.rot0[i:i + 1])[0]
-    vn = _vertex_normals(verts, model.faces) @ rot.T
+    vn = _vertex_normals(verts, vis.faces) @ rot.T
     n = (vis.bary[..., None] * vn[vis.corners]).sum(1)
     return torch.nn.functional.normalize(n, dim=-1, eps=1e-12)
 
@@ -210,7 +232,7 @@ def solve_light(y: torch.Tensor, colour: torch.Tensor, weight: torch.Tensor) -> 
 
 def _residual(model: _Basis, x: _Unknowns, i: int, vis: _Visible) -> torch.Tensor:
     """``[P, 3]``: photo minus the SH-shaded face at the visible pixels, with the best light for these normals."""
-    normals = _pixel_normals(model, x, i, _face_vertices(model, x, i), vis)
+    normals = _pixel_normals(model, x, i, _face_vertices(vis.basis, x, i), vis)
     y = sh9_basis(normals)
     light = solve_light(y, vis.colour, vis.weight)
     return vis.colour - y @ light
