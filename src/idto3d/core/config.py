@@ -227,9 +227,6 @@ class FaceModelConfig:
     photometric_rounds: int = _opt(4, ge=1, le=50, help="photometric rounds: each re-renders which triangle "
                                    "each skin pixel shows, then runs L-BFGS")
     photometric_iterations: int = _opt(30, ge=1, le=2000, help="max L-BFGS iterations per photometric round")
-    photometric_depth_mm: float = _opt(0.0, ge=0.0, le=20.0, help="prior std (mm) of a smooth depth offset "
-                                       "(a cubic B-spline lattice over the face) the photometric refinement may add "
-                                       "beyond the face model's shapes; 0 = shapes only")
 
 
 @dataclass

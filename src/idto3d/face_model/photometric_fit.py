@@ -26,7 +26,6 @@ the defaults.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import cv2
@@ -46,7 +45,6 @@ from idto3d.render.rasterize_torch import rasterize
 PHOTO_SIGMA = 0.02       # pixel noise, linear RGB
 _ROBUST = 3.0            # residuals beyond this many sigmas count linearly
 _CROP_MARGIN = 0.35      # the crop reaches this fraction of the landmarks' extent beyond them
-LATTICE_CELLS = 16       # the depth lattice's spans across the face box (13 x 13 free control points)
 _LIGHT_RIDGE = 1e-4      # on the directional SH terms, relative to the normal equations' scale
 _MIN_FACING = 0.3        # pixels whose normal is more grazing than this (n_z) are left out: silhouettes
 _FACE_OUTLINE = list(range(0, 17)) + list(range(26, 16, -1))  # jaw, then the brows right to left
@@ -71,8 +69,6 @@ class PhotometricReport:
     rms_before: list[float]
     rms_after: list[float]
     pixels: list[int]
-    offset: torch.Tensor | None = None  # [V, 3] the depth lattice's offset (photometric_depth_mm > 0), to add to
-                                        # the model's mean face
 
 
 def _crop(image: np.ndarray, landmarks: np.ndarray, size: int) -> _Crop:
@@ -142,55 +138,20 @@ def _vertex_normals(vertices: torch.Tensor, faces: torch.Tensor) -> torch.Tensor
 
 @dataclass
 class _Basis:
-    """The model in float64, the precision of the fit, converted once; ``lattice`` ``[V, G]`` (optional) maps the
-    depth lattice's coefficients to each vertex's depth offset (``depth_lattice``), in units of its prior std."""
+    """The model in float64, the precision of the fit, converted once."""
 
     mean: torch.Tensor
     shape: torch.Tensor
     expression: torch.Tensor
     faces: torch.Tensor
-    lattice: torch.Tensor | None = None
-    depth: torch.Tensor | None = None  # [G] the lattice's coefficients (an unknown of the fit, shared by subsets)
 
     @classmethod
-    def of(cls, model: MorphableModel, lattice: torch.Tensor | None = None) -> "_Basis":
-        depth = None if lattice is None else torch.zeros(lattice.shape[1], dtype=torch.float64, requires_grad=True)
-        return cls(model.mean.double(), model.shape_basis.double(), model.expression_basis.double(), model.faces,
-                   lattice, depth)
+    def of(cls, model: MorphableModel) -> "_Basis":
+        return cls(model.mean.double(), model.shape_basis.double(), model.expression_basis.double(), model.faces)
+
 
     def subset(self, ids: torch.Tensor) -> "_Basis":
-        return _Basis(self.mean[ids], self.shape[ids], self.expression[ids], self.faces,
-                      None if self.lattice is None else self.lattice[ids], self.depth)
-
-    def offset(self) -> torch.Tensor | None:
-        """``[V, 3]`` the depth lattice's offset of these rows (None without a lattice)."""
-        if self.lattice is None or self.depth is None:
-            return None
-        return torch.nn.functional.pad((self.lattice @ self.depth)[:, None], (2, 0))
-
-
-def _cubic_bspline(t: torch.Tensor) -> torch.Tensor:
-    a = t.abs()
-    return torch.where(a < 1, 2 / 3 - a ** 2 + a ** 3 / 2, torch.where(a < 2, (2 - a).clamp(min=0) ** 3 / 6, 0 * a))
-
-
-def depth_lattice(model: MorphableModel, std: float, cells: int = LATTICE_CELLS) -> torch.Tensor:
-    """``[V, G]``: a smooth depth offset over the face, ``offset_z = lattice @ c`` with ``c ~ N(0, 1)``.
-
-    A uniform cubic B-spline over the mean face's landmark box (grown by a fifth each side) seen from the front,
-    ``cells`` spans a side; only interior control points are free, so the offset and its slope vanish at the
-    box's border and beyond (the stitch to the head never moves). Each control point's std is ``std``.
-    """
-    mean = model.mean.double()
-    lm = mean[model.landmarks]
-    lo, hi = lm[:, :2].min(0).values, lm[:, :2].max(0).values
-    grow = 0.2 * (hi - lo)
-    lo, hi = lo - grow, hi + grow
-    u = (mean[:, :2] - lo) / (hi - lo) * cells            # [V, 2] in lattice cells
-    nodes = torch.arange(2, cells - 1, dtype=torch.float64)  # interior control points: zero offset at the border
-    wx = _cubic_bspline(u[:, 0:1] - nodes)                 # [V, n]
-    wy = _cubic_bspline(u[:, 1:2] - nodes)
-    return (wy[:, :, None] * wx[:, None, :]).reshape(mean.shape[0], -1) * std
+        return _Basis(self.mean[ids], self.shape[ids], self.expression[ids], self.faces)
 
 
 @dataclass
@@ -208,10 +169,8 @@ class _Visible:
 
 
 def _face_vertices(model: _Basis, x: _Unknowns, i: int) -> torch.Tensor:
-    """Photo ``i``'s face vertices in model space (with the depth lattice's offset, if any)."""
-    v = model.mean + model.shape @ x.beta + model.expression @ x.psi[i]
-    offset = model.offset()
-    return v if offset is None else v + offset
+    """Photo ``i``'s face vertices in model space."""
+    return model.mean + model.shape @ x.beta + model.expression @ x.psi[i]
 
 
 def _local(faces: torch.Tensor, corners: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -308,10 +267,7 @@ def refine_fit(model: MorphableModel, fit: FaceFit, images: list[np.ndarray], cf
     the skin, the landmark energy and priors kept (module docstring)."""
     cfg = cfg or FaceModelConfig()
     targets, x = resume_unknowns(model, fit, cfg)
-    std = cfg.photometric_depth_mm / 200.0  # working units are 0.2 m
-    basis = _Basis.of(model, depth_lattice(model, std) if std > 0 else None)
-    landmarks_only = basis.subset(model.landmarks)
-    params = x.parameters() + ([basis.depth] if basis.depth is not None else [])
+    basis = _Basis.of(model)
     crops = [_crop(img, p.landmarks, cfg.photometric_resolution) for img, p in zip(images, fit.photos)]
     before: list[float] | None = None
     visible: list[_Visible] = []
@@ -321,15 +277,10 @@ def refine_fit(model: MorphableModel, fit: FaceFit, images: list[np.ndarray], cf
             before = _rms(basis, x, visible)
 
         def energy() -> torch.Tensor:
-            shift = landmarks_only.offset()
-            moved = targets if shift is None else dataclasses.replace(targets, mean=targets.mean + shift)
-            e = landmark_energy(moved, x, cfg) + photometric_energy(basis, x, visible, cfg.photometric_weight)
-            # the lattice's coefficients have the shape coefficients' N(0, 1) prior
-            return e if basis.depth is None else e + cfg.shape_prior_weight * (basis.depth ** 2).sum()
+            return (landmark_energy(targets, x, cfg)
+                    + photometric_energy(basis, x, visible, cfg.photometric_weight))
 
-        minimise(energy, params, cfg.photometric_iterations)
-    offset = basis.offset()
+        minimise(energy, x.parameters(), cfg.photometric_iterations)
     report = PhotometricReport(rms_before=before or [], rms_after=_rms(basis, x, visible),
-                               pixels=[int(v.corners.shape[0]) for v in visible],
-                               offset=None if offset is None else offset.detach().float())
+                               pixels=[int(v.corners.shape[0]) for v in visible])
     return fit_from_unknowns(model, targets, x, fit.photos), report

@@ -12,7 +12,6 @@ expression and the placement), and the photos' cameras are rebuilt from it for t
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,8 +94,6 @@ def fit_subject(run_dir: Path, cfg: Config, ident: IdentityEmbedding, console: C
         from idto3d.face_model.photometric_fit import refine_fit
 
         fit, shading = refine_fit(model, fit, images, cfg.face_model)
-        if shading.offset is not None:  # the subject's own mean face: every expression and the stitch follow it
-            model = dataclasses.replace(model, mean=model.mean + shading.offset.to(model.mean))
     place = placement(fit.neutral_vertices(model), model.landmarks)
     layout = RunLayout(run_dir)
     atomic_torch_save(layout.face_fit_tensors, {
