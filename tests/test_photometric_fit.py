@@ -120,3 +120,17 @@ def test_photometric_settings_are_in_the_stage_keys(tmp_path):
     off.face_model.photometric = False
     assert offline_head_key(on, [photo]) != offline_head_key(off, [photo])
     assert photo_texture_key(on, [photo], {}) != photo_texture_key(off, [photo], {})
+
+
+def test_the_local_mesh_gives_the_whole_meshs_normals_at_the_pixels(model):
+    """Each step evaluates only the triangles around the visible pixels' corners (``_local``); their vertex
+    normals there must be the whole mesh's."""
+    from idto3d.face_model.photometric_fit import _local, _vertex_normals
+
+    verts = model.vertices(torch.randn(model.num_shape, generator=torch.Generator().manual_seed(3))).double()
+    corners = model.faces[torch.arange(20000, 21000)]
+    ids, faces, local_corners = _local(model.faces, corners)
+    assert ids.numel() < verts.shape[0] // 4
+    whole = _vertex_normals(verts, model.faces)[corners]
+    local = _vertex_normals(verts[ids], faces)[local_corners]
+    assert torch.allclose(local, whole, atol=1e-12)
