@@ -34,6 +34,7 @@ import torch
 from skimage.draw import polygon2mask
 
 from idto3d.core.config import FaceModelConfig
+from idto3d.core.errors import IdtoError
 from idto3d.face_model.landmark_fit import (
     FaceFit, _rodrigues, _Targets, _Unknowns, fit_from_unknowns, landmark_energy, minimise, resume_unknowns,
 )
@@ -64,10 +65,12 @@ class _Crop:
 
 @dataclass
 class PhotometricReport:
-    """How the refinement went: the photometric rms (linear RGB, skin pixels) before and after, per photo."""
+    """How the refinement went, per photo: the median absolute residual (linear RGB) of the skin pixels the last
+    round saw, at the landmark fit and refined (each with its best light): the typical pixel, not the few
+    the constant-albedo model cannot explain."""
 
-    rms_before: list[float]
-    rms_after: list[float]
+    residual_before: list[float]
+    residual_after: list[float]
     pixels: list[int]
 
 
@@ -255,9 +258,9 @@ def photometric_energy(model: _Basis, x: _Unknowns, visible: list[_Visible], wei
     return weight * N_LANDMARKS * total / max(len(visible), 1)
 
 
-def _rms(model: _Basis, x: _Unknowns, visible: list[_Visible]) -> list[float]:
+def _median_residual(model: _Basis, x: _Unknowns, visible: list[_Visible]) -> list[float]:
     with torch.no_grad():
-        return [float(torch.sqrt((_residual(model, x, i, v) ** 2).mean())) if v.corners.shape[0] else float("nan")
+        return [float(_residual(model, x, i, v).abs().median()) if v.corners.shape[0] else float("nan")
                 for i, v in enumerate(visible)]
 
 
@@ -266,21 +269,26 @@ def refine_fit(model: MorphableModel, fit: FaceFit, images: list[np.ndarray], cf
     """``fit`` refined so the shaded face matches ``images`` (RGB uint8, the photos fitted, in order) inside
     the skin, the landmark energy and priors kept (module docstring)."""
     cfg = cfg or FaceModelConfig()
+    if len(images) != len(fit.photos):
+        raise IdtoError(f"the photometric refinement got {len(images)} photos for a fit of {len(fit.photos)}")
+    for img, p in zip(images, fit.photos):
+        if np.asarray(img).shape[:2] != tuple(p.image_size) or np.asarray(img).dtype != np.uint8:
+            raise IdtoError(f"each photo must be the uint8 RGB image its fit was made on ({p.image_size}), "
+                            f"got {np.asarray(img).dtype} {np.asarray(img).shape}")
     targets, x = resume_unknowns(model, fit, cfg)
+    _, start = resume_unknowns(model, fit, cfg)
     basis = _Basis.of(model)
     crops = [_crop(img, p.landmarks, cfg.photometric_resolution) for img, p in zip(images, fit.photos)]
-    before: list[float] | None = None
     visible: list[_Visible] = []
     for _ in range(cfg.photometric_rounds):
         visible = [_visible(basis, targets, x, i, c) for i, c in enumerate(crops)]
-        if before is None:
-            before = _rms(basis, x, visible)
 
         def energy() -> torch.Tensor:
             return (landmark_energy(targets, x, cfg)
                     + photometric_energy(basis, x, visible, cfg.photometric_weight))
 
         minimise(energy, x.parameters(), cfg.photometric_iterations)
-    report = PhotometricReport(rms_before=before or [], rms_after=_rms(basis, x, visible),
+    report = PhotometricReport(residual_before=_median_residual(basis, start, visible),
+                               residual_after=_median_residual(basis, x, visible),
                                pixels=[int(v.corners.shape[0]) for v in visible])
     return fit_from_unknowns(model, targets, x, fit.photos), report

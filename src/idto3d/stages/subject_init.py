@@ -107,16 +107,18 @@ def fit_subject(run_dir: Path, cfg: Config, ident: IdentityEmbedding, console: C
                    for (path, _), p in zip(photos, fit.photos)],
         "shape_norm": round(float(fit.shape.norm()), 4), "placement_scale": round(place.scale, 4),
         "photometric": None if shading is None else {
-            "rms_linear_before": [round(v, 5) for v in shading.rms_before],
-            "rms_linear_after": [round(v, 5) for v in shading.rms_after], "skin_pixels": shading.pixels}},
+            "median_residual_linear_before": [round(v, 5) for v in shading.residual_before],
+            "median_residual_linear_after": [round(v, 5) for v in shading.residual_after],
+            "skin_pixels": shading.pixels}},
         indent=2))
     if console is not None:
         rms = ", ".join(f"{p.rms_px:.1f}" for p in fit.photos)
         console.print(f"face fit ({model.name}): landmark error {rms} px", highlight=False)
         if shading is not None:
-            before = ", ".join(f"{v:.3f}" for v in shading.rms_before)
-            after = ", ".join(f"{v:.3f}" for v in shading.rms_after)
-            console.print(f"photometric refinement: skin rms {before} -> {after} (linear RGB)", highlight=False)
+            before = ", ".join(f"{v:.4f}" for v in shading.residual_before)
+            after = ", ".join(f"{v:.4f}" for v in shading.residual_after)
+            console.print(f"photometric refinement: median skin residual {before} -> {after} (linear RGB)",
+                          highlight=False)
     return SubjectFit(model, fit, place, [p for p, _ in photos], images)
 
 
