@@ -4,7 +4,8 @@ Rows: the wall time of each step of one fresh run in a temporary folder (identit
 regression or offline head, photo texture, export with turntables) and the total; step ratios are over the
 identity step of the same run. The offline run is timed twice in one call: the stitched full-resolution head
 (today's) and the DMTet-field remesh it replaced (``generate(field_offline=True)``), and each total's ratio is
-over the latter. Issue 17's target: the stitched run with three expressions under 45 s on a quiet machine.
+over the latter; a third run, the stitched head from the landmark fit alone (``face_model.photometric=false``),
+shows what the photometric refinement of the face fit costs. Issue 17's target: the stitched run with three expressions under 45 s on a quiet machine.
 """
 
 from __future__ import annotations
@@ -46,6 +47,10 @@ def bench_generate(preset: str = "preview", overrides: list[str] | None = None, 
     runs = {"stitched head": _run(cfg, preset, False)}
     if baseline:
         runs["field remesh (before)"] = _run(cfg, preset, True)
+        if cfg.face_model.photometric:  # what the photometric refinement of the face fit costs, in the same call
+            runs["stitched head, landmark fit only"] = _run(
+                load_config(preset, None, [f"expressions=[{', '.join(DEFAULT_OFFLINE_EXPRESSIONS)}]",
+                                           *(overrides or []), "face_model.photometric=false"]), preset, False)
     base_total = sum(runs.get("field remesh (before)", runs["stitched head"]).values())
     rows = []
     for label, laps in runs.items():
