@@ -5,7 +5,8 @@ regression or offline head, photo texture, export with turntables) and the total
 identity step of the same run. The offline run is timed twice in one call: the stitched full-resolution head
 (today's) and the DMTet-field remesh it replaced (``generate(field_offline=True)``), and each total's ratio is
 over the latter; a third run, the stitched head from the landmark fit alone (``face_model.photometric=false``),
-shows what the photometric refinement of the face fit costs. Issue 17's target: the stitched run with three expressions under 45 s on a quiet machine.
+shows what the photometric refinement of the face fit costs. Issue 17's target: the stitched run with three
+expressions under 45 s on a quiet machine.
 """
 
 from __future__ import annotations
