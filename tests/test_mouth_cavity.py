@@ -98,3 +98,21 @@ def test_the_open_mouth_renders_dark_and_the_glbs_pass_the_validator(heads, expo
     assert (weight > 0.5).mean() < 0.005  # a sliver of the texture: the lips' contact line
     for p in paths.values():
         check_exported_glb(p)
+
+
+def test_closed_lips_keep_the_face_models_shape_and_every_face_vertex_keeps_its_index():
+    from idto3d.face_model.morphable_model import load_morphable_model
+    from idto3d.face_model.offline_expressions import expression_vertices
+    from idto3d.geometry.mouth_cavity import carve_mouth, mouth_strip
+
+    model = load_morphable_model()
+    lm = model.landmarks.numpy()
+    strip = mouth_strip(model.mean.double().numpy(), model.faces.numpy(), lm)
+    n = model.mean.shape[0]
+    assert strip.split.shape[0] > 0 and strip.faces.max() == n + strip.split.shape[0] - 1  # vertices appended only
+    moved = {}
+    for name in ("neutral", "smile", "mouth_open"):
+        v = strip.extend(expression_vertices(model, None, name).double().numpy())
+        moved[name] = float(np.abs(carve_mouth(v, strip, lm) - v).max() * METRES_PER_UNIT * 1000)
+    print(f"largest move of the carving, mm: {moved}")
+    assert moved["neutral"] == 0.0 and moved["smile"] < 1.0 and moved["mouth_open"] > 15.0
