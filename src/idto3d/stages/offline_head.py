@@ -13,6 +13,7 @@ meshes). ``geometry/<expression>.ply`` holds each head for users.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -24,12 +25,14 @@ from idto3d.core.run_manifest import check_stage_key
 from idto3d.core.stored_files import read_json_file
 from idto3d.export.maps import PBRMaps
 from idto3d.geometry.face_repair import crumpled_vertices, relax
+from idto3d.geometry.hair_shell import shell_offsets
 from idto3d.geometry.head_stitch import StitchedHead, build_stitched_head, conform_body, face_mask, pose_head, smooth_body
 from idto3d.geometry.mesh_clean import CleanSelection, clean_selection
 from idto3d.geometry.mesh_io import save_mesh
 from idto3d.geometry.mouth_cavity import MouthStrip, carve_mouth, mouth_strip
 from idto3d.render.mesh import Mesh
 from idto3d.stages.initial_geometry import resolve_template
+from idto3d.stages.offline_hair import scalp_heights
 from idto3d.stages.stage_keys import offline_head_key
 from idto3d.stages.subject_init import SubjectFit
 from idto3d.stages.texture_stage import save_atlases
@@ -37,14 +40,17 @@ from idto3d.texture.head_atlas import chart_centre, stitched_atlas
 from idto3d.texture.mouth import mouth_weight, paint_mouth
 from idto3d.texture.uv_atlas import UVMesh
 
+# (vertices [V, 3], faces, the nose base's vertex) -> [V] height above the photos' hairline, or None: no hair
+ScalpHeights = Callable[[np.ndarray, np.ndarray, int], "np.ndarray | None"]
 BODY_FACES = 8000  # triangles of the smooth body (after its Loop subdivision)
 
 
-def stitched_heads(model, shape: torch.Tensor, place, template: Mesh, names: list[str]
-                   ) -> tuple[dict[str, Mesh], list[UVMesh], np.ndarray, np.ndarray]:
+def stitched_heads(model, shape: torch.Tensor, place, template: Mesh, names: list[str],
+                   scalp: ScalpHeights | None = None) -> tuple[dict[str, Mesh], list[UVMesh], np.ndarray, np.ndarray]:
     """The stitched head of every expression in ``names`` (the first one's layout is shared), their UV layouts,
     the face model's 68 landmarks as vertex indices of those layouts (-1: cut away), and the mouth strip
-    (``geometry.mouth_cavity``) as layout vertex indices."""
+    (``geometry.mouth_cavity``) as layout vertex indices. ``scalp``: each vertex's height above the hairline
+    the photos show (``stages.offline_hair``), for a hair shell (``geometry.hair_shell``); None = none."""
     from idto3d.face_model.offline_expressions import expression_vertices
 
     strip = mouth_strip(model.vertices(shape).detach().double().cpu().numpy(), model.faces.numpy(),
@@ -60,6 +66,8 @@ def stitched_heads(model, shape: torch.Tensor, place, template: Mesh, names: lis
     face_mesh = Mesh(neutral, tris)
     layout = build_stitched_head(conform_body(body, face_mesh, mask), face_mesh, mask)
     stitched = {n: pose_head(layout, conform_body(body, Mesh(faces[n], tris), mask), faces[n]) for n in names}
+    if scalp is not None:
+        stitched = _with_hair(stitched, layout, scalp, model.landmarks.numpy())
     # One repair, decided on the first (neutral) head and applied to all: the expressions keep one topology.
     cleaned = clean_selection(stitched[names[0]])
     heads = {n: cleaned.apply(m) for n, m in stitched.items()}
@@ -68,6 +76,22 @@ def stitched_heads(model, shape: torch.Tensor, place, template: Mesh, names: lis
     mouth = _layout_vertices(layout, base, strip.vertices, cleaned)
     return heads, atlases, _layout_vertices(layout, base, model.landmarks.numpy(), cleaned), \
         mouth[mouth >= 0]
+
+
+def _with_hair(stitched: dict[str, Mesh], layout: StitchedHead, scalp: ScalpHeights, landmarks: np.ndarray
+               ) -> dict[str, Mesh]:
+    """Every head with the hair shell found on the first (neutral) one; unchanged when the photos show no hair.
+    The face's inner part stays (only the body and, by how little of the face they keep, the face's outer band
+    move)."""
+    first = next(iter(stitched.values()))
+    v, f = first.vertices.double().numpy(), first.faces.numpy()
+    nose_base = layout.n_body + int(np.searchsorted(layout.face_vertices, landmarks[33]))
+    height = scalp(v, f, nose_base)
+    if height is None:
+        return stitched
+    body = np.concatenate([np.ones(layout.n_body), 1.0 - layout.blend])
+    offsets = torch.from_numpy(shell_offsets(v, f, height, body)).float()
+    return {n: Mesh(m.vertices + offsets, m.faces) for n, m in stitched.items()}
 
 
 def _carved(vertices: torch.Tensor, model, strip: MouthStrip) -> torch.Tensor:
@@ -116,8 +140,9 @@ def ensure_offline_heads(run_dir, cfg: Config, subject: SubjectFit) -> dict[str,
     key = offline_head_key(cfg, subject.photos)
     if layout.atlas.exists() and layout.head_landmarks.exists():
         check_stage_key(layout.head_landmarks, read_json_file(layout.head_landmarks), key, layout.root)
+    scalp = scalp_heights(subject) if cfg.template.hair_shell else None
     heads, atlases, landmarks, mouth = stitched_heads(subject.model, subject.fit.shape, subject.place,
-                                               resolve_template(cfg), list(cfg.expressions))
+                                                      resolve_template(cfg), list(cfg.expressions), scalp)
     for name, mesh in heads.items():
         if not layout.stage_mesh(name).exists():
             save_mesh(mesh, layout.stage_mesh(name))
