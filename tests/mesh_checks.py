@@ -62,3 +62,25 @@ def overlapping_texels(atlas, size: int = 512) -> float:
     texel = np.floor(atlas.uvs[f].mean(1) * size).astype(np.int64)
     key = np.unique(np.stack([texel[:, 0] * size + texel[:, 1], label], 1), axis=0)
     return float((np.unique(key[:, 0], return_counts=True)[1] > 1).mean())
+
+
+def intersecting_faces(vertices: np.ndarray, faces: np.ndarray, region: np.ndarray) -> list[tuple[int, int]]:
+    """Pairs ``(region face, any face)`` that cross each other (libigl's triangle-triangle test), faces sharing a
+    vertex aside: the self-intersections of a mesh around the faces ``region``."""
+    import igl
+    from scipy.spatial import cKDTree
+
+    v = np.asarray(vertices, dtype=np.float64)
+    f = np.asarray(faces, dtype=np.int64)
+    lo, hi = v[f].min(1), v[f].max(1)
+    centre, radius = 0.5 * (lo + hi), 0.5 * np.linalg.norm(hi - lo, axis=1)
+    tree = cKDTree(centre)
+    pairs = []
+    for a in np.asarray(region, dtype=np.int64):
+        b = np.asarray(tree.query_ball_point(centre[a], radius[a] + radius.max()), dtype=np.int64)
+        b = b[((lo[b] <= hi[a]) & (hi[b] >= lo[a])).all(1)]
+        b = b[~np.isin(f[b], f[a]).any(1)]
+        for c in b:
+            if igl.tri_tri_intersection_test_3d(*(v[f[k]][i][None] for k in (a, c) for i in range(3)))[0]:
+                pairs.append((int(a), int(c)))
+    return pairs

@@ -226,7 +226,7 @@ def test_offline_heads_share_one_layout_and_become_exact_morph_targets(tmp_path)
 
     model = load_morphable_model()
     names = ["neutral", "smile", "mouth_open"]
-    heads, atlases, _ = stitched_heads(model, None, placement(model.mean, model.landmarks),
+    heads, atlases, _, _ = stitched_heads(model, None, placement(model.mean, model.landmarks),
                                        build_head_template(32), names)
     cfg = load_config("preview", None, ["export.turntable_views=1", "export.turntable_resolution=32",
                                         "export.video=false"])

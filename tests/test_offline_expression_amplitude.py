@@ -29,7 +29,7 @@ def exported(tmp_path_factory):
     from idto3d.stages.offline_head import stitched_heads
 
     model = load_morphable_model()
-    heads, atlases, landmarks = stitched_heads(model, None, placement(model.mean, model.landmarks),
+    heads, atlases, landmarks, _ = stitched_heads(model, None, placement(model.mean, model.landmarks),
                                                build_head_template(64), list(OFFLINE_EXPRESSIONS))
     out = tmp_path_factory.mktemp("expressions")
     paths = {name: export_expression(out, name, atlas, grey_maps())["glb"] for name, atlas in zip(heads, atlases)}

@@ -131,6 +131,52 @@ def test_offline_albedo_skin_matches_and_the_scalp_takes_the_hair(offline_run):
 
 
 @pytest.mark.slow
+def test_offline_open_mouth_shows_a_dark_cavity(offline_run):
+    """mouth_open's strip between the lips lies >= 15 mm behind the lips (the neutral's where the face model has
+    it) and its mouth renders at most half as bright as the same face region of the neutral."""
+    import trimesh
+
+    from idto3d.evaluate.assets import load_exported_head
+    from idto3d.evaluate.mouth_view import cavity_depth_mm, front_mouth_luma, mouth_outline
+
+    result, _ = offline_run
+    info = json.loads(RunLayout(result.run_dir).head_landmarks.read_text())
+    landmarks, mouth = np.asarray(info["vertices"]), np.asarray(info["mouth"]["vertices"])
+    glb = {n: result.run_dir / "export" / f"{n}.glb" for n in ("neutral", "mouth_open")}
+    raw = {n: np.asarray(next(iter(trimesh.load(p, process=False).geometry.values())).vertices) for n, p in glb.items()}
+    depth = {n: cavity_depth_mm(v, landmarks, mouth) for n, v in raw.items()}
+    luma = {n: front_mouth_luma(load_exported_head(p), mouth_outline(raw["mouth_open"], raw[n], landmarks))[0]
+            for n, p in glb.items()}
+    print(f"cavity behind the lips, mm: neutral {depth['neutral'].max():.1f}, mouth_open deepest "
+          f"{depth['mouth_open'].max():.1f}, median {np.median(depth['mouth_open']):.1f}; mouth luma {luma}")
+    assert depth["neutral"].max() < 5.0 and depth["mouth_open"].max() >= 15.0
+    assert luma["mouth_open"] < 0.5 * luma["neutral"]
+
+
+@pytest.mark.slow
+def test_offline_head_has_a_hair_shell_where_the_photo_shows_hair(offline_run):
+    """The astronaut's hair raises the crown and the back of the head (>= 8 mm over the bald stitched head); the
+    face's inner landmarks do not move."""
+    import trimesh
+
+    from idto3d.stages.initial_geometry import resolve_template
+    from idto3d.stages.offline_head import stitched_heads
+
+    result, cfg = offline_run
+    person = result.person
+    bald, atlases, landmarks, _ = stitched_heads(person.model, person.fit.shape, person.place,
+                                                 resolve_template(cfg), ["neutral"])
+    b = bald["neutral"].vertices.double().numpy()
+    h = np.asarray(trimesh.load(RunLayout(result.run_dir).stage_mesh("neutral"), process=False).vertices)
+    crown, back = (h[:, 1].max() - b[:, 1].max()) * 200, (b[:, 2].min() - h[:, 2].min()) * 200
+    inner = atlases[0].vmapping[landmarks[17:68]]
+    print(f"hair shell: crown {crown:.1f} mm higher, back {back:.1f} mm farther out; face landmarks moved "
+          f"{np.abs(h[inner] - b[inner]).max() * 200:.4f} mm")
+    assert crown >= 8.0 and back >= 8.0
+    assert np.abs(h[inner] - b[inner]).max() * 200 < 1e-3
+
+
+@pytest.mark.slow
 def test_rerunning_an_offline_run_reuses_every_step(offline_run):
     result, cfg = offline_run
     layout = RunLayout(result.run_dir)

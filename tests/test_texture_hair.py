@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from idto3d.core.errors import IdtoError
 from idto3d.evaluate.asset_colour import delta_e
 from idto3d.texture.hair import scalp, segment_hair
 
@@ -57,3 +58,25 @@ def test_scalp_drops_toward_the_back():
     pts = torch.tensor([[0.0, 0.5, 0.5], [0.0, 0.2, 0.5], [0.0, 0.2, -0.5], [0.5, 0.25, 0.0], [0.0, -0.3, -0.5]])  # the side: line at 0.30
     got = scalp(pts, hairline=0.4, nape=0.0)
     assert got.tolist() == [True, False, True, False, False]
+
+
+def test_colour_regions_read_only_the_landmarks_the_stitched_face_keeps():
+    """The stitched face is cut in front of the ears, so the jaw contour's outer landmarks are -1; the regions must
+    not read them (as index -1, the last vertex): moving the last vertex moves no region but its own."""
+    from idto3d.evaluate.asset_colour import regions
+
+    rng = np.random.default_rng(0)
+    v = rng.normal(size=(4000, 3))
+    v = 0.1 * v / np.linalg.norm(v, axis=1, keepdims=True)  # a 10 cm ball, +Y up, face to +Z
+    front = np.nonzero(v[:, 2] > 0.05)[0]
+    landmarks = rng.choice(front[:-1], 68, replace=False)
+    landmarks[[0, 1, 2, 3, 4, 12, 13, 14, 15, 16]] = -1
+    before = regions(v, landmarks)
+    moved = v.copy()
+    moved[-1] = moved[landmarks[30]]  # the last vertex onto the nose
+    after = regions(moved, landmarks)
+    for name in before:
+        assert np.array_equal(before[name][:-1], after[name][:-1]), name
+    landmarks[31] = -1
+    with pytest.raises(IdtoError, match="lacks landmarks"):
+        regions(v, landmarks)

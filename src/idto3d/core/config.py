@@ -90,6 +90,8 @@ class TemplateConfig:
     lr: float = _opt(3e-3, gt=0.0)
     points_per_step: int = _opt(20000, ge=100)
     surface_fraction: float = _opt(0.7, ge=0.0, le=1.0)
+    hair_shell: bool = _opt(True, help="offline head: raise the scalp above the hairline the photos show into a "
+                            "hair volume (up to 12 mm on the crown and back); false = the bald template's scalp")
 
 
 @dataclass

@@ -1,10 +1,12 @@
 """Colour checks on an exported offline head: does the unseen skin match the face, does the scalp take the hair?
 
 Regions are found from the face model's landmark vertices of the export (``RUN/geometry/head_landmarks.json``):
-*face skin* is the vertices within 2 cm of the two cheek points (between the nose wing and the jaw, landmarks
-31/3 and 35/13); *neck* is everything 3 cm or more below the chin (landmark 8) and 2 cm or more above the neck's
-cut; *top and back* is everything 4 cm or more above the brows plus the back of the head (2 cm or more behind the
-jaw's top landmarks 0/16) above eye height. Each region's colour is the per-channel median of the exported albedo
+*face skin* is the vertices within 2 cm of the two cheek points (the centres of the nose wing, the outer eye
+corner and the mouth corner on each side: landmarks 31/36/48 and 35/45/54); *neck* is everything 3 cm or more
+below the chin (landmark 8) and 2 cm or more above the neck's cut; *top and back* is everything 4 cm or more above
+the brows plus the back of the head (10 cm or more behind the outer eye corners, about 2 cm behind the ears)
+above eye height. Only landmarks the stitched face keeps are used: the jaw contour's outer ones (0-4, 12-16) lie
+behind the face's cut and are -1 in ``head_landmarks.json`` (an earlier version read them, i.e. the last vertex). Each region's colour is the per-channel median of the exported albedo
 sampled at its vertices' UVs, compared in CIELAB with CIEDE2000 (``skimage.color.deltaE_ciede2000``).
 """
 
@@ -12,7 +14,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from idto3d.core.errors import IdtoError
 from idto3d.core.units import METRES_PER_UNIT
+
+_USED = (8, *range(17, 27), 31, 35, 36, 45, *range(36, 48), 48, 54)  # the landmarks the regions are built from
 
 
 def _lab(rgb: np.ndarray) -> np.ndarray:
@@ -42,7 +47,10 @@ def regions(vertices_m: np.ndarray, landmark_vertices: np.ndarray) -> dict[str, 
     """Boolean vertex masks ``face_skin``, ``neck`` and ``top_back`` (vertices in metres, +Y up, face to +Z)."""
     v = np.asarray(vertices_m, dtype=np.float64)
     lm = v[np.asarray(landmark_vertices)]
-    cheeks = [0.5 * (lm[31] + lm[3]), 0.5 * (lm[35] + lm[13])]
+    idx = np.asarray(landmark_vertices)
+    if (idx[list(_USED)] < 0).any():
+        raise IdtoError(f"the export lacks landmarks {sorted(int(i) for i in _USED if idx[i] < 0)}: no colour regions")
+    cheeks = [lm[[31, 36, 48]].mean(0), lm[[35, 45, 54]].mean(0)]
     face = np.zeros(len(v), dtype=bool)
     for c in cheeks:
         face |= np.linalg.norm(v - c, axis=1) < 0.02
@@ -50,7 +58,7 @@ def regions(vertices_m: np.ndarray, landmark_vertices: np.ndarray) -> dict[str, 
     neck = (v[:, 1] < lm[8, 1] - 0.03) & (v[:, 1] > bottom + 0.02)
     brow_y = lm[17:27, 1].mean()
     eye_y = lm[36:48, 1].mean()
-    back = (v[:, 2] < lm[[0, 16], 2].mean() - 0.02) & (v[:, 1] > eye_y)
+    back = (v[:, 2] < lm[[36, 45], 2].mean() - 0.10) & (v[:, 1] > eye_y)
     top = v[:, 1] > brow_y + 0.04
     return {"face_skin": face, "neck": neck, "top_back": top | back}
 

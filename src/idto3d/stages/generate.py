@@ -23,7 +23,7 @@ from idto3d.render.mesh import Mesh
 from idto3d.stages.export_stage import baked_maps, export_run, exported_files, grey_maps
 from idto3d.stages.geometry_stage import GeometryStageResult, current_meshes, run_geometry_stage
 from idto3d.stages.initial_geometry import ensure_init
-from idto3d.stages.offline_head import ensure_offline_heads
+from idto3d.stages.offline_head import ensure_offline_heads, mouth_maps
 from idto3d.stages.photo_texture_stage import PhotoTextureResult, run_photo_texture
 from idto3d.stages.run_folder import RunFolder, describe_inputs, open_run
 from idto3d.stages.stage_keys import export_key
@@ -199,15 +199,15 @@ def _same_run(run: RunFolder, cfg: Config, record: dict[str, Any]) -> bool:
             and run.layout.config.read_text(encoding="utf-8") == dump_config(cfg))
 
 
-def _export_source(tex: TextureStageResult | None, photo: PhotoTextureResult | None, meshes: dict[str, Mesh],
-                   size: int) -> tuple[dict[str, UVMesh], Callable[[int, str, UVMesh], PBRMaps]]:
+def _export_source(run_dir: Path, tex: TextureStageResult | None, photo: PhotoTextureResult | None,
+                   meshes: dict[str, Mesh], size: int) -> tuple[dict[str, UVMesh], Callable[[int, str, UVMesh], PBRMaps]]:
     """What the export bakes: the texture SDS result, else the photo texture, else a plain grey material."""
     textured = tex if tex is not None else photo
     if textured is not None and tex is None and _one_layout(photo):
         # The offline heads share one UV layout: the neutral's maps follow every expression's surface texel for
         # texel (the field is 3-D, so baking a moved jaw would read the neck's colours at its new place).
         first = next(iter(photo.expressions.values())).atlas
-        neutral = baked_maps(photo.field, 0, first, size)
+        neutral = mouth_maps(run_dir, baked_maps(photo.field, 0, first, size), first)
         return {n: x.atlas for n, x in photo.expressions.items()}, lambda i, name, atlas: neutral
     if textured is not None:
         return ({n: x.atlas for n, x in textured.expressions.items()},
@@ -316,7 +316,7 @@ def _pipeline(run_dir: Path, cfg: Config, ident: IdentityEmbedding, normal: Any,
     with pipeline_stage("export", console, progress):
         files = exported_files(run_dir, key)  # a finished export is reused: its source (UV unwrap) is not built
         if not files:
-            atlases, maps_for = _export_source(tex, photo, meshes, cfg.export.texture_size)
+            atlases, maps_for = _export_source(run_dir, tex, photo, meshes, cfg.export.texture_size)
             files = export_run(run_dir, cfg, atlases, maps_for, console=console, progress=progress, key=key)
     clock.lap("export")
     return GenerateResult(run_dir, ident, geo, texture=tex, photo=photo, person=person, exported=files,

@@ -101,10 +101,30 @@ def hairline_height(points: torch.Tensor, seen_hair: torch.Tensor, front: torch.
     return float(torch.quantile(points[sel, 1], 0.05))
 
 
-def scalp(points: torch.Tensor, hairline: float, nape: float) -> torch.Tensor:
-    """``[N]`` bool: surface points on the scalp, above a hairline at ``hairline`` over the face that drops to
+def hairline_at(points: torch.Tensor, hairline: float, nape: float) -> torch.Tensor:
+    """``[N]`` the hairline's height at the azimuth of each point: ``hairline`` over the face, dropping to
     ``nape`` at the back (smoothly between 60 and 150 degrees of azimuth about the vertical axis)."""
     azimuth = torch.atan2(points[:, 0], points[:, 2]).abs()
     t = ((azimuth - np.radians(60)) / np.radians(90)).clamp(0.0, 1.0)
-    line = hairline + (nape - hairline) * t * t * (3 - 2 * t)
-    return points[:, 1] > line
+    return hairline + (nape - hairline) * t * t * (3 - 2 * t)
+
+
+def scalp(points: torch.Tensor, hairline: float, nape: float) -> torch.Tensor:
+    """``[N]`` bool: surface points on the scalp, above the hairline (:func:`hairline_at`)."""
+    return points[:, 1] > hairline_at(points, hairline, nape)
+
+
+_CHEEKS = ((1, 2, 3, 4, 48, 31, 40, 41, 36), (15, 14, 13, 12, 54, 35, 47, 46, 45))
+
+
+def cheek_tone(image: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
+    """``[3]`` sRGB in [0, 1]: the median of the photo's cheek pixels (between the jaw, the nose's wings, the
+    lower lids and the mouth's corners), the skin that :func:`segment_hair` compares the hair against."""
+    from skimage.draw import polygon2mask
+
+    lm = np.asarray(landmarks, dtype=np.float64)
+    mask = np.zeros(image.shape[:2], bool)
+    for cheek in _CHEEKS:
+        mask |= polygon2mask(image.shape[:2], lm[list(cheek)][:, ::-1])
+    pixels = image[mask] if mask.any() else image.reshape(-1, image.shape[-1])
+    return np.median(pixels[:, :3].astype(np.float64) / 255.0, axis=0)
