@@ -9,7 +9,8 @@
 # from the generic template (face_model.enabled=false), with the ID tokens on (runs/id) and off (runs/no_id,
 # lambda_id=0) -> WORK/metrics.json (examples/miniature_metrics.py: whole-head and face-region Chamfer),
 # WORK/prior_check.json (miniature_prior_check.py: is the prior a denoiser, does its conditioning act) and
-# WORK/figure.html + figure.png (miniature_figure.py: held-out heads next to their ground truth, the samples).
+# WORK/figure.html + figure.png (miniature_figure.py: held-out heads next to their ground truth, the samples),
+# WORK/grad_check.jsonl (miniature_grad_check.py: the prior's mean SDS step along / across the oracle's).
 # With ORACLE=1 (default) each held-out subject is also run through the same geometry SDS guided by the exact
 # score of its own ground truth (runs/oracle, miniature_oracle.py): the control that separates schedule from prior.
 # Size knobs (environment): TRAIN=8 HELDOUT=3 EXPRESSIONS=neutral,smile,mouth_open VIEWS=12 STEPS=400
@@ -74,7 +75,13 @@ if [[ "$ORACLE" == 1 ]]; then
       --set runtime.device="$DEVICE" "${GEO[@]}"
   done
 fi
-step "metrics, prior check, figure"
+step "metrics, gradient check, prior check, figure"
 $PY "$HERE/miniature_metrics.py" "$WORK"
+first=$(basename "$(ls "$WORK"/ids_heldout/*.safetensors | head -1)" .safetensors)
+if [[ ! -f "$WORK/grad_check.jsonl" ]]; then
+  $PY "$HERE/miniature_grad_check.py" "$WORK" "$first" --set prior.base_model="$WORK/base" "${CAM[@]}" \
+    > "$WORK/grad_check.part"
+  mv "$WORK/grad_check.part" "$WORK/grad_check.jsonl"
+fi
 [[ -f "$WORK/prior_check.json" ]] || $PY "$HERE/miniature_prior_check.py" "$WORK" > /dev/null
 $PY "$HERE/miniature_figure.py" "$WORK"

@@ -101,3 +101,25 @@ def test_oracle_control_runs_the_experiments_sds_with_the_configured_schedule(wo
     assert len(log) == 4 and all(900 <= r["t"] <= 950 for r in log)
     with pytest.raises(SystemExit, match="no subject 009"):
         oracle.main([str(work), "009"])
+
+
+def test_gradient_check_splits_an_oracles_step_into_all_along_and_nothing_across():
+    from idto3d.core.config import GuidanceConfig
+    from idto3d.priors.guidance import OracleGuidance
+
+    check = _example("miniature_grad_check")
+    gen = torch.Generator().manual_seed(0)
+    start, truth = torch.rand(3, 4, 32, 32, generator=gen), torch.rand(3, 4, 32, 32, generator=gen)
+    oracle = OracleGuidance(truth, GuidanceConfig(latent_mode="downsample", latent_size=8))
+    z, z_star = oracle.encode(start), oracle.encode(truth)
+    for t in (100, 500):
+        abar = float(oracle.alphas_cumprod[t])
+        d = (abar / (1 - abar)) ** 0.5 * (z - z_star)
+        got = check.split(check.mean_steps(oracle, z, t, None, 3, gen), d)
+        assert got["along"] == pytest.approx(1.0, abs=1e-4) and got["across"] < 1e-3 and got["cos"] > 0.9999
+    # A step half toward the truth plus as much again elsewhere: along 0.5, across |e| / |d|.
+    e = torch.randn(d.shape, generator=gen)
+    e -= ((e * d).flatten(1).sum(1) / (d * d).flatten(1).sum(1))[:, None, None, None] * d
+    got = check.split(0.5 * d + e, d)
+    ratio = (e.flatten(1).norm(dim=1) / d.flatten(1).norm(dim=1)).mean()
+    assert got["along"] == pytest.approx(0.5, abs=1e-5) and got["across"] == pytest.approx(float(ratio), rel=1e-4)
