@@ -56,11 +56,20 @@ step "samples of the held-out identities"
 IDS=(); for f in "$WORK"/ids_heldout/*.safetensors; do IDS+=(--identity "$f"); done
 EXPS=(); for e in ${EXPRESSIONS//,/ }; do EXPS+=(--expression "$e"); done
 $I sample-prior "$WORK/prior" "${IDS[@]}" "${EXPS[@]}" -o "$WORK/samples.png" --device "$DEVICE"
+# Every run starts from the same fit of the generic template (face_model.enabled=false): fit it in the first run
+# and copy it into the others (the stage checks its key, template_fit_key, and refits if it does not match).
+seed_init() {
+  local src; src=$(ls -d "$WORK"/runs/*/*/geometry/init_report.json 2>/dev/null | head -1 || true)
+  if [[ -n "$src" && ! -f "$1/geometry/init.pt" ]]; then
+    mkdir -p "$1/geometry"; cp "$(dirname "$src")"/init* "$1/geometry/"
+  fi
+}
 for variant in id no_id; do
   LAMBDA=1.0; [[ $variant == no_id ]] && LAMBDA=0.0
   for f in "$WORK"/ids_heldout/*.safetensors; do
     s=$(basename "$f" .safetensors)
     step "generate $s ($variant, lambda_id=$LAMBDA)"
+    seed_init "$WORK/runs/$variant/$s"
     $I generate "$f" -o "$WORK/runs/$variant/$s" --normal-prior "$WORK/prior" -p miniature \
       --set prior.base_model="$WORK/base" --set face_model.enabled=false --expressions "$EXPRESSIONS" \
       "${GEO[@]}" --set prior.guidance.lambda_id="$LAMBDA" --device "$DEVICE" \
@@ -71,6 +80,7 @@ if [[ "$ORACLE" == 1 ]]; then
   for f in "$WORK"/ids_heldout/*.safetensors; do
     s=$(basename "$f" .safetensors)
     step "oracle $s (the same SDS guided by its own ground truth)"
+    seed_init "$WORK/runs/oracle/$s"
     $PY "$HERE/miniature_oracle.py" "$WORK" "$s" --set "expressions=[${EXPRESSIONS//,/, }]" \
       --set runtime.device="$DEVICE" "${GEO[@]}"
   done
