@@ -9,16 +9,27 @@
 # from the generic template (face_model.enabled=false), with the ID tokens on (runs/id) and off (runs/no_id,
 # lambda_id=0) -> WORK/metrics.json (examples/miniature_metrics.py: whole-head and face-region Chamfer),
 # WORK/prior_check.json (miniature_prior_check.py: is the prior a denoiser, does its conditioning act) and
-# WORK/figure.html + figure.png (miniature_figure.py: held-out heads next to their ground truth, the samples).
+# WORK/figure.html + figure.png (miniature_figure.py: held-out heads next to their ground truth, the samples),
+# WORK/grad_check.jsonl (miniature_grad_check.py: the prior's mean SDS step along / across the oracle's).
+# With ORACLE=1 (default) each held-out subject is also run through the same geometry SDS guided by the exact
+# score of its own ground truth (runs/oracle, miniature_oracle.py): the control that separates schedule from prior.
 # Size knobs (environment): TRAIN=8 HELDOUT=3 EXPRESSIONS=neutral,smile,mouth_open VIEWS=12 STEPS=400
-# GEO_ITERS=200 ID_BACKEND=synthetic (or dlib) SEED=0 PY=python
+# GEO_ITERS=200 ID_BACKEND=synthetic (or dlib) SEED=0 PY=python ORACLE=1
+# Setting knobs (environment, space-separated key=value config overrides): CAMERA for render-dataset, the SDS runs
+# and the oracle (e.g. face-centred views: CAMERA="render.camera.target=[0,-0.15,0.25] render.camera.fov_deg=[18,22]
+# render.camera.azimuth_deg=[-45,45]"); SDS for the SDS runs and the oracle only (e.g. the schedule:
+# SDS="geometry.lr=3e-5 geometry.t_range=[50,300] geometry.t_anneal_from=1"); LATENT=16 (latent size);
+# UNTIL=prior stops after training (then run again with other SDS settings).
 set -euo pipefail
 WORK=${1:?usage: miniature_experiment.sh WORK [--device cpu|cuda]}
 DEVICE=cpu
 if [[ "${2:-}" == "--device" ]]; then DEVICE=${3:?--device needs a value}; fi
 TRAIN=${TRAIN:-8}; HELDOUT=${HELDOUT:-3}; EXPRESSIONS=${EXPRESSIONS:-neutral,smile,mouth_open}
 VIEWS=${VIEWS:-12}; STEPS=${STEPS:-400}; GEO_ITERS=${GEO_ITERS:-200}; ID_BACKEND=${ID_BACKEND:-synthetic}
-SEED=${SEED:-0}; PY=${PY:-python}
+SEED=${SEED:-0}; PY=${PY:-python}; ORACLE=${ORACLE:-1}; LATENT=${LATENT:-16}
+CAM=(); for kv in ${CAMERA:-}; do CAM+=(--set "$kv"); done
+GEO=("${CAM[@]}" --set geometry.iterations="$GEO_ITERS" --set prior.guidance.latent_size="$LATENT")
+for kv in ${SDS:-}; do GEO+=(--set "$kv"); done
 I="$PY -m idto3d.cli"
 HERE=$(cd "$(dirname "$0")" && pwd)
 mkdir -p "$WORK"
@@ -32,29 +43,55 @@ $I synth-identities "$WORK/scans" -o "$WORK/ids" --backend "$ID_BACKEND"
 $I synth-identities "$WORK/heldout" -o "$WORK/ids_heldout" --backend "$ID_BACKEND"
 step "render-dataset (train subjects only)"
 $I render-dataset "$WORK/scans" -o "$WORK/data" --metadata "$WORK/scans/subjects.csv" --views "$VIEWS" \
-  --resolution 64 --normals-only --identities "$WORK/ids" --seed "$SEED" -p miniature
+  --resolution 64 --normals-only --identities "$WORK/ids" --seed "$SEED" -p miniature "${CAM[@]}"
 step "base model (miniature, random weights from config)"
 [[ -f "$WORK/base/model_index.json" ]] || $I make-base "$WORK/base" --size miniature --seed "$SEED"
 step "train-prior normal ($STEPS steps)"
 RESUME=(); [[ -f "$WORK/prior/run.json" ]] && RESUME=(--resume)
 $I train-prior normal --data "$WORK/data" -o "$WORK/prior" -p miniature --base-model "$WORK/base" \
-  --set prior.train.steps="$STEPS" --set runtime.device="$DEVICE" "${RESUME[@]}"
+  --set prior.train.steps="$STEPS" --set prior.guidance.latent_size="$LATENT" --set runtime.device="$DEVICE" \
+  "${RESUME[@]}"
+[[ "${UNTIL:-}" == prior ]] && exit 0
 step "samples of the held-out identities"
 IDS=(); for f in "$WORK"/ids_heldout/*.safetensors; do IDS+=(--identity "$f"); done
 EXPS=(); for e in ${EXPRESSIONS//,/ }; do EXPS+=(--expression "$e"); done
 $I sample-prior "$WORK/prior" "${IDS[@]}" "${EXPS[@]}" -o "$WORK/samples.png" --device "$DEVICE"
+# Every run starts from the same fit of the generic template (face_model.enabled=false): fit it in the first run
+# and copy it into the others (the stage checks its key, template_fit_key, and refits if it does not match).
+seed_init() {
+  local src; src=$(ls -d "$WORK"/runs/*/*/geometry/init_report.json 2>/dev/null | head -1 || true)
+  if [[ -n "$src" && ! -f "$1/geometry/init.pt" ]]; then
+    mkdir -p "$1/geometry"; cp "$(dirname "$src")"/init* "$1/geometry/"
+  fi
+}
 for variant in id no_id; do
   LAMBDA=1.0; [[ $variant == no_id ]] && LAMBDA=0.0
   for f in "$WORK"/ids_heldout/*.safetensors; do
     s=$(basename "$f" .safetensors)
     step "generate $s ($variant, lambda_id=$LAMBDA)"
+    seed_init "$WORK/runs/$variant/$s"
     $I generate "$f" -o "$WORK/runs/$variant/$s" --normal-prior "$WORK/prior" -p miniature \
       --set prior.base_model="$WORK/base" --set face_model.enabled=false --expressions "$EXPRESSIONS" \
-      --set geometry.iterations="$GEO_ITERS" --set prior.guidance.lambda_id="$LAMBDA" --device "$DEVICE" \
+      "${GEO[@]}" --set prior.guidance.lambda_id="$LAMBDA" --device "$DEVICE" \
       --set texture.iterations=5 --set texture.refine_iterations=1
   done
 done
-step "metrics, prior check, figure"
+if [[ "$ORACLE" == 1 ]]; then
+  for f in "$WORK"/ids_heldout/*.safetensors; do
+    s=$(basename "$f" .safetensors)
+    step "oracle $s (the same SDS guided by its own ground truth)"
+    seed_init "$WORK/runs/oracle/$s"
+    $PY "$HERE/miniature_oracle.py" "$WORK" "$s" --set "expressions=[${EXPRESSIONS//,/, }]" \
+      --set runtime.device="$DEVICE" "${GEO[@]}"
+  done
+fi
+step "metrics, gradient check, prior check, figure"
 $PY "$HERE/miniature_metrics.py" "$WORK"
+first=$(basename "$(ls "$WORK"/ids_heldout/*.safetensors | head -1)" .safetensors)
+if [[ ! -f "$WORK/grad_check.jsonl" ]]; then
+  $PY "$HERE/miniature_grad_check.py" "$WORK" "$first" --set prior.base_model="$WORK/base" "${CAM[@]}" \
+    > "$WORK/grad_check.part"
+  mv "$WORK/grad_check.part" "$WORK/grad_check.jsonl"
+fi
 [[ -f "$WORK/prior_check.json" ]] || $PY "$HERE/miniature_prior_check.py" "$WORK" > /dev/null
 $PY "$HERE/miniature_figure.py" "$WORK"

@@ -4,8 +4,8 @@ the prior's sample grid and the metrics table, as WORK/figure.png and WORK/figur
     python examples/miniature_figure.py WORK   # after examples/miniature_metrics.py WORK
 
 figure.png: one row per held-out subject and expression; columns: ground truth, the SDS result with the ID tokens
-on (runs/id), off (runs/no_id), and the start (the generic template), each as a normal map from the front and
-from 40 degrees to the side.
+on (runs/id), off (runs/no_id), the oracle control (runs/oracle, blank when not run) and the start (the generic
+template), each as a normal map from the front and from 40 degrees to the side.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def _views(path: Path) -> list[torch.Tensor]:
 
 def heads_figure(work: Path) -> tuple[np.ndarray, list[str], list[str]]:
     """The grid image, its row labels and column labels."""
-    columns = ["ground truth", "ID on", "ID off", "start (template)"]
+    columns = ["ground truth", "ID on", "ID off", "oracle", "start (template)"]
     images, rows = [], []
     for run in sorted((work / "runs" / "id").iterdir()):
         s = run.name
@@ -48,7 +48,7 @@ def heads_figure(work: Path) -> tuple[np.ndarray, list[str], list[str]]:
                 continue
             truth = work / "heldout" / s / f"{EXPRESSION_NAMES.index(e):03d}" / "scan.ply"
             for p in (truth, res, work / "runs" / "no_id" / s / "geometry" / f"{e}.ply",
-                      run / "geometry" / f"init_{e}.ply"):
+                      work / "runs" / "oracle" / s / "geometry" / f"{e}.ply", run / "geometry" / f"init_{e}.ply"):
                 images += _views(p)
             rows.append(f"{s} {e}")
     return image_grid(torch.stack(images), len(columns) * len(AZIMUTHS)), rows, columns

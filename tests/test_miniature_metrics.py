@@ -115,8 +115,8 @@ def test_figure_puts_each_held_out_head_next_to_its_ground_truth(tmp_path):
     page = fig.main(tmp_path).read_text()
     assert "figure.png" in page and "002 neutral" in page
     img = np.asarray(Image.open(tmp_path / "figure.png"))
-    # One row (002 neutral), 4 columns x 2 views; the missing ID-off run is left blank (white).
-    assert img.shape[:2] == (fig.SIZE + 2, 8 * (fig.SIZE + 2))
-    tiles = [img[:fig.SIZE, k * (fig.SIZE + 2):k * (fig.SIZE + 2) + fig.SIZE] for k in range(8)]
-    assert all((t < 250).any() for k, t in enumerate(tiles) if k not in (4, 5))  # a head is drawn
-    assert all((t >= 254).all() for t in tiles[4:6])
+    # One row (002 neutral), 5 columns x 2 views; the missing ID-off and oracle runs are left blank (white).
+    assert img.shape[:2] == (fig.SIZE + 2, 10 * (fig.SIZE + 2))
+    tiles = [img[:fig.SIZE, k * (fig.SIZE + 2):k * (fig.SIZE + 2) + fig.SIZE] for k in range(10)]
+    assert all((t < 250).any() for k, t in enumerate(tiles) if k not in (4, 5, 6, 7))  # a head is drawn
+    assert all((t >= 254).all() for t in tiles[4:8])

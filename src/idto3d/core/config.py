@@ -44,6 +44,9 @@ class CameraConfig:
     azimuth_deg: tuple[float, float] = _opt((-180.0, 180.0), ge=-360.0, le=360.0)
     radius: tuple[float, float] = _opt((2.8, 3.2), gt=1.5, help="must keep the camera outside the head")
     fov_deg: tuple[float, float] = _opt((35.0, 45.0), gt=0.0, le=120.0)
+    target: tuple[float, float, float] = _opt((0.0, 0.0, 0.0), ge=-2.0, le=2.0,
+                                              help="the point the cameras orbit and look at (face-centred views: "
+                                                   "the face's centre with a narrow fov_deg)")
 
 
 @dataclass
@@ -112,6 +115,11 @@ class GeometryConfig:
     checkpoint_every: int = _opt(100, ge=1, help="iterations between checkpoints (geometry/ckpt.pt)")
     preview_every: int = _opt(100, ge=1, help="iterations between preview images (geometry/progress.png)")
     max_bad_steps: int = _opt(10, ge=1, help="non-finite steps in a row (skipped) before the run stops")
+    # The paper's geometry schedule (section B) by default; the miniature experiment's schedule study varies it.
+    t_range: tuple[int, int] = _opt((200, 700), ge=1, le=999, help="SDS timesteps (of 1000) drawn uniformly at first")
+    t_range_end: tuple[int, int] = _opt((50, 200), ge=1, le=999, help="the range t_range moves to by the last step")
+    t_anneal_from: float = _opt(0.5, ge=0.0, le=1.0, help="fraction of the run after which t_range starts moving "
+                                "(1 = never: t_range throughout)")
 
 
 @dataclass

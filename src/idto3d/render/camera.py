@@ -102,11 +102,13 @@ def orbit_camera(
     aspect: float = 1.0,
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
+    target: Sequence[Number] = (0.0, 0.0, 0.0),
 ) -> Camera:
-    """Cameras on a sphere around the origin, looking at it with +Y up.
+    """Cameras on a sphere around ``target`` (default the origin), looking at it with +Y up.
 
     Arguments are numbers or 1-D sequences/tensors, broadcast against each other. ``aspect``
-    is width / height of the images these cameras will render.
+    is width / height of the images these cameras will render. ``target`` (one world point for all) lets
+    narrow-FOV cameras frame a part of the head, e.g. the face, instead of its centre.
     """
     el, az, r, fov = (
         _as_1d(v, n)
@@ -125,6 +127,9 @@ def orbit_camera(
         raise IdtoError(f"need 0 < near < far, got near={near}, far={far}")
     if not aspect > 0:
         raise IdtoError(f"aspect must be > 0, got {aspect}")
+    centre = _as_1d(target, "target")
+    if centre.shape[0] != 3:
+        raise IdtoError(f"target must be one (x, y, z) point, got {target!r}")
 
     e, a = torch.deg2rad(el), torch.deg2rad(az)
     # Camera axes in world space, written in closed form (the derivatives of the orbit
@@ -132,7 +137,7 @@ def orbit_camera(
     back = torch.stack([torch.cos(e) * torch.sin(a), torch.sin(e), torch.cos(e) * torch.cos(a)], -1)
     right = torch.stack([torch.cos(a), torch.zeros_like(a), -torch.sin(a)], -1)
     up = torch.stack([-torch.sin(e) * torch.sin(a), torch.cos(e), -torch.sin(e) * torch.cos(a)], -1)
-    eye = back * r[:, None]
+    eye = back * r[:, None] + centre
 
     view = torch.zeros(el.shape[0], 4, 4, dtype=torch.float64)
     view[:, :3, :3] = torch.stack([right, up, back], dim=1)
@@ -168,8 +173,10 @@ def sample_orbit_cameras(
     far: float = 100.0,
     aspect: float = 1.0,
     device: torch.device | str | None = None,
+    target: Sequence[Number] = (0.0, 0.0, 0.0),
 ) -> Camera:
-    """``n`` orbit cameras, each parameter uniform in its (degrees) range; reproducible under ``generator``."""
+    """``n`` orbit cameras around ``target``, each parameter uniform in its (degrees) range; reproducible under
+    ``generator``."""
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise IdtoError(f"number of cameras must be a positive integer, got {n!r}")
     ranges = [
@@ -185,7 +192,7 @@ def sample_orbit_cameras(
     # Draw on the CPU in float64 so a seed gives the same cameras on every device.
     u = torch.rand(4, n, generator=generator, dtype=torch.float64)
     el, az, r, fov = (lo + (hi - lo) * u[i] for i, (lo, hi) in enumerate(ranges))
-    return orbit_camera(el, az, r, fov, near=near, far=far, aspect=aspect, device=device)
+    return orbit_camera(el, az, r, fov, near=near, far=far, aspect=aspect, device=device, target=target)
 
 
 def view_word(azimuth_deg: ScalarOrTensor) -> list[str]:

@@ -21,7 +21,7 @@ from idto3d.export import PBRMaps, UVMesh
 from idto3d.identity.io import IdentityEmbedding, load_identity
 from idto3d.render.mesh import Mesh
 from idto3d.stages.export_stage import baked_maps, export_run, exported_files, grey_maps
-from idto3d.stages.geometry_stage import GeometryStageResult, current_meshes, run_geometry_stage
+from idto3d.stages.geometry_stage import GeometryStageResult, current_meshes, geometry_schedule, run_geometry_stage
 from idto3d.stages.initial_geometry import ensure_init
 from idto3d.stages.offline_head import ensure_offline_heads, mouth_maps
 from idto3d.stages.photo_texture_stage import PhotoTextureResult, run_photo_texture
@@ -144,7 +144,7 @@ def give_face_features(prior, ident: IdentityEmbedding, ref: str) -> None:
     prior.set_face_features(feats.cond, feats.uncond)
 
 
-def _guidance(prior, cfg: Config, schedule: str, iterations: int, seed: int):
+def _guidance(prior, cfg: Config, schedule, iterations: int, seed: int):
     from idto3d.priors.guidance import SDSGuidance
 
     return SDSGuidance(prior, cfg.prior.guidance, schedule, max(iterations, 1), seed=seed)
@@ -281,7 +281,7 @@ def _pipeline(run_dir: Path, cfg: Config, ident: IdentityEmbedding, normal: Any,
     notes = [NO_PHOTOS] if cfg.face_model.enabled and person is None else []
     subject, geo, tex, photo = prompt or "a person", None, None, None
     if normal is not None:
-        guidance = _guidance(normal, cfg, "geometry", cfg.geometry.iterations, cfg.seed)
+        guidance = _guidance(normal, cfg, geometry_schedule(cfg.geometry), cfg.geometry.iterations, cfg.seed)
         with pipeline_stage("geometry SDS", console, progress):
             geo = run_geometry_stage(run_dir, cfg, guidance, init, id_embedding=ident.embedding, subject=subject,
                                      progress=progress, console=console, stop_after=stop_after)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from rich.console import Console
 
-from idto3d.core.config import Config
+from idto3d.core.config import Config, GeometryConfig
 from idto3d.core.device import resolve_device
 from idto3d.core.errors import IdtoError
 from idto3d.core.run_layout import RunLayout, SDSFiles
@@ -25,7 +25,7 @@ from idto3d.geometry.laplacian import laplacian_loss
 from idto3d.geometry.mesh_io import save_mesh
 from idto3d.nn.state import field_parameter_groups
 from idto3d.priors.conventions import LEGACY_PROMPTS, NORMAL_ENCODINGS, Conventions, legacy
-from idto3d.priors.guidance import GuidanceCond, ScoreDistillation
+from idto3d.priors.guidance import GuidanceCond, ScoreDistillation, TimestepSchedule
 from idto3d.render.backend import Rasterizer
 from idto3d.render.camera import Camera, view_word
 from idto3d.render.mesh import Mesh
@@ -41,6 +41,11 @@ CONDITIONED_ON = "identity or prompt"
 @dataclass
 class GeometryStageResult(SDSProgress):
     meshes: dict[str, Mesh]  # final (or, after ``stop_after``, current) mesh per expression name
+
+
+def geometry_schedule(gcfg: GeometryConfig) -> TimestepSchedule:
+    """The geometry SDS timestep schedule the config asks for (default: the paper's, ``SCHEDULES["geometry"]``)."""
+    return TimestepSchedule("geometry", tuple(gcfg.t_range), tuple(gcfg.t_range_end), anneal_from=gcfg.t_anneal_from)
 
 
 def stage_conventions(guidance: ScoreDistillation) -> Conventions:

@@ -62,7 +62,7 @@ def draw_views(sampler: torch.Generator, n_expressions: int, batch_size: int, cf
     prompts need the azimuths there); the cameras go to the device afterwards."""
     e = int(torch.randint(n_expressions, (1,), generator=sampler))
     cams = sample_orbit_cameras(batch_size, cfg.elevation_deg, cfg.azimuth_deg, cfg.radius, cfg.fov_deg,
-                                generator=sampler)
+                                generator=sampler, target=cfg.target)
     return e, cams
 
 

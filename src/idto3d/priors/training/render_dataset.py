@@ -183,7 +183,7 @@ def scan_cameras(entry: ScanEntry, views: int, seed: int, camera: CameraConfig):
 
     gen = torch.Generator().manual_seed(_scan_seed(seed, entry.subject, entry.expression_id))
     return sample_orbit_cameras(views, camera.elevation_deg, camera.azimuth_deg, camera.radius,
-                                camera.fov_deg, generator=gen)
+                                camera.fov_deg, generator=gen, target=camera.target)
 
 
 def _to_png(image: torch.Tensor) -> np.ndarray:

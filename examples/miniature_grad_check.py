@@ -1,0 +1,110 @@
+"""Does the learned prior's SDS gradient point toward the subject? (README "Miniature experiment").
+
+SDS moves the surface along g = w(t) (eps_hat(z_t) - eps). With the oracle (the exact score of the subject's
+ground truth, priors/mesh_oracle.py) that is d = w(t) sqrt(abar / (1 - abar)) (z - z*): straight toward the
+subject's renders. This script renders the SDS start (the generic template) and the subject's ground truth from
+cameras drawn from the config's ``render.camera``, averages the prior's g over several noise draws per view and
+timestep (the mean step SDS takes there), and splits it into its part along the oracle's d and the rest:
+
+- ``along``: <g, d> / |d|^2 (1 = the oracle's step toward the subject; 0 = none; < 0 = away from it),
+- ``across``: |g - along d| / |d|, the part that moves the surface elsewhere (the prior's error, seen by SDS),
+- ``cos``: cosine of g and d.
+
+Needs no SDS run, so each setting (camera, latent size, CFG, lambda_id) is measured in seconds. Usage:
+
+    python examples/miniature_grad_check.py WORK SUBJECT [--prior WORK/prior] [--set key=value ...]
+
+SUBJECT's identity is read from WORK/ids or WORK/ids_heldout; prints one JSON row per timestep.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from idto3d.core.config import load_config
+from idto3d.identity.io import load_identity
+from idto3d.priors.guidance import GuidanceCond, SDSGuidance
+from idto3d.priors.prior import load_prior
+from idto3d.render.camera import sample_orbit_cameras
+from idto3d.stages.geometry_stage import geometry_prompts, render_for_guidance, stage_conventions
+from idto3d.stages.initial_geometry import resolve_template
+
+EXPERIMENT = ["face_model.enabled=false", "expressions=[neutral]"]
+
+
+def _identity(work: Path, subject: str) -> torch.Tensor:
+    for folder in ("ids", "ids_heldout"):
+        if (work / folder / f"{subject}.safetensors").is_file():
+            return load_identity(work / folder / f"{subject}.safetensors").embedding
+    raise SystemExit(f"error: no identity {subject} under {work}/ids or {work}/ids_heldout")
+
+
+@torch.no_grad()
+def mean_steps(guidance: SDSGuidance, z: torch.Tensor, t: int, cond: GuidanceCond, draws: int,
+               gen: torch.Generator) -> torch.Tensor:
+    """The prior's SDS gradient direction eps_hat - eps at ``t``, averaged over ``draws`` noises (w(t) dropped:
+    it scales g and d alike)."""
+    abar = float(guidance.alphas_cumprod[t])
+    total = torch.zeros_like(z)
+    for _ in range(draws):
+        eps = torch.randn(z.shape, generator=gen)
+        z_t = math.sqrt(abar) * z + math.sqrt(1 - abar) * eps
+        total += guidance.predict_noise(z_t, t, cond).float() - eps
+    return total / draws
+
+
+def split(g: torch.Tensor, d: torch.Tensor) -> dict:
+    """Per view: g's part along d (in units of d), the rest's norm (in |d|), cosine; averaged over views."""
+    g, d = g.flatten(1).double(), d.flatten(1).double()
+    dd = (d * d).sum(1)
+    along = (g * d).sum(1) / dd
+    across = (g - along[:, None] * d).norm(dim=1) / dd.sqrt()
+    cos = (g * d).sum(1) / (g.norm(dim=1) * dd.sqrt())
+    return {"along": float(along.mean()), "across": float(across.mean()), "cos": float(cos.mean())}
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("work", type=Path)
+    ap.add_argument("subject")
+    ap.add_argument("--prior", type=Path, default=None, help="default: WORK/prior")
+    ap.add_argument("--views", type=int, default=8)
+    ap.add_argument("--draws", type=int, default=8)
+    ap.add_argument("--timesteps", default="100,300,500")
+    ap.add_argument("--set", dest="overrides", action="append", default=[])
+    args = ap.parse_args(argv)
+    cfg = load_config("miniature", overrides=EXPERIMENT + args.overrides)
+    prior = load_prior(args.prior or args.work / "prior", base_model=cfg.prior.base_model, prefer_recorded=True)
+    guidance = SDSGuidance(prior, cfg.prior.guidance)
+    from miniature_oracle import subject_scans  # the examples folder is on sys.path when run as a script
+
+    truth = subject_scans(args.work, args.subject, ["neutral"])[0]
+    gen = torch.Generator().manual_seed(cfg.seed)
+    cam = cfg.render.camera
+    cams = sample_orbit_cameras(args.views, cam.elevation_deg, cam.azimuth_deg, cam.radius, cam.fov_deg,
+                                generator=gen, target=cam.target)
+    conv = stage_conventions(guidance)
+    z = guidance.encode(render_for_guidance(resolve_template(cfg), cams, cfg.render.resolution, None, conv))
+    # The oracle's z*: the ground truth rendered exactly as the SDS start is (priors/mesh_oracle.py)
+    z_star = guidance.encode(render_for_guidance(truth, cams, cfg.render.resolution, None, conv))
+    cond = GuidanceCond(prompts=geometry_prompts(cams, "a person", conv), negative_prompt=conv.negative_prompt,
+                        id_embedding=_identity(args.work, args.subject), expressions=["neutral"] * len(cams))
+    rows = []
+    for t in (int(x) for x in args.timesteps.split(",")):
+        abar = float(guidance.alphas_cumprod[t])
+        d = math.sqrt(abar / (1 - abar)) * (z - z_star)
+        row = {"t": t, "cfg": cfg.prior.guidance.guidance_scale, "lambda_id": cfg.prior.guidance.lambda_id,
+               "latent_size": guidance.config.latent_size, "d_rms": float(d.square().mean().sqrt()),
+               **split(mean_steps(guidance, z, t, cond, args.draws, gen), d)}
+        print(json.dumps(row))
+        rows.append(row)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,125 @@
+"""The miniature experiment's controls (README "Miniature experiment", issue 21): face-centred cameras
+(``render.camera.target``), the geometry timestep schedule as config keys, the oracle control run
+(examples/miniature_oracle.py) and the signal measurement (examples/miniature_signal.py)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from idto3d.cli.app import app
+from idto3d.core.config import CameraConfig, load_config
+from idto3d.priors.guidance import SCHEDULES
+from idto3d.render.camera import orbit_camera, sample_orbit_cameras
+from idto3d.stages.geometry_stage import geometry_schedule
+from idto3d.stages.sds_runner import draw_views
+
+EXAMPLES = Path(__file__).parents[1] / "examples"
+FACE = ["render.camera.target=[0.0, -0.15, 0.25]", "render.camera.fov_deg=[18.0, 22.0]"]
+
+
+def _example(name: str):
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _ndc(cams, point) -> torch.Tensor:
+    clip = cams.project(torch.tensor([point], dtype=torch.float32))
+    return clip[..., :2] / clip[..., 3:]
+
+
+def test_cameras_orbit_and_look_at_the_target():
+    target = (0.1, -0.2, 0.3)
+    cams = orbit_camera([0.0, 20.0, -10.0], [0.0, 35.0, -80.0], 3.0, 20.0, target=target)
+    torch.testing.assert_close(_ndc(cams, target), torch.zeros(3, 1, 2), atol=1e-5, rtol=0)
+    torch.testing.assert_close((cams.eye - torch.tensor(target)).norm(dim=-1), torch.full((3,), 3.0))
+    # The default is the origin, as before the key existed.
+    torch.testing.assert_close(_ndc(orbit_camera(10.0, 30.0, 3.0, 40.0), (0.0, 0.0, 0.0)), torch.zeros(1, 1, 2),
+                               atol=1e-5, rtol=0)
+    drawn = sample_orbit_cameras(4, (-10, 30), (-45, 45), (2.8, 3.2), (18, 22), torch.Generator().manual_seed(0),
+                                 target=target)
+    torch.testing.assert_close(_ndc(drawn, target), torch.zeros(4, 1, 2), atol=1e-5, rtol=0)
+
+
+def test_sds_and_render_dataset_cameras_follow_the_config_target():
+    from idto3d.priors.training.render_dataset import ScanEntry, scan_cameras
+
+    cfg = load_config("miniature", overrides=FACE).render.camera
+    assert cfg.target == (0.0, -0.15, 0.25) and CameraConfig().target == (0.0, 0.0, 0.0)
+    _, cams = draw_views(torch.Generator().manual_seed(0), 2, 3, cfg)
+    torch.testing.assert_close(_ndc(cams, cfg.target), torch.zeros(3, 1, 2), atol=1e-5, rtol=0)
+    entry = ScanEntry(subject="000", expression_id="000", expression="neutral", path=Path("scan.ply"))
+    cams = scan_cameras(entry, 3, 0, cfg)
+    torch.testing.assert_close(_ndc(cams, cfg.target), torch.zeros(3, 1, 2), atol=1e-5, rtol=0)
+
+
+def test_geometry_schedule_is_the_papers_unless_the_config_says_otherwise():
+    paper = SCHEDULES["geometry"]
+    got = geometry_schedule(load_config("miniature").geometry)
+    assert [got.range_at(s, 100) for s in range(100)] == [paper.range_at(s, 100) for s in range(100)]
+    late = geometry_schedule(load_config("miniature", overrides=[
+        "geometry.t_range=[50, 300]", "geometry.t_range_end=[20, 100]", "geometry.t_anneal_from=0.8"]).geometry)
+    assert late.range_at(0, 100) == late.range_at(79, 100) == (50, 300) and late.range_at(99, 100) == (20, 100)
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    """Two synthetic subjects (neutral + mouth_open) in a miniature WORK folder's layout."""
+    root = tmp_path_factory.mktemp("work")
+    res = CliRunner().invoke(app, ["synth-scans", str(root / "scans"), "--subjects", "2", "--expressions",
+                                   "neutral,mouth_open"])
+    assert res.exit_code == 0, res.output
+    return root
+
+
+def test_face_centred_views_carry_a_larger_identity_and_expression_signal(work):
+    signal = _example("miniature_signal")
+    whole = signal.main([str(work), "--sizes", "16"])[0]
+    face = signal.main([str(work), "--sizes", "16"] + [a for kv in FACE for a in ("--set", kv)])[0]
+    assert whole["subject_vs_subject"] > 0 and whole["neutral_vs_mouth_open"] > 0
+    assert face["subject_vs_subject"] > 1.5 * whole["subject_vs_subject"]
+    assert face["neutral_vs_mouth_open"] > 1.5 * whole["neutral_vs_mouth_open"]
+
+
+def test_oracle_control_runs_the_experiments_sds_with_the_configured_schedule(work):
+    oracle = _example("miniature_oracle")
+    tiny = ["geometry.grid_resolution=16", "template.build_resolution=32", "template.iterations=30",
+            "template.points_per_step=1000", "geometry.iterations=4", "expressions=[neutral]",
+            "geometry.t_range=[900, 950]", "geometry.t_anneal_from=1.0", "geometry.checkpoint_every=1000",
+            "geometry.preview_every=1000"]
+    run = oracle.main([str(work), "001", "--variant", "ctl"] + [a for kv in tiny for a in ("--set", kv)])
+    assert run == work / "runs" / "ctl" / "001"
+    assert (run / "geometry" / "neutral.ply").is_file() and (run / "geometry" / "init_neutral.ply").is_file()
+    log = [json.loads(x) for x in (run / "geometry" / "log.jsonl").read_text().splitlines()]
+    assert len(log) == 4 and all(900 <= r["t"] <= 950 for r in log)
+    with pytest.raises(SystemExit, match="no subject 009"):
+        oracle.main([str(work), "009"])
+
+
+def test_gradient_check_splits_an_oracles_step_into_all_along_and_nothing_across():
+    from idto3d.core.config import GuidanceConfig
+    from idto3d.priors.guidance import OracleGuidance
+
+    check = _example("miniature_grad_check")
+    gen = torch.Generator().manual_seed(0)
+    start, truth = torch.rand(3, 4, 32, 32, generator=gen), torch.rand(3, 4, 32, 32, generator=gen)
+    oracle = OracleGuidance(truth, GuidanceConfig(latent_mode="downsample", latent_size=8))
+    z, z_star = oracle.encode(start), oracle.encode(truth)
+    for t in (100, 500):
+        abar = float(oracle.alphas_cumprod[t])
+        d = (abar / (1 - abar)) ** 0.5 * (z - z_star)
+        got = check.split(check.mean_steps(oracle, z, t, None, 3, gen), d)
+        assert got["along"] == pytest.approx(1.0, abs=1e-4) and got["across"] < 1e-3 and got["cos"] > 0.9999
+    # A step half toward the truth plus as much again elsewhere: along 0.5, across |e| / |d|.
+    e = torch.randn(d.shape, generator=gen)
+    e -= ((e * d).flatten(1).sum(1) / (d * d).flatten(1).sum(1))[:, None, None, None] * d
+    got = check.split(0.5 * d + e, d)
+    ratio = (e.flatten(1).norm(dim=1) / d.flatten(1).norm(dim=1)).mean()
+    assert got["along"] == pytest.approx(0.5, abs=1e-5) and got["across"] == pytest.approx(float(ratio), rel=1e-4)
