@@ -158,7 +158,6 @@ class _Basis:
     def of(cls, model: MorphableModel) -> _Basis:
         return cls(model.mean.double(), model.shape_basis.double(), model.expression_basis.double(), model.faces)
 
-
     def subset(self, ids: torch.Tensor) -> _Basis:
         return _Basis(self.mean[ids], self.shape[ids], self.expression[ids], self.faces)
 
@@ -168,10 +167,10 @@ class _Visible:
     """The skin pixels one rasterisation found on the face: their triangle corners and barycentrics, and
     robust weights from the residuals there (held for a round)."""
 
-    basis: _Basis             # the model's rows of the vertices the pixels' normals depend on (the pixels'
-                              # triangles' 1-ring: a quarter of the mesh or less, so each step is cheap)
-    faces: torch.Tensor       # [F', 3] the triangles around those pixels' corners, indices into vertex_ids
-    corners: torch.Tensor     # [P, 3] each pixel's triangle, indices into vertex_ids
+    basis: _Basis          # the model's rows of the vertices the pixels' normals depend on (the pixels'
+                           # triangles' 1-ring: a quarter of the mesh or less, so each step is cheap)
+    faces: torch.Tensor    # [F', 3] the triangles around those pixels' corners, indices into basis rows
+    corners: torch.Tensor  # [P, 3] each pixel's triangle, indices into basis rows
     bary: torch.Tensor     # [P, 3]
     colour: torch.Tensor   # [P, 3] linear photo colour
     weight: torch.Tensor   # [P] the light fit's robust weights
@@ -278,9 +277,10 @@ def refine_fit(model: MorphableModel, fit: FaceFit, images: list[np.ndarray], cf
     if len(images) != len(fit.photos):
         raise IdtoError(f"the photometric refinement got {len(images)} photos for a fit of {len(fit.photos)}")
     for img, p in zip(images, fit.photos):
-        if np.asarray(img).shape[:2] != tuple(p.image_size) or np.asarray(img).dtype != np.uint8:
+        a = np.asarray(img)
+        if a.dtype != np.uint8 or a.ndim != 3 or a.shape[2] != 3 or a.shape[:2] != tuple(p.image_size):
             raise IdtoError(f"each photo must be the uint8 RGB image its fit was made on ({p.image_size}), "
-                            f"got {np.asarray(img).dtype} {np.asarray(img).shape}")
+                            f"got {a.dtype} {a.shape}")
     targets, x = resume_unknowns(model, fit, cfg)
     _, start = resume_unknowns(model, fit, cfg)
     basis = _Basis.of(model)
