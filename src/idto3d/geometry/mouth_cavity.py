@@ -91,11 +91,11 @@ def _rim_path(vertices: np.ndarray, faces: np.ndarray, ids: list[int]) -> np.nda
     from scipy.sparse.csgraph import dijkstra
 
     graph = _edge_graph(vertices, faces, vertices[ids])
-    span = float(np.linalg.norm(vertices[ids[0]] - vertices[ids[-1]]))
     path = [ids[0]]
     for a, b in zip(ids[:-1], ids[1:]):
-        # Searched no farther than the mouth's width (the weights only grow off the polyline): milliseconds.
-        _, pred = dijkstra(graph, indices=b, return_predecessors=True, limit=span)
+        # Not bounded by the mouth's width: where the lips' rows leave the landmarks' polyline by more than
+        # _FOLLOW (the photometrically refined astronaut), the penalised path costs more than that.
+        _, pred = dijkstra(graph, indices=b, return_predecessors=True)
         v, leg = a, []
         while v != b:
             v = int(pred[v])
