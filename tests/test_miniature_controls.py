@@ -127,8 +127,8 @@ def test_gradient_check_splits_an_oracles_step_into_all_along_and_nothing_across
 
 def test_render_dataset_records_a_face_centred_camera_and_keeps_older_datasets_resumable(work, tmp_path):
     def render(out: Path, *sets: str):
-        args = ["render-dataset", str(work / "scans"), "-o", str(out), "--metadata", str(work / "scans" / "subjects.csv"),
-                "--views", "1", "--resolution", "32", "--normals-only"]
+        args = ["render-dataset", str(work / "scans"), "-o", str(out), "--metadata",
+                str(work / "scans" / "subjects.csv"), "--views", "1", "--resolution", "32", "--normals-only"]
         return CliRunner().invoke(app, args + [a for kv in sets for a in ("--set", kv)])
 
     assert render(tmp_path / "whole").exit_code == 0
