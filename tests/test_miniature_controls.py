@@ -123,3 +123,19 @@ def test_gradient_check_splits_an_oracles_step_into_all_along_and_nothing_across
     got = check.split(0.5 * d + e, d)
     ratio = (e.flatten(1).norm(dim=1) / d.flatten(1).norm(dim=1)).mean()
     assert got["along"] == pytest.approx(0.5, abs=1e-5) and got["across"] == pytest.approx(float(ratio), rel=1e-4)
+
+
+def test_render_dataset_records_a_face_centred_camera_and_keeps_older_datasets_resumable(work, tmp_path):
+    def render(out: Path, *sets: str):
+        args = ["render-dataset", str(work / "scans"), "-o", str(out), "--metadata",
+                str(work / "scans" / "subjects.csv"), "--views", "1", "--resolution", "32", "--normals-only"]
+        return CliRunner().invoke(app, args + [a for kv in sets for a in ("--set", kv)])
+
+    assert render(tmp_path / "whole").exit_code == 0
+    # A dataset rendered before render.camera.target existed has no target in its manifest: still the same settings.
+    assert "target" not in json.loads((tmp_path / "whole" / "dataset.json").read_text())["camera"]
+    assert render(tmp_path / "whole").exit_code == 0
+    refused = render(tmp_path / "whole", *FACE)
+    assert refused.exit_code != 0 and "different settings (camera)" in refused.output
+    assert render(tmp_path / "face", *FACE).exit_code == 0
+    assert json.loads((tmp_path / "face" / "dataset.json").read_text())["camera"]["target"] == [0.0, -0.15, 0.25]

@@ -221,6 +221,15 @@ def _copy_identities(folder: Path, subjects: Sequence[str], out: Path) -> dict[s
     return paths
 
 
+def _camera_manifest(camera: CameraConfig) -> dict:
+    """The camera ranges a dataset was rendered with; the look-at target only when it is not the origin, so that a
+    dataset rendered before ``render.camera.target`` existed resumes under the default camera."""
+    out = {k: list(v) for k, v in asdict(camera).items()}
+    if tuple(camera.target) == (0.0, 0.0, 0.0):
+        del out["target"]
+    return out
+
+
 def _check_manifest(out: Path, manifest: dict) -> None:
     path = out / "dataset.json"
     if path.is_file():
@@ -390,7 +399,7 @@ def build_render_dataset(
     id_paths = _copy_identities(Path(identities), subjects, out) if identities is not None else {}
     _check_manifest(out, {
         "format": MANIFEST_FORMAT, "views": views, "resolution": resolution, "seed": seed, "up": up,
-        "forward": forward, "camera": {k: list(v) for k, v in asdict(camera).items()},
+        "forward": forward, "camera": _camera_manifest(camera),
         "expression_names": list(names),
     })
     domains = ("normal",) if normals_only else DOMAINS
