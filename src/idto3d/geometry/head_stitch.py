@@ -28,8 +28,11 @@ from idto3d.render.mesh import Mesh
 
 CUT = 0.35  # border-falloff level where the face meets the body
 BODY_MARGIN = 0.7  # the body's opening is cut at this fraction of the face's cut level: outside the face's border
-BODY_NOTCH = 0.1  # working units (2 cm): the widest concave corner of the body's opening filled so
+BODY_NOTCH = 0.1  # working units (2 cm): the widest concave corner of the body's opening that is filled
 NOTCH = 0.03  # working units (6 mm): the widest concave corner of the face's cut that is filled before zipping
+# Corners turning by less (the sine of ~12 degrees) stay: their fill is a sliver so flat that another expression's
+# band, projected onto its body, slides over it.
+NOTCH_TURN = 0.2
 
 
 @dataclass(frozen=True)
@@ -194,7 +197,7 @@ def _zipper(inner: np.ndarray, outer: np.ndarray, pos: np.ndarray, normals: np.n
 def _fill_notches(loop: np.ndarray, other: np.ndarray, pos: np.ndarray, normals: np.ndarray, widest: float
                   ) -> tuple[np.ndarray, np.ndarray]:
     """``loop`` (its surface on its left about ``normals``) with its concave corners filled: where it turns right
-    (a step of the face's triangle staircase), the triangle over the corner is added, until none is left that is
+    by more than ``NOTCH_TURN`` (a step of the face's triangle staircase), the triangle over the corner is added, until none is left that is
     narrower than the gap to the ``other`` loop. A corner the other loop's fan would see from behind would fold a
     zipper triangle back over the surface. Returns the filled loop and the added triangles (the surface's
     winding)."""
@@ -207,8 +210,9 @@ def _fill_notches(loop: np.ndarray, other: np.ndarray, pos: np.ndarray, normals:
         k = 0
         while k < len(ring) and len(ring) > 3:
             prev, cur, nxt = ring[k - 1], ring[k], ring[(k + 1) % len(ring)]
-            turn = np.cross(pos[cur] - pos[prev], pos[nxt] - pos[cur]) @ normals[cur]
-            if turn < 0.0 and np.linalg.norm(pos[nxt] - pos[prev]) < min(width[k], widest):
+            u, w = pos[cur] - pos[prev], pos[nxt] - pos[cur]
+            turn = np.cross(u, w) @ normals[cur] / max(np.linalg.norm(u) * np.linalg.norm(w), 1e-20)
+            if turn < -NOTCH_TURN and np.linalg.norm(pos[nxt] - pos[prev]) < min(width[k], widest):
                 tris.append((nxt, cur, prev))
                 del ring[k], width[k]
                 changed = True
