@@ -96,7 +96,7 @@ def seam_region(layout, faces: np.ndarray) -> np.ndarray:
 def stitched_with_layout(monkeypatch, *args, **kwargs):
     """``stages.offline_head.stitched_heads(*args, **kwargs)`` and the stitch layout it built (recorded on its
     way through ``build_stitched_head``)."""
-    import idto3d.stages.offline_head as offline_head
+    from idto3d.stages import offline_head
 
     layouts = []
     build = offline_head.build_stitched_head

@@ -4,12 +4,15 @@
 geometry field's remesh, grid 48, kept even less). Here the face keeps every vertex of the face model and the body
 (the merged template, decimated to a smooth coarse mesh) supplies the rest of the head:
 
-* the body's vertices whose closest face point lies well inside the face mask (the mask's border falloff at or
-  above ``cut``) are cut out, leaving one hole; the face keeps the part of its mask above the same ``cut``;
+* the body's vertices whose closest face point lies inside the face mask (the mask's border falloff at or above
+  ``BODY_MARGIN * cut``) are cut out, leaving one hole; the face keeps the part of its mask above ``cut``, so
+  the body's border runs outside the face's all round;
 * the face's outer band is blended onto the body (``v -> c + s (v - c)``, ``c`` its closest body point, ``s`` a
   smoothstep of the falloff from ``cut`` to 1), so the face's cut edge lies on the body: no step at the border;
-* the gap between the two loops is closed by a zipper of triangles (the shorter diagonal first), oriented so
-  every edge of the result is shared by two faces in opposite directions: one closed, manifold surface.
+* the gap between the two loops is closed by a zipper of triangles that folds nowhere: the loops' concave
+  corners filled first, the two loops walked in the order the body's vertices project onto the face's, the
+  diagonals of any folding pair flipped; oriented so every edge of the result is shared by two faces in opposite
+  directions: one closed, manifold surface without self-intersections at the seam.
 
 The layout (which vertices stay, the zipper) is built once from the neutral expression and reused for every
 expression (:func:`pose_head`), so all expressions share one topology, one UV layout and the face model's vertex
@@ -252,7 +255,6 @@ def _unfold(tris: np.ndarray, pos: np.ndarray, normals: np.ndarray, rounds: int 
     into the surface and both face out after the flip (the quad they make is convex there): the zipper's
     folds undone, its border and topology (a disc strip) unchanged."""
     tris = tris.copy()
-    up = lambda t: normals[t].sum(0)  # noqa: E731
     for _ in range(rounds):
         flipped = False
         edges = {}
@@ -262,7 +264,7 @@ def _unfold(tris: np.ndarray, pos: np.ndarray, normals: np.ndarray, rounds: int 
         existing = {tuple(sorted(e)) for e in edges}
         for k in range(len(tris)):
             t = tris[k]
-            if _facing(pos, tuple(t), up(t)):
+            if _facing(pos, tuple(t), normals[t].sum(0)):
                 continue
             for e in range(3):
                 a, b, c = int(t[e]), int(t[(e + 1) % 3]), int(t[(e + 2) % 3])
@@ -273,7 +275,7 @@ def _unfold(tris: np.ndarray, pos: np.ndarray, normals: np.ndarray, rounds: int 
                 if tuple(sorted((c, d))) in existing:
                     continue
                 new1, new2 = (c, a, d), (d, b, c)
-                if _facing(pos, new1, up(np.array(new1))) and _facing(pos, new2, up(np.array(new2))):
+                if _facing(pos, new1, normals[list(new1)].sum(0)) and _facing(pos, new2, normals[list(new2)].sum(0)):
                     tris[k], tris[other] = new1, new2
                     flipped = True
                     break
