@@ -110,35 +110,6 @@ def _clean_disc(keep: np.ndarray, faces: np.ndarray, n_vertices: int, drop_verti
     raise IdtoError("could not cut a clean opening for the face into the head body")
 
 
-def _smooth_cut(keep: np.ndarray, faces: np.ndarray, n_vertices: int, fill: bool = True) -> np.ndarray:
-    """``keep`` without one-triangle spikes and notches along its border: a kept face with two border edges is
-    dropped, a dropped face with two edges on the border is kept. Such a tooth turns the border back on itself
-    over one triangle, and no zipper triangle reaching it from the other loop can lie flat there."""
-    keep = keep.copy()
-    for _ in range(50):
-        edges = np.sort(np.concatenate([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]]), axis=1)
-        key = edges[:, 0].astype(np.int64) * n_vertices + edges[:, 1]
-        border = np.sort(np.sort(_boundary_edges(faces[keep]), axis=1) @ np.array([n_vertices, 1], np.int64))
-        pos = np.clip(np.searchsorted(border, key), 0, max(border.size - 1, 0))
-        on_border = (border[pos] == key).reshape(3, -1).sum(0) if border.size else np.zeros(len(faces), int)
-        spike, notch = keep & (on_border >= 2), ~keep & (on_border >= 2) & fill
-        if not (spike.any() or notch.any()):
-            return keep
-        keep = (keep & ~spike) | notch
-    return keep
-
-
-def _tidy_disc(keep: np.ndarray, faces: np.ndarray, n_vertices: int, fill: bool = True) -> np.ndarray:
-    """``keep`` as one disc with one simple border loop (:func:`_clean_disc`) and no one-triangle teeth
-    (:func:`_smooth_cut`)."""
-    for _ in range(10):
-        tidy = _clean_disc(_smooth_cut(keep, faces, n_vertices, fill), faces, n_vertices)
-        if np.array_equal(tidy, keep):
-            return tidy
-        keep = tidy
-    return keep
-
-
 def _loop(edges: np.ndarray) -> np.ndarray:
     """The vertices of one closed loop of directed edges, in order."""
     nxt = dict(zip(edges[:, 0].tolist(), edges[:, 1].tolist()))
@@ -197,13 +168,15 @@ def _zipper(inner: np.ndarray, outer: np.ndarray, pos: np.ndarray, normals: np.n
     return np.asarray(tris, dtype=np.int64)
 
 
-def _fill_notches(loop: np.ndarray, other: np.ndarray, pos: np.ndarray, normals: np.ndarray, widest: float
-                  ) -> tuple[np.ndarray, np.ndarray]:
+def _fill_notches(loop: np.ndarray, other: np.ndarray, pos: np.ndarray, normals: np.ndarray, widest: float,
+                  around: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``loop`` (its surface on its left about ``normals``) with its concave corners filled: where it turns right
     by more than ``NOTCH_TURN`` (a step of the face's triangle staircase), the triangle over the corner is added, until none is left that is
     narrower than the gap to the ``other`` loop. A corner the other loop's fan would see from behind would fold a
     zipper triangle back over the surface. Returns the filled loop and the added triangles (the surface's
-    winding)."""
+    winding). ``around``: the surface's faces (a chord that is already one of their edges is not filled: that
+    edge would have three faces)."""
+    taken = _edges_among(around, loop)
     seg_a, seg_b = pos[other], pos[np.roll(other, -1)]
     gap = np.array([_segment_distance(pos[v], seg_a, seg_b) for v in loop])
     ring, width, tris = list(loop), list(gap), []
@@ -215,13 +188,20 @@ def _fill_notches(loop: np.ndarray, other: np.ndarray, pos: np.ndarray, normals:
             prev, cur, nxt = ring[k - 1], ring[k], ring[(k + 1) % len(ring)]
             u, w = pos[cur] - pos[prev], pos[nxt] - pos[cur]
             turn = np.cross(u, w) @ normals[cur] / max(np.linalg.norm(u) * np.linalg.norm(w), 1e-20)
-            if turn < -NOTCH_TURN and np.linalg.norm(pos[nxt] - pos[prev]) < min(width[k], widest):
+            if (turn < -NOTCH_TURN and np.linalg.norm(pos[nxt] - pos[prev]) < min(width[k], widest)
+                    and (min(prev, nxt), max(prev, nxt)) not in taken):
                 tris.append((nxt, cur, prev))
                 del ring[k], width[k]
                 changed = True
             else:
                 k += 1
     return np.asarray(ring, dtype=np.int64), np.asarray(tris, dtype=np.int64).reshape(-1, 3)
+
+
+def _edges_among(faces: np.ndarray, vertices: np.ndarray) -> set[tuple[int, int]]:
+    """The edges ``(low, high)`` of ``faces`` with both ends in ``vertices``."""
+    edges = np.sort(np.concatenate([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]]), axis=1)
+    return {tuple(e) for e in edges[np.isin(edges, vertices).all(1)].tolist()}
 
 
 def _segment_distance(p: np.ndarray, a: np.ndarray, b: np.ndarray) -> float:
@@ -250,18 +230,21 @@ def _projected_fraction(points: np.ndarray, loop: np.ndarray, t_loop: np.ndarray
     return out
 
 
-def _unfold(tris: np.ndarray, pos: np.ndarray, normals: np.ndarray, rounds: int = 20) -> np.ndarray:
+def _unfold(tris: np.ndarray, pos: np.ndarray, normals: np.ndarray, around: np.ndarray, rounds: int = 20
+            ) -> np.ndarray:
     """``tris`` (the zipper) with the diagonal of every two of its triangles flipped where one of them faces
     into the surface and both face out after the flip (the quad they make is convex there): the zipper's
-    folds undone, its border and topology (a disc strip) unchanged."""
+    folds undone, its border and topology (a disc strip) unchanged. ``around``: the faces it closes the gap
+    between (a new diagonal must not be one of their edges: that edge would have three faces)."""
     tris = tris.copy()
+    edges_around = _edges_among(around, np.unique(tris))
     for _ in range(rounds):
         flipped = False
         edges = {}
         for k, t in enumerate(tris):
             for e in range(3):
                 edges.setdefault((int(t[e]), int(t[(e + 1) % 3])), k)
-        existing = {tuple(sorted(e)) for e in edges}
+        existing = {tuple(sorted(e)) for e in edges} | edges_around
         for k in range(len(tris)):
             t = tris[k]
             if _facing(pos, tuple(t), normals[t].sum(0)):
@@ -319,8 +302,8 @@ def build_stitched_head(body: Mesh, face: Mesh, falloff: torch.Tensor, *, cut: f
     # the face's all round: cut at the same level, the two borders crossed each other along parts of the seam and
     # the zipper between them folded back over the face.
     covered, _ = _covered(bv, face, falloff, cut * BODY_MARGIN, reach)
-    body_keep = _tidy_disc(~covered[bf].any(1), bf, bv.shape[0], fill=False)
-    face_keep = _tidy_disc((w[ff] >= cut).all(1), ff, fv.shape[0])
+    body_keep = _clean_disc(~covered[bf].any(1), bf, bv.shape[0])
+    face_keep = _clean_disc((w[ff] >= cut).all(1), ff, fv.shape[0])
     body_faces, face_faces = bf[body_keep], ff[face_keep]
     body_ids = np.unique(body_faces)
     face_ids = np.unique(face_faces)
@@ -335,12 +318,14 @@ def build_stitched_head(body: Mesh, face: Mesh, falloff: torch.Tensor, *, cut: f
     normal = np.linalg.svd(pos[inner] - pos[inner].mean(0))[2][2]
     if _signed_area(pos[inner], normal) * _signed_area(pos[outer], normal) < 0:
         raise IdtoError("the face's border and the body's opening wind opposite ways; the face is not on the body")
-    normals = _vertex_normals(pos, np.concatenate([body_faces, face_faces]))
+    around = np.concatenate([body_faces, face_faces])
+    normals = _vertex_normals(pos, around)
     seam = inner
-    inner, filled = _fill_notches(inner, outer, pos, normals, NOTCH)
-    outer, body_filled = _fill_notches(outer[::-1], inner, pos, normals, BODY_NOTCH)
+    inner, filled = _fill_notches(inner, outer, pos, normals, NOTCH, around)
+    outer, body_filled = _fill_notches(outer[::-1], inner, pos, normals, BODY_NOTCH, around)
     outer = outer[::-1]
-    bridge = _unfold(np.concatenate([filled, body_filled, _zipper(inner, outer, pos, normals)]), pos, normals)
+    bridge = _unfold(np.concatenate([filled, body_filled, _zipper(inner, outer, pos, normals)]), pos, normals,
+                     around)
     blend = np.clip((w[face_ids] - cut) / (1.0 - cut), 0.0, 1.0)
     blend[seam - body_ids.size] = 0.0  # the cut edge itself lies on the body
     return StitchedHead(body_ids, face_ids, np.concatenate([body_faces, bridge, face_faces]),
