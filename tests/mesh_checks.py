@@ -84,3 +84,37 @@ def intersecting_faces(vertices: np.ndarray, faces: np.ndarray, region: np.ndarr
             if igl.tri_tri_intersection_test_3d(*(v[f[k]][i][None] for k in (a, c) for i in range(3)))[0]:
                 pairs.append((int(a), int(c)))
     return pairs
+
+
+def seam_region(layout, faces: np.ndarray) -> np.ndarray:
+    """The faces of a stitched head (``geometry.head_stitch.StitchedHead`` ``layout``) outside the face's inner
+    part: the body, the zipper and the face's outer band blended onto the body: where the seam can fold."""
+    inner = np.concatenate([np.zeros(layout.n_body, bool), layout.blend >= 1.0])
+    return np.nonzero(~inner[np.asarray(faces)].all(1))[0]
+
+
+def stitched_with_layout(monkeypatch, *args, **kwargs):
+    """``stages.offline_head.stitched_heads(*args, **kwargs)`` and the stitch layout it built (recorded on its
+    way through ``build_stitched_head``)."""
+    from idto3d.stages import offline_head
+
+    layouts = []
+    build = offline_head.build_stitched_head
+
+    def recording(*a, **k):
+        layouts.append(build(*a, **k))
+        return layouts[-1]
+
+    with monkeypatch.context() as m:
+        m.setattr(offline_head, "build_stitched_head", recording)
+        out = offline_head.stitched_heads(*args, **kwargs)
+    return out, layouts[-1]
+
+
+def seam_crossings(heads: dict, layout) -> dict[str, int]:
+    """``{expression: crossing face pairs around the seam}`` of stitched heads (one topology, ``layout``'s)."""
+    out = {}
+    for name, mesh in heads.items():
+        v, f = mesh.vertices.double().numpy(), mesh.faces.numpy()
+        out[name] = len({tuple(sorted(p)) for p in intersecting_faces(v, f, seam_region(layout, f))})
+    return out

@@ -177,6 +177,30 @@ def test_offline_head_has_a_hair_shell_where_the_photo_shows_hair(offline_run):
 
 
 @pytest.mark.slow
+def test_offline_heads_do_not_cross_themselves_at_the_seam(offline_run, monkeypatch):
+    """No two triangles around the face/body seam intersect in any exported expression, bald or with the
+    astronaut's hair shell; the heads checked are the run's own (``geometry/<expression>.ply``)."""
+    import trimesh
+
+    from idto3d.stages.initial_geometry import resolve_template
+    from idto3d.stages.offline_hair import scalp_heights
+
+    from mesh_checks import seam_crossings, stitched_with_layout
+
+    result, cfg = offline_run
+    person, names = result.person, list(cfg.expressions)
+    args = (person.model, person.fit.shape, person.place, resolve_template(cfg), names)
+    (bald, *_), layout = stitched_with_layout(monkeypatch, *args)
+    (hair, *_), _ = stitched_with_layout(monkeypatch, *args, scalp=scalp_heights(person))
+    for name in names:
+        saved = trimesh.load(RunLayout(result.run_dir).stage_mesh(name), process=False)
+        assert np.allclose(np.asarray(saved.vertices), hair[name].vertices.numpy(), atol=1e-5)  # the run's heads
+    crossings = {"bald": seam_crossings(bald, layout), "hair shell": seam_crossings(hair, layout)}
+    print(f"astronaut: crossing pairs around the seam {crossings}")
+    assert not any(n for c in crossings.values() for n in c.values()), crossings
+
+
+@pytest.mark.slow
 def test_rerunning_an_offline_run_reuses_every_step(offline_run):
     result, cfg = offline_run
     layout = RunLayout(result.run_dir)

@@ -6,10 +6,9 @@ height above the hairline: from 0 ``FADE`` below it (no step where the hair meet
 millimetres at the line to ``MAX_THICKNESS`` ``RAMP`` above it (the crown and the back of the head). The face's
 inner part (the face model's vertices the stitch keeps as they are) never moves; across the face's outer band
 the thickness ramps harmonically from the body's to 0. The scalp is smooth and convex at the scale of a
-centimetre, so the offset surface does not fold; where the stitch already folds a sliver onto a neighbour at
-the seam, the small differences between their offsets can make a few more such pairs cross (measured in
-``tests/test_hair_shell.py`` and the README). The same offsets (found on the neutral) are added to every
-expression, which keep one topology and identical scalps.
+centimetre, and the stitch's seam folds nowhere (``geometry.head_stitch``), so the offset surface does not
+cross itself (``tests/test_hair_shell.py``, ``tests/test_stitch_seam.py``). The same offsets (found on the
+neutral) are added to every expression, which keep one topology and identical scalps.
 
 Coordinates are the working space (+Y up, the face looks down +Z, 1 unit = 0.2 m).
 """

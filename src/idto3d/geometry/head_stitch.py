@@ -4,12 +4,15 @@
 geometry field's remesh, grid 48, kept even less). Here the face keeps every vertex of the face model and the body
 (the merged template, decimated to a smooth coarse mesh) supplies the rest of the head:
 
-* the body's vertices whose closest face point lies well inside the face mask (the mask's border falloff at or
-  above ``cut``) are cut out, leaving one hole; the face keeps the part of its mask above the same ``cut``;
+* the body's vertices whose closest face point lies inside the face mask (the mask's border falloff at or above
+  ``BODY_MARGIN * cut``) are cut out, leaving one hole; the face keeps the part of its mask above ``cut``, so
+  the body's border runs outside the face's all round;
 * the face's outer band is blended onto the body (``v -> c + s (v - c)``, ``c`` its closest body point, ``s`` a
   smoothstep of the falloff from ``cut`` to 1), so the face's cut edge lies on the body: no step at the border;
-* the gap between the two loops is closed by a zipper of triangles (the shorter diagonal first), oriented so
-  every edge of the result is shared by two faces in opposite directions: one closed, manifold surface.
+* the gap between the two loops is closed by a zipper of triangles that folds nowhere: the loops' concave
+  corners filled first, the two loops walked in the order the body's vertices project onto the face's, the
+  diagonals of any folding pair flipped; oriented so every edge of the result is shared by two faces in opposite
+  directions: one closed, manifold surface without self-intersections at the seam.
 
 The layout (which vertices stay, the zipper) is built once from the neutral expression and reused for every
 expression (:func:`pose_head`), so all expressions share one topology, one UV layout and the face model's vertex
@@ -27,6 +30,12 @@ from idto3d.core.errors import IdtoError
 from idto3d.render.mesh import Mesh
 
 CUT = 0.35  # border-falloff level where the face meets the body
+BODY_MARGIN = 0.7  # the body's opening is cut at this fraction of the face's cut level: outside the face's border
+BODY_NOTCH = 0.1  # working units (2 cm): the widest concave corner of the body's opening that is filled
+NOTCH = 0.03  # working units (6 mm): the widest concave corner of the face's cut that is filled before zipping
+# Corners turning by less (the sine of ~12 degrees) stay: their fill is a sliver so flat that another expression's
+# band, projected onto its body, slides over it.
+NOTCH_TURN = 0.2
 
 
 @dataclass(frozen=True)
@@ -123,18 +132,33 @@ def _signed_area(points: np.ndarray, normal: np.ndarray) -> float:
     return float(0.5 * (np.cross(points, nxt) @ normal).sum())
 
 
-def _zipper(inner: np.ndarray, outer: np.ndarray, pos: np.ndarray) -> np.ndarray:
-    """Triangles between two loops that wind the same way (vertex ids into ``pos``), the shorter diagonal
-    first. ``inner`` is the face's loop as its faces traverse it; ``outer`` runs against the body's."""
-    start = int(np.argmin(np.linalg.norm(pos[outer] - pos[inner[0]], axis=1)))
-    outer = np.roll(outer, -start)
+def _zipper(inner: np.ndarray, outer: np.ndarray, pos: np.ndarray, normals: np.ndarray) -> np.ndarray:
+    """Triangles between two loops that wind the same way (vertex ids into ``pos``; ``normals`` the surface's
+    there). ``inner`` is the face's loop as its faces traverse it; ``outer`` runs against the body's. Each step
+    adds the triangle that advances one loop: one that faces out with the surface (a triangle facing in folds
+    back over its neighbours), the shorter diagonal first when both do."""
+    t_in = _arc_fraction(pos[inner])
+    t_out = _projected_fraction(pos[outer], pos[inner], t_in)
+    start = int(np.argmin(t_out))
+    outer, t_out = np.roll(outer, -start), np.roll(t_out, -start)
+    # Each body vertex takes its place along the face's loop where it lies closest to it, kept in order (a body
+    # vertex whose nearest face point lies behind its predecessor's joins that place).
+    t_out = np.concatenate([np.maximum.accumulate(t_out), [1.0]])
     n, m = inner.size, outer.size
     i = j = 0
     tris = []
     while i < n or j < m:
         a0, a1 = inner[i % n], inner[(i + 1) % n]
         b0, b1 = outer[j % m], outer[(j + 1) % m]
-        advance_inner = j >= m or (i < n and np.linalg.norm(pos[a1] - pos[b0]) <= np.linalg.norm(pos[b1] - pos[a0]))
+        if j >= m:
+            advance_inner = True
+        elif i >= n:
+            advance_inner = False
+        else:
+            up = normals[a0] + normals[b0]
+            faces_out = (_facing(pos, (a1, a0, b0), up), _facing(pos, (b0, b1, a0), up))
+            behind = t_in[i + 1] <= t_out[j + 1]
+            advance_inner = behind if faces_out[0] == faces_out[1] else faces_out[0]
         if advance_inner:
             tris.append((a1, a0, b0))  # the face has a0 -> a1, so this triangle has a1 -> a0
             i += 1
@@ -142,6 +166,119 @@ def _zipper(inner: np.ndarray, outer: np.ndarray, pos: np.ndarray) -> np.ndarray
             tris.append((b0, b1, a0))  # the body has b1 -> b0 (outer runs against it)
             j += 1
     return np.asarray(tris, dtype=np.int64)
+
+
+def _fill_notches(loop: np.ndarray, other: np.ndarray, pos: np.ndarray, normals: np.ndarray, widest: float,
+                  around: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``loop`` (its surface on its left about ``normals``) with its concave corners filled: where it turns right
+    by more than ``NOTCH_TURN`` (a step of the face's triangle staircase), the triangle over the corner is added, until none is left that is
+    narrower than the gap to the ``other`` loop. A corner the other loop's fan would see from behind would fold a
+    zipper triangle back over the surface. Returns the filled loop and the added triangles (the surface's
+    winding). ``around``: the surface's faces (a chord that is already one of their edges is not filled: that
+    edge would have three faces)."""
+    taken = _edges_among(around, loop)
+    seg_a, seg_b = pos[other], pos[np.roll(other, -1)]
+    gap = np.array([_segment_distance(pos[v], seg_a, seg_b) for v in loop])
+    ring, width, tris = list(loop), list(gap), []
+    changed = True
+    while changed and len(ring) > 3:
+        changed = False
+        k = 0
+        while k < len(ring) and len(ring) > 3:
+            prev, cur, nxt = ring[k - 1], ring[k], ring[(k + 1) % len(ring)]
+            u, w = pos[cur] - pos[prev], pos[nxt] - pos[cur]
+            turn = np.cross(u, w) @ normals[cur] / max(np.linalg.norm(u) * np.linalg.norm(w), 1e-20)
+            if (turn < -NOTCH_TURN and np.linalg.norm(pos[nxt] - pos[prev]) < min(width[k], widest)
+                    and (min(prev, nxt), max(prev, nxt)) not in taken):
+                tris.append((nxt, cur, prev))
+                del ring[k], width[k]
+                changed = True
+            else:
+                k += 1
+    return np.asarray(ring, dtype=np.int64), np.asarray(tris, dtype=np.int64).reshape(-1, 3)
+
+
+def _edges_among(faces: np.ndarray, vertices: np.ndarray) -> set[tuple[int, int]]:
+    """The edges ``(low, high)`` of ``faces`` with both ends in ``vertices``."""
+    edges = np.sort(np.concatenate([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]]), axis=1)
+    return {tuple(e) for e in edges[np.isin(edges, vertices).all(1)].tolist()}
+
+
+def _segment_distance(p: np.ndarray, a: np.ndarray, b: np.ndarray) -> float:
+    """The distance from ``p`` to the nearest of the segments ``a[i] b[i]``."""
+    ab = b - a
+    t = np.clip(((p - a) * ab).sum(1) / np.maximum((ab * ab).sum(1), 1e-20), 0.0, 1.0)
+    return float(np.linalg.norm(a + t[:, None] * ab - p, axis=1).min())
+
+
+def _arc_fraction(points: np.ndarray) -> np.ndarray:
+    """``[N + 1]``: how far along the closed polygon ``points`` each vertex lies (0 to 1, the start repeated)."""
+    step = np.linalg.norm(np.roll(points, -1, axis=0) - points, axis=1)
+    return np.concatenate([[0.0], np.cumsum(step)]) / step.sum()
+
+
+def _projected_fraction(points: np.ndarray, loop: np.ndarray, t_loop: np.ndarray) -> np.ndarray:
+    """``[N]``: for each of ``points``, how far along the closed polygon ``loop`` (its vertices at ``t_loop``,
+    :func:`_arc_fraction`) its closest point lies."""
+    a, b = loop, np.roll(loop, -1, axis=0)
+    ab = b - a
+    out = np.empty(len(points))
+    for k, p in enumerate(points):
+        t = np.clip(((p - a) * ab).sum(1) / np.maximum((ab * ab).sum(1), 1e-20), 0.0, 1.0)
+        e = int(np.argmin(np.linalg.norm(a + t[:, None] * ab - p, axis=1)))
+        out[k] = t_loop[e] + t[e] * (t_loop[e + 1] - t_loop[e])
+    return out
+
+
+def _unfold(tris: np.ndarray, pos: np.ndarray, normals: np.ndarray, around: np.ndarray, rounds: int = 20
+            ) -> np.ndarray:
+    """``tris`` (the zipper) with the diagonal of every two of its triangles flipped where one of them faces
+    into the surface and both face out after the flip (the quad they make is convex there): the zipper's
+    folds undone, its border and topology (a disc strip) unchanged. ``around``: the faces it closes the gap
+    between (a new diagonal must not be one of their edges: that edge would have three faces)."""
+    tris = tris.copy()
+    edges_around = _edges_among(around, np.unique(tris))
+    for _ in range(rounds):
+        flipped = False
+        edges = {}
+        for k, t in enumerate(tris):
+            for e in range(3):
+                edges.setdefault((int(t[e]), int(t[(e + 1) % 3])), k)
+        existing = {tuple(sorted(e)) for e in edges} | edges_around
+        for k in range(len(tris)):
+            t = tris[k]
+            if _facing(pos, tuple(t), normals[t].sum(0)):
+                continue
+            for e in range(3):
+                a, b, c = int(t[e]), int(t[(e + 1) % 3]), int(t[(e + 2) % 3])
+                other = edges.get((b, a))
+                if other is None or other == k:
+                    continue
+                d = int(next(x for x in tris[other] if x not in (a, b)))
+                if tuple(sorted((c, d))) in existing:
+                    continue
+                new1, new2 = (c, a, d), (d, b, c)
+                if _facing(pos, new1, normals[list(new1)].sum(0)) and _facing(pos, new2, normals[list(new2)].sum(0)):
+                    tris[k], tris[other] = new1, new2
+                    flipped = True
+                    break
+            if flipped:
+                break
+        if not flipped:
+            return tris
+    return tris
+
+
+def _facing(pos: np.ndarray, tri: tuple, up: np.ndarray) -> bool:
+    """Whether the triangle ``tri`` (ids into ``pos``) faces along ``up``."""
+    p0, p1, p2 = pos[list(tri)]
+    return float(np.cross(p1 - p0, p2 - p0) @ up) > 0.0
+
+
+def _vertex_normals(pos: np.ndarray, faces: np.ndarray) -> np.ndarray:
+    import igl
+
+    return np.asarray(igl.per_vertex_normals(pos, faces, igl.PER_VERTEX_NORMALS_WEIGHTING_TYPE_AREA))
 
 
 def _closest(points: np.ndarray, mesh_v: np.ndarray, mesh_f: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -161,7 +298,10 @@ def build_stitched_head(body: Mesh, face: Mesh, falloff: torch.Tensor, *, cut: f
     ff = face.faces.cpu().numpy().astype(np.int64)
     w = falloff.double().cpu().numpy()
     # Body vertices under the face's inner part go; what the face's mask does not reach stays.
-    covered, _ = _covered(bv, face, falloff, cut, reach)
+    # The body's opening reaches past the face's cut (a lower falloff level), so the body's border runs outside
+    # the face's all round: cut at the same level, the two borders crossed each other along parts of the seam and
+    # the zipper between them folded back over the face.
+    covered, _ = _covered(bv, face, falloff, cut * BODY_MARGIN, reach)
     body_keep = _clean_disc(~covered[bf].any(1), bf, bv.shape[0])
     face_keep = _clean_disc((w[ff] >= cut).all(1), ff, fv.shape[0])
     body_faces, face_faces = bf[body_keep], ff[face_keep]
@@ -178,9 +318,16 @@ def build_stitched_head(body: Mesh, face: Mesh, falloff: torch.Tensor, *, cut: f
     normal = np.linalg.svd(pos[inner] - pos[inner].mean(0))[2][2]
     if _signed_area(pos[inner], normal) * _signed_area(pos[outer], normal) < 0:
         raise IdtoError("the face's border and the body's opening wind opposite ways; the face is not on the body")
-    bridge = _zipper(inner, outer, pos)
+    around = np.concatenate([body_faces, face_faces])
+    normals = _vertex_normals(pos, around)
+    seam = inner
+    inner, filled = _fill_notches(inner, outer, pos, normals, NOTCH, around)
+    outer, body_filled = _fill_notches(outer[::-1], inner, pos, normals, BODY_NOTCH, around)
+    outer = outer[::-1]
+    bridge = _unfold(np.concatenate([filled, body_filled, _zipper(inner, outer, pos, normals)]), pos, normals,
+                     around)
     blend = np.clip((w[face_ids] - cut) / (1.0 - cut), 0.0, 1.0)
-    blend[inner - body_ids.size] = 0.0  # the cut edge itself lies on the body
+    blend[seam - body_ids.size] = 0.0  # the cut edge itself lies on the body
     return StitchedHead(body_ids, face_ids, np.concatenate([body_faces, bridge, face_faces]),
                         n_body_faces=body_faces.shape[0], n_bridge_faces=bridge.shape[0],
                         blend=blend * blend * (3 - 2 * blend))
@@ -200,24 +347,42 @@ def pose_head(layout: StitchedHead, body: Mesh, face_vertices: torch.Tensor) -> 
 
 
 def conform_body(body: Mesh, face: Mesh, falloff: torch.Tensor, *, cut: float = CUT, reach: float = 0.25,
-                 radius: float = 0.3) -> Mesh:
+                 radius: float = 0.3, rest: Mesh | None = None) -> Mesh:
     """``body`` bent onto the face: the vertices under the face's inner part (falloff >= ``cut``) go to their
     closest face points, those farther than ``radius`` from them stay, and the rest follow a biharmonic
     interpolation of those displacements (``igl.harmonic``, k = 2): smooth up to the cut, so the stitch has no
-    step. The body keeps its topology."""
+    step. The body keeps its topology. ``rest``: the neutral face (``face``'s topology); the body's vertices are
+    bound to it (which go, and to which point of which face triangle) and follow those points on ``face``, so
+    every expression bends the same body vertices the same way and the body moves with the face. Bound afresh
+    on each expression, a jaw dropping over the neck took body vertices the neutral's layout keeps onto the
+    face, under its band: the two crossed."""
     import igl
     from scipy.spatial import cKDTree
 
     bv = body.vertices.detach().double().cpu().numpy()
     bf = body.faces.cpu().numpy().astype(np.int64)
-    covered, closest = _covered(bv, face, falloff, cut, reach)
+    covered, closest = _covered(bv, face if rest is None else rest, falloff, cut, reach)
     if not covered.any():
         raise IdtoError("the fitted face does not lie on the head body; it cannot be stitched in")
     far = cKDTree(bv[covered]).query(bv, k=1)[0] > radius
+    if rest is not None:
+        closest = _transport(closest, rest, face)
     b = np.nonzero(covered | far)[0]
     bc = np.where(covered[b, None], closest[b] - bv[b], 0.0)
     disp = igl.harmonic(bv, bf, b.astype(np.int64), bc, 2)
     return Mesh(torch.from_numpy(bv + np.asarray(disp)).float(), body.faces.clone())
+
+
+def _transport(points: np.ndarray, rest: Mesh, face: Mesh) -> np.ndarray:
+    """``points`` on ``rest`` moved to the same barycentric places of the same triangles of ``face``."""
+    import igl
+
+    rv = rest.vertices.detach().double().cpu().numpy()
+    fv = face.vertices.detach().double().cpu().numpy()
+    ff = rest.faces.cpu().numpy().astype(np.int64)
+    _, fid, on = igl.point_mesh_squared_distance(points, rv, ff)
+    bary = igl.barycentric_coordinates(on, *(np.ascontiguousarray(rv[ff[fid, k]]) for k in range(3)))
+    return (bary[:, :, None] * fv[ff[fid]]).sum(1)
 
 
 def _covered(bv: np.ndarray, face: Mesh, falloff: torch.Tensor, cut: float, reach: float

@@ -65,7 +65,8 @@ def stitched_heads(model, shape: torch.Tensor, place, template: Mesh, names: lis
     body = smooth_body(template, BODY_FACES)
     face_mesh = Mesh(neutral, tris)
     layout = build_stitched_head(conform_body(body, face_mesh, mask), face_mesh, mask)
-    stitched = {n: pose_head(layout, conform_body(body, Mesh(faces[n], tris), mask), faces[n]) for n in names}
+    stitched = {n: pose_head(layout, conform_body(body, Mesh(faces[n], tris), mask, rest=face_mesh), faces[n])
+                for n in names}
     if scalp is not None:
         stitched = _with_hair(stitched, layout, scalp, model.landmarks.numpy())
     # One repair, decided on the first (neutral) head and applied to all: the expressions keep one topology.
