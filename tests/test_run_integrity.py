@@ -307,9 +307,12 @@ def test_error_lines_are_one_line_when_stderr_is_not_a_terminal(tmp_path):
 
 def test_ctrl_c_prints_one_line_and_exits_130(astronaut, tmp_path):
     run = tmp_path / "run"
+    # A test runner started in the background of a non-interactive shell ignores SIGINT, and a Python started
+    # with SIGINT ignored keeps it so: the child gets the default back, as the user's terminal gives it.
     proc = subprocess.Popen(_cli("generate", str(astronaut), "--out", str(run), *SETS),
                             env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while not RunLayout(run).identity.exists() and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.05)
