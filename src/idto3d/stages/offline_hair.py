@@ -9,16 +9,18 @@ colour does. ``stages.offline_head`` raises the scalp above it into a hair shell
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 
 from idto3d.geometry.hair_shell import vertex_normals
 from idto3d.stages.subject_init import SubjectFit
-from idto3d.texture.hair import cheek_tone, hairline_at, hairline_height, segment_hair
-
-FRONT_DEGREES = 40.0  # the hairline over the forehead is read within this azimuth of the front
+from idto3d.texture.hair import (
+    cheek_tone,
+    forehead_side,
+    hairline_at,
+    hairline_height,
+    segment_hair,
+)
 
 
 def seen_hair(points: np.ndarray, normals: np.ndarray, subject: SubjectFit) -> np.ndarray | None:
@@ -51,8 +53,7 @@ def scalp_heights(subject: SubjectFit):
         if seen is None:
             return None
         points = torch.from_numpy(vertices)
-        front = torch.atan2(points[:, 0], points[:, 2]).abs() < math.radians(FRONT_DEGREES)
-        line = hairline_height(points, torch.from_numpy(seen), front)
+        line = hairline_height(points, torch.from_numpy(seen), forehead_side(points))
         if line is None:
             return None
         return (points[:, 1] - hairline_at(points, line, float(points[nose_base, 1]))).numpy()

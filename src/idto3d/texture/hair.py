@@ -92,6 +92,14 @@ def segment_hair(image: np.ndarray, landmarks: np.ndarray, skin: np.ndarray | No
     return Hair(full, (float(tone[0]), float(tone[1]), float(tone[2])))
 
 
+FRONT_DEGREES = 40.0  # the hairline over the forehead is read within this azimuth of the front
+
+
+def forehead_side(points: torch.Tensor) -> torch.Tensor:
+    """``[N]`` bool: the points within ``FRONT_DEGREES`` of azimuth of the front (+Z), where the hairline is read."""
+    return torch.atan2(points[:, 0], points[:, 2]).abs() < np.radians(FRONT_DEGREES)
+
+
 def hairline_height(points: torch.Tensor, seen_hair: torch.Tensor, front: torch.Tensor) -> float | None:
     """The height (working-space y) of the lowest hair seen over the forehead: the 5th percentile of the y of
     front-facing surface points (``front``) that a photo shows as hair (``seen_hair``)."""

@@ -596,7 +596,7 @@ def _hair_texels(views: Sequence[PhotoView], prepared: Sequence[_View], points: 
     the photos' texels that show hair; None when no photo shows hair."""
     from skimage.transform import resize
 
-    from idto3d.texture.hair import hairline_height, scalp, segment_hair
+    from idto3d.texture.hair import forehead_side, hairline_height, scalp, segment_hair
 
     # The photo's hair against the photo's skin (before de-lighting); its colour then de-lit like the face's.
     gains = [p.gain if p.gain is not None else torch.ones(3) for p in prepared]
@@ -618,8 +618,7 @@ def _hair_texels(views: Sequence[PhotoView], prepared: Sequence[_View], points: 
         d = (col - target[0]) ** 2 + (row - target[1]) ** 2
         d = torch.where(p.texel_seen, d.double(), torch.full_like(d, float("inf"), dtype=torch.float64))
         nape.append(float(points[int(d.argmin()), 1]))
-    front = torch.atan2(points[:, 0], points[:, 2]).abs() < math.radians(40)
-    line = hairline_height(points, seen_hair, front)
+    line = hairline_height(points, seen_hair, forehead_side(points))
     if line is None:
         return None
     tones = np.median(np.array([(torch.tensor(hair.tone) * g).clamp(0, 1).numpy() for _, _, hair, g in found]), axis=0)
