@@ -10,9 +10,14 @@ timestep (the mean step SDS takes there), and splits it into its part along the 
 - ``across``: |g - along d| / |d|, the part that moves the surface elsewhere (the prior's error, seen by SDS),
 - ``cos``: cosine of g and d.
 
-Needs no SDS run, so each setting (camera, latent size, CFG, lambda_id) is measured in seconds. Usage:
+Needs no SDS run, so each setting (camera, latent size, CFG, lambda_id) is measured in seconds. ``--start MESH``
+measures from another surface than the template: an SDS result (``WORK/runs/V/S/geometry/neutral.ply``: does the
+prior still point at the subject once the surface has moved?) or ``truth`` (the subject's own scan: a prior that
+knows the subject leaves it where it is). Every row also gives ``step``, |g| in units of |d0|, the oracle's step
+from the template, so steps from different starts compare; from ``truth`` d = 0, so along / across / cos are
+measured against d0 (along < 0: the prior pushes the truth back toward the template). Usage:
 
-    python examples/miniature_grad_check.py WORK SUBJECT [--prior WORK/prior] [--set key=value ...]
+    python examples/miniature_grad_check.py WORK SUBJECT [--prior WORK/prior] [--start MESH|truth] [--set k=v ...]
 
 SUBJECT's identity is read from WORK/ids or WORK/ids_heldout; prints one JSON row per timestep.
 """
@@ -27,6 +32,7 @@ from pathlib import Path
 import torch
 
 from idto3d.core.config import load_config
+from idto3d.geometry.mesh_io import load_mesh
 from idto3d.identity.io import load_identity
 from idto3d.priors.guidance import GuidanceCond, SDSGuidance
 from idto3d.priors.prior import load_prior
@@ -58,14 +64,29 @@ def mean_steps(guidance: SDSGuidance, z: torch.Tensor, t: int, cond: GuidanceCon
     return total / draws
 
 
-def split(g: torch.Tensor, d: torch.Tensor) -> dict:
-    """Per view: g's part along d (in units of d), the rest's norm (in |d|), cosine; averaged over views."""
+def split(g: torch.Tensor, d: torch.Tensor, d0: torch.Tensor | None = None) -> dict:
+    """Per view: g's part along d (in units of d), the rest's norm (in |d|), cosine, and |g| in units of |d0|
+    (default d); averaged over views."""
     g, d = g.flatten(1).double(), d.flatten(1).double()
+    d0 = d if d0 is None else d0.flatten(1).double()
     dd = (d * d).sum(1)
     along = (g * d).sum(1) / dd
     across = (g - along[:, None] * d).norm(dim=1) / dd.sqrt()
     cos = (g * d).sum(1) / (g.norm(dim=1) * dd.sqrt())
-    return {"along": float(along.mean()), "across": float(across.mean()), "cos": float(cos.mean())}
+    step = g.norm(dim=1) / d0.norm(dim=1)
+    return {"along": float(along.mean()), "across": float(across.mean()), "cos": float(cos.mean()),
+            "step": float(step.mean())}
+
+
+def start_mesh(cfg, start: str | None, truth):
+    """The surface the steps are measured from: the generic template (SDS's start), the truth, or a mesh file."""
+    if start is None:
+        return resolve_template(cfg)
+    if start == "truth":
+        return truth
+    if not Path(start).is_file():
+        raise SystemExit(f"error: --start {start}: no such mesh file (or 'truth')")
+    return load_mesh(start)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -76,6 +97,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--views", type=int, default=8)
     ap.add_argument("--draws", type=int, default=8)
     ap.add_argument("--timesteps", default="100,300,500")
+    ap.add_argument("--prompt", default="a person", help="the subject text, as generate's --prompt")
+    ap.add_argument("--start", default=None, help="a mesh file or 'truth' (default: the generic template)")
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     args = ap.parse_args(argv)
     cfg = load_config("miniature", overrides=EXPERIMENT + args.overrides)
@@ -89,18 +112,25 @@ def main(argv: list[str] | None = None) -> list[dict]:
     cams = sample_orbit_cameras(args.views, cam.elevation_deg, cam.azimuth_deg, cam.radius, cam.fov_deg,
                                 generator=gen, target=cam.target)
     conv = stage_conventions(guidance)
-    z = guidance.encode(render_for_guidance(resolve_template(cfg), cams, cfg.render.resolution, None, conv))
+    def encode(mesh):
+        return guidance.encode(render_for_guidance(mesh, cams, cfg.render.resolution, None, conv))
+
+    z0 = encode(resolve_template(cfg))
+    z = encode(start_mesh(cfg, args.start, truth))
     # The oracle's z*: the ground truth rendered exactly as the SDS start is (priors/mesh_oracle.py)
-    z_star = guidance.encode(render_for_guidance(truth, cams, cfg.render.resolution, None, conv))
-    cond = GuidanceCond(prompts=geometry_prompts(cams, "a person", conv), negative_prompt=conv.negative_prompt,
+    z_star = encode(truth)
+    cond = GuidanceCond(prompts=geometry_prompts(cams, args.prompt, conv), negative_prompt=conv.negative_prompt,
                         id_embedding=_identity(args.work, args.subject), expressions=["neutral"] * len(cams))
     rows = []
     for t in (int(x) for x in args.timesteps.split(",")):
         abar = float(guidance.alphas_cumprod[t])
-        d = math.sqrt(abar / (1 - abar)) * (z - z_star)
-        row = {"t": t, "cfg": cfg.prior.guidance.guidance_scale, "lambda_id": cfg.prior.guidance.lambda_id,
-               "latent_size": guidance.config.latent_size, "d_rms": float(d.square().mean().sqrt()),
-               **split(mean_steps(guidance, z, t, cond, args.draws, gen), d)}
+        scale = math.sqrt(abar / (1 - abar))
+        d0 = scale * (z0 - z_star)
+        d = d0 if args.start == "truth" else scale * (z - z_star)
+        row = {"t": t, "start": args.start or "template", "cfg": cfg.prior.guidance.guidance_scale,
+               "lambda_id": cfg.prior.guidance.lambda_id, "latent_size": guidance.config.latent_size,
+               "d_rms": float((scale * (z - z_star)).square().mean().sqrt()),
+               **split(mean_steps(guidance, z, t, cond, args.draws, gen), d, d0)}
         print(json.dumps(row))
         rows.append(row)
     return rows

@@ -117,6 +117,9 @@ def test_gradient_check_splits_an_oracles_step_into_all_along_and_nothing_across
         d = (abar / (1 - abar)) ** 0.5 * (z - z_star)
         got = check.split(check.mean_steps(oracle, z, t, None, 3, gen), d)
         assert got["along"] == pytest.approx(1.0, abs=1e-4) and got["across"] < 1e-3 and got["cos"] > 0.9999
+        assert got["step"] == pytest.approx(1.0, abs=1e-3)
+        # From another start the step is measured in units of the template's d0: here half of it.
+        assert check.split(d, d, 2 * d)["step"] == pytest.approx(0.5, rel=1e-6)
     # A step half toward the truth plus as much again elsewhere: along 0.5, across |e| / |d|.
     e = torch.randn(d.shape, generator=gen)
     e -= ((e * d).flatten(1).sum(1) / (d * d).flatten(1).sum(1))[:, None, None, None] * d

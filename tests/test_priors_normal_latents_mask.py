@@ -76,7 +76,9 @@ def _mask_sensitivity(encode) -> float:  # noqa: ANN001
 
 def test_the_guidances_encode_downsampled_normals_with_the_mask(prior):  # noqa: F811
     cfg = GuidanceConfig(latent_mode="downsample", latent_size=16)
-    sds = SDSGuidance(prior, cfg, "geometry", 10)
+    # The render's coverage as the 4th channel; by default SDS derives it from the RGB as training does
+    # (test_priors_train_base.py::test_sds_sees_an_antialiased_render_as_training_saw_its_png).
+    sds = SDSGuidance(prior, dataclasses.replace(cfg, downsample_mask="coverage"), "geometry", 10)
     assert _mask_sensitivity(sds.encode) > 0.5
     oracle = OracleGuidance(torch.ones(1, 4, 64, 64), cfg, "geometry", 10)
     assert _mask_sensitivity(oracle.encode) > 0.5

@@ -11,9 +11,9 @@ import torch
 from safetensors.torch import load_file
 
 from idto3d.core.config import GuidanceConfig, load_config
-from idto3d.priors.guidance import SDSGuidance, downsample_latents
+from idto3d.priors.guidance import SDSGuidance, background_mask, downsample_latents
 from idto3d.priors.prior import build_prior, load_prior
-from idto3d.priors.training.objective import background_mask, training_latents
+from idto3d.priors.training.objective import training_latents
 from idto3d.priors.training.train import train_prior
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -95,3 +95,26 @@ def test_training_latents_are_sds_downsample_latents_of_the_render(tiny_base):  
     prior.spec.latents = {"mode": "downsample", "size": 16}
     # The training PNG keeps only the RGB; the latents it trains on are the ones SDS makes from RGB + mask.
     torch.testing.assert_close(training_latents(prior, rgb), downsample_latents(torch.cat([rgb, cov], 1), 16))
+
+
+def test_sds_sees_an_antialiased_render_as_training_saw_its_png(tiny_base):  # noqa: F811
+    # Real renders' edge pixels are partly covered: the PNG blends them with the background and training marks
+    # them 1 (background rule); SDS must make the same latents from RGB + fractional coverage, yet still pass
+    # the coverage's gradient (straight-through), or the silhouette would get none through the mask channel.
+    g = torch.Generator().manual_seed(0)
+    n = torch.nn.functional.normalize(torch.randn(2, 3, 32, 32, generator=g) + torch.tensor([0, 0, 1.5]).view(1, 3, 1, 1),
+                                      dim=1)
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, 32), torch.linspace(-1, 1, 32), indexing="ij")
+    cov = ((0.8 - (xx**2 + yy**2).sqrt()) * 8).clamp(0, 1).expand(2, 1, 32, 32).clone().requires_grad_(True)
+    assert ((cov > 0) & (cov < 1)).float().mean() > 0.05  # an antialiased edge
+    rgb = (n * 0.5 + 0.5) * cov + (1 - cov)
+    prior = build_prior(tiny_base, "normal", 128)
+    prior.spec.latents = {"mode": "downsample", "size": 16}
+    sds = SDSGuidance(prior, GuidanceConfig(latent_mode="downsample", latent_size=16))
+    z = sds.encode(torch.cat([rgb, cov], 1))
+    torch.testing.assert_close(z, training_latents(prior, rgb.detach()))
+    z[:, 3].sum().backward()
+    assert cov.grad is not None and cov.grad.abs().sum() > 0
+    # The render's own coverage (the old convention) differs from what training saw at the edges.
+    old = SDSGuidance(prior, GuidanceConfig(latent_mode="downsample", latent_size=16, downsample_mask="coverage"))
+    assert (old.encode(torch.cat([rgb, cov], 1)) - z).abs().max() > 0.1

@@ -281,6 +281,10 @@ class GuidanceConfig:
                             help="vae: encode renders with the VAE; downsample: renders (+mask) resized to "
                                  "latent_size and used as the 4 latent channels (Fantasia3D, cheap on CPU)")
     latent_size: int = _opt(64, ge=4, le=256, help="latent resolution (SD1.5: 64; vae mode renders at 8x this)")
+    downsample_mask: str = _opt("training", choices=("training", "coverage"),
+                                help="downsample mode's mask channel: training = as train-prior makes it from "
+                                     "the PNG (edge pixels 1; straight-through gradient); coverage = the "
+                                     "render's antialiased coverage (before issue 21's fourth session)")
     weighting: str = _opt("sds", choices=("sds", "uniform"), help="w(t): sds = 1 - alpha_bar_t; uniform = 1")
     grad_clip: float = _opt(0.0, ge=0.0, help="clamp each latent gradient element to [-v, v]; 0 = off")
     nan_policy: str = _opt("raise", choices=("raise", "skip"),

@@ -118,6 +118,26 @@ def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=down)
 
 
+BACKGROUND_TOLERANCE = 0.02  # a pixel this close to the background colour in every channel is background
+
+
+def background_mask(images: torch.Tensor, background: tuple[float, float, float]) -> torch.Tensor:
+    """``[B, 1, H, W]``: 1 where ``images`` ``[B, 3, H, W]`` differ from the flat background colour (the
+    renders' coverage mask, which the training PNGs do not keep; a unit normal never encodes to a flat colour)."""
+    bg = torch.tensor(background, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
+    return ((images - bg).abs() > BACKGROUND_TOLERANCE).any(dim=1, keepdim=True).to(images.dtype)
+
+
+def training_mask(images: torch.Tensor, background: tuple[float, float, float]) -> torch.Tensor:
+    """``images`` [B, 4, H, W] (RGB + antialiased coverage) with the mask a downsample prior was trained on:
+    the PNG's background rule, which marks a partly covered edge pixel 1 where the render's coverage is a
+    fraction. Straight-through: that value forward, the coverage's gradient backward (the silhouette still moves).
+    """
+    cov = images[:, 3:4]
+    hard = background_mask(images[:, :3].detach(), background)
+    return torch.cat([images[:, :3], cov + (hard - cov).detach()], dim=1)
+
+
 def downsample_latents(images: torch.Tensor, size: int) -> torch.Tensor:
     """Fantasia3D's trick: renders [B,3|4,H,W] in [0,1] (RGB normals + mask; a missing mask is all ones)
     resized to ``size`` and mapped to [-1, 1] serve as the 4 latent channels directly."""
@@ -231,9 +251,14 @@ class SDSGuidance(ScoreDistillation):
         self.prior = prior
         self.conventions = getattr(prior, "conventions", None)
 
+    def _background(self) -> tuple[float, float, float]:
+        return tuple(self.conventions.background) if self.conventions is not None else (1.0, 1.0, 1.0)
+
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         cfg = self.config
         if cfg.latent_mode == "downsample":
+            if cfg.downsample_mask == "training" and images.shape[1] == 4:
+                images = training_mask(images, self._background())
             return downsample_latents(images, cfg.latent_size)  # fp32: the prior casts its input itself
         rgb = _resize(images[:, :3], cfg.latent_size * self.prior.vae_scale_factor)
         return self.prior.encode_images(rgb)

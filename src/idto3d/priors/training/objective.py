@@ -83,23 +83,13 @@ def drop_masks(batch_size: int, p: float, generator: torch.Generator) -> tuple[t
     return drop_text, drop_id, drop_exp
 
 
-BACKGROUND_TOLERANCE = 0.02  # a pixel this close to the background colour in every channel is background
-
-
-def background_mask(images: torch.Tensor, background: tuple[float, float, float]) -> torch.Tensor:
-    """``[B, 1, H, W]``: 1 where ``images`` ``[B, 3, H, W]`` differ from the flat background colour (the
-    renders' coverage mask, which the training PNGs do not keep; a unit normal never encodes to a flat colour)."""
-    bg = torch.tensor(background, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
-    return ((images - bg).abs() > BACKGROUND_TOLERANCE).any(dim=1, keepdim=True).to(images.dtype)
-
-
 def training_latents(prior: Any, images: torch.Tensor) -> torch.Tensor:
     """The latents a prior trains on: its VAE's, or (``spec.latents`` mode ``downsample``) the images + their
     mask resized to ``spec.latents["size"]``, the same 4 channels SDS's downsample mode makes from renders."""
     latents = getattr(prior.spec, "latents", None)
     if not latents or latents.get("mode") != "downsample":
         return prior.encode_images(images)
-    from idto3d.priors.guidance import downsample_latents
+    from idto3d.priors.guidance import background_mask, downsample_latents
 
     mask = background_mask(images, prior.conventions.background)
     return downsample_latents(torch.cat([images, mask], dim=1), int(latents["size"]))
@@ -157,5 +147,5 @@ def denoising_loss(model: nn.Module, inputs: DenoisingInputs) -> torch.Tensor:
     return torch.nn.functional.mse_loss(pred.float(), inputs.target.float())
 
 
-__all__ = ["DenoisingInputs", "DenoisingObjective", "StepBatches", "background_mask", "denoising_loss", "drop_masks",
+__all__ = ["DenoisingInputs", "DenoisingObjective", "StepBatches", "denoising_loss", "drop_masks",
            "generator_for", "prepare_inputs", "training_latents"]
