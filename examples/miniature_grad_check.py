@@ -13,7 +13,9 @@ timestep (the mean step SDS takes there), and splits it into its part along the 
 Needs no SDS run, so each setting (camera, latent size, CFG, lambda_id) is measured in seconds. ``--start MESH``
 measures from another surface than the template: an SDS result (``WORK/runs/V/S/geometry/neutral.ply``: does the
 prior still point at the subject once the surface has moved?) or ``truth`` (the subject's own scan: a prior that
-knows the subject leaves it where it is). Every row also gives ``step``, |g| in units of |d0|, the oracle's step
+knows the subject leaves it where it is). ``--delta id`` measures only what the ID tokens add: the mean of
+eps_hat(ID on) - eps_hat(ID off) over the same noises (does the identity conditioning point at the subject,
+whatever error the rest of the prior carries?). Every row also gives ``step``, |g| in units of |d0|, the oracle's step
 from the template, so steps from different starts compare; from ``truth`` d = 0, so along / across / cos are
 measured against d0 (along < 0: the prior pushes the truth back toward the template). Usage:
 
@@ -25,6 +27,7 @@ SUBJECT's identity is read from WORK/ids or WORK/ids_heldout; prints one JSON ro
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -80,7 +83,7 @@ def split(g: torch.Tensor, d: torch.Tensor, d0: torch.Tensor | None = None) -> d
 
 def start_mesh(cfg, start: str | None, truth):
     """The surface the steps are measured from: the generic template (SDS's start), the truth, or a mesh file."""
-    if start is None:
+    if start in (None, "template"):
         return resolve_template(cfg)
     if start == "truth":
         return truth
@@ -99,6 +102,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--timesteps", default="100,300,500")
     ap.add_argument("--prompt", default="a person", help="the subject text, as generate's --prompt")
     ap.add_argument("--start", default=None, help="a mesh file or 'truth' (default: the generic template)")
+    ap.add_argument("--delta", choices=("id",), default=None, help="only the ID tokens' part of the step")
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     args = ap.parse_args(argv)
     cfg = load_config("miniature", overrides=EXPERIMENT + args.overrides)
@@ -121,16 +125,25 @@ def main(argv: list[str] | None = None) -> list[dict]:
     z_star = encode(truth)
     cond = GuidanceCond(prompts=geometry_prompts(cams, args.prompt, conv), negative_prompt=conv.negative_prompt,
                         id_embedding=_identity(args.work, args.subject), expressions=["neutral"] * len(cams))
+    off = SDSGuidance(prior, dataclasses.replace(cfg.prior.guidance, lambda_id=0.0)) if args.delta else None
+
+    def step(t: int) -> torch.Tensor:
+        if off is None:
+            return mean_steps(guidance, z, t, cond, args.draws, gen)
+        state = gen.get_state()  # the same noises for both halves: their difference is the ID tokens' alone
+        on = mean_steps(guidance, z, t, cond, args.draws, gen)
+        return on - mean_steps(off, z, t, cond, args.draws, torch.Generator().set_state(state))
+
     rows = []
     for t in (int(x) for x in args.timesteps.split(",")):
         abar = float(guidance.alphas_cumprod[t])
         scale = math.sqrt(abar / (1 - abar))
         d0 = scale * (z0 - z_star)
         d = d0 if args.start == "truth" else scale * (z - z_star)
-        row = {"t": t, "start": args.start or "template", "cfg": cfg.prior.guidance.guidance_scale,
+        row = {"t": t, "start": args.start or "template", "delta": args.delta, "cfg": cfg.prior.guidance.guidance_scale,
                "lambda_id": cfg.prior.guidance.lambda_id, "latent_size": guidance.config.latent_size,
                "d_rms": float((scale * (z - z_star)).square().mean().sqrt()),
-               **split(mean_steps(guidance, z, t, cond, args.draws, gen), d, d0)}
+               **split(step(t), d, d0)}
         print(json.dumps(row))
         rows.append(row)
     return rows

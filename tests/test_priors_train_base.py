@@ -3,6 +3,7 @@ the trained UNet is saved in the prior folder in diffusers' layout and comes bac
 recorded and SDS follows it, training latents are SDS's downsample latents, and a resumed run is exact."""
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -118,3 +119,28 @@ def test_sds_sees_an_antialiased_render_as_training_saw_its_png(tiny_base):  # n
     # The render's own coverage (the old convention) differs from what training saw at the edges.
     old = SDSGuidance(prior, GuidanceConfig(latent_mode="downsample", latent_size=16, downsample_mask="coverage"))
     assert (old.encode(torch.cat([rgb, cov], 1)) - z).abs().max() > 0.1
+
+
+def test_the_cooldown_lowers_the_lr_for_the_last_steps_and_resumes_exactly(tiny_base, data, tmp_path):  # noqa: F811
+    from idto3d.priors.training.train import learning_rate
+
+    cool = [*BASE_MODE, "prior.train.lr_decay_fraction=0.5", "prior.train.lr_decay_factor=0.1"]
+    tc = _cfg("prior.train.steps=4", *cool).prior.train
+    assert [learning_rate(tc, s) for s in range(1, 5)] == pytest.approx([1e-3, 1e-3, 1e-4, 1e-4])
+    train_prior("normal", data, tmp_path / "a", _cfg("prior.train.steps=4", *cool), base_model=str(tiny_base),
+                progress=False)
+    log = [json.loads(x) for x in (tmp_path / "a" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in log] == pytest.approx([1e-3, 1e-3, 1e-4, 1e-4])
+    # The optimiser really ran at the logged lr: the constant-lr run ends elsewhere.
+    train_prior("normal", data, tmp_path / "c", _cfg("prior.train.steps=4", *BASE_MODE), base_model=str(tiny_base),
+                progress=False)
+    name = "unet/diffusion_pytorch_model.safetensors"
+    a, c = load_file(tmp_path / "a" / name), load_file(tmp_path / "c" / name)
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+    # Interrupted after the checkpoint at step 2 (the steps in the log past it are dropped) and resumed: the same.
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    shutil.rmtree(tmp_path / "b" / "checkpoints" / "step_000004")
+    train_prior("normal", data, tmp_path / "b", _cfg("prior.train.steps=4", *cool), base_model=str(tiny_base),
+                resume=True, progress=False)
+    b = load_file(tmp_path / "b" / name)
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -303,6 +303,10 @@ class PriorTrainConfig:
 
     lr: float = _opt(1e-4, gt=0.0, help="AdamW learning rate (paper: 1e-4)")
     steps: int = _opt(200000, ge=1, help="optimiser steps (paper: 200k)")
+    lr_decay_fraction: float = _opt(0.0, ge=0.0, le=1.0,
+                                    help="a cooldown: the last this fraction of the steps run at lr x "
+                                         "lr_decay_factor (0 = a constant lr; README \"Miniature experiment\")")
+    lr_decay_factor: float = _opt(0.1, gt=0.0, le=1.0, help="the cooldown's learning rate, as a fraction of lr")
     batch_size: int = _opt(4, ge=1, help="images per process and micro-step")
     resolution: int = _opt(512, ge=16, le=2048, help="training image size; a multiple of 8 (the VAE's factor)")
     checkpoint_every: int = _opt(5000, ge=1, help="steps between checkpoints (accelerate state + prior)")

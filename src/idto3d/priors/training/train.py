@@ -262,6 +262,14 @@ class _Training:
         return self.accelerator.is_main_process
 
 
+def learning_rate(tc: PriorTrainConfig, step: int) -> float:
+    """The lr of optimiser step ``step`` (1-based): ``lr``, then ``lr x lr_decay_factor`` over the last
+    ``lr_decay_fraction`` of the steps. A function of the step alone, so a resumed run follows the same
+    schedule (resumed with more steps, the cooldown moves to the new end)."""
+    cooldown = round(tc.steps * tc.lr_decay_fraction)
+    return tc.lr * tc.lr_decay_factor if step > tc.steps - cooldown else tc.lr
+
+
 def _train_step(t: _Training, step: int, batches: Iterator) -> float:
     """One optimiser step over ``gradient_accumulation`` micro-batches; the loss averaged over processes."""
     accelerator, tc = t.accelerator, t.tc
@@ -277,6 +285,8 @@ def _train_step(t: _Training, step: int, batches: Iterator) -> float:
             accelerator.backward(loss / ga)
         total += loss.detach() / ga
     accelerator.clip_grad_norm_(t.params, MAX_GRAD_NORM)
+    for group in t.optimizer.param_groups:
+        group["lr"] = learning_rate(tc, step)
     t.optimizer.step()
     t.optimizer.zero_grad(set_to_none=True)
     mean = float(accelerator.reduce(total, reduction="mean"))
@@ -321,7 +331,7 @@ def _train_loop(t: _Training, start: int, batches: Iterator, t0: float, progress
         for step in range(start + 1, tc.steps + 1):
             last = _train_step(t, step, batches)
             if t.main:
-                log.write(json.dumps({"step": step, "loss": last, "lr": tc.lr,
+                log.write(json.dumps({"step": step, "loss": last, "lr": learning_rate(tc, step),
                                       "seconds": round(time.perf_counter() - t0, 3)}) + "\n")
             update(loss=last)
             if step % tc.checkpoint_every == 0 or step == tc.steps:
