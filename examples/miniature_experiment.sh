@@ -13,19 +13,21 @@
 # WORK/grad_check.jsonl (miniature_grad_check.py: the prior's mean SDS step along / across the oracle's).
 # With ORACLE=1 (default) each held-out subject is also run through the same geometry SDS guided by the exact
 # score of its own ground truth (runs/oracle, miniature_oracle.py): the control that separates schedule from prior.
-# Size knobs (environment): TRAIN=8 HELDOUT=3 EXPRESSIONS=neutral,smile,mouth_open VIEWS=12 STEPS=400
-# GEO_ITERS=200 ID_BACKEND=synthetic (or dlib) SEED=0 PY=python ORACLE=1
+# Size knobs (environment), defaults = the README's run 3 (~45 min on 2 cores): TRAIN=48 HELDOUT=2
+# EXPRESSIONS=neutral,mouth_open VIEWS=8 STEPS=5000 GEO_ITERS=60 ID_BACKEND=synthetic (or dlib) SEED=0 PY=python
+# ORACLE=1 FIRST=12 (the held-out subjects are FIRST.., the train subjects follow them, so held-out 012 and 013
+# are the same subjects at every TRAIN)
 # Setting knobs (environment, space-separated key=value config overrides): CAMERA for render-dataset, the SDS runs
 # and the oracle (default: face-centred views, see FACE_CAMERA below; CAMERA="" = the preset's whole-head views);
-# SDS for the SDS runs and the oracle only (e.g. the schedule:
-# SDS="geometry.lr=3e-5 geometry.t_range=[50,300] geometry.t_anneal_from=1"); LATENT=16 (latent size);
+# SDS for the SDS runs and the oracle only (default: CFG 1 and t in [50, 200] throughout, the learned prior's best;
+# SDS="" for the paper's CFG 10 and annealed schedule); LATENT=16 (latent size);
 # UNTIL=prior stops after training (then run again with other SDS settings).
 set -euo pipefail
 WORK=${1:?usage: miniature_experiment.sh WORK [--device cpu|cuda]}
 DEVICE=cpu
 if [[ "${2:-}" == "--device" ]]; then DEVICE=${3:?--device needs a value}; fi
-TRAIN=${TRAIN:-8}; HELDOUT=${HELDOUT:-3}; EXPRESSIONS=${EXPRESSIONS:-neutral,smile,mouth_open}
-VIEWS=${VIEWS:-12}; STEPS=${STEPS:-400}; GEO_ITERS=${GEO_ITERS:-200}; ID_BACKEND=${ID_BACKEND:-synthetic}
+TRAIN=${TRAIN:-48}; HELDOUT=${HELDOUT:-2}; EXPRESSIONS=${EXPRESSIONS:-neutral,mouth_open}; FIRST=${FIRST:-12}
+VIEWS=${VIEWS:-8}; STEPS=${STEPS:-5000}; GEO_ITERS=${GEO_ITERS:-60}; ID_BACKEND=${ID_BACKEND:-synthetic}
 SEED=${SEED:-0}; PY=${PY:-python}; ORACLE=${ORACLE:-1}; LATENT=${LATENT:-16}
 # Face-centred views by default (README "Miniature experiment": 2.8x the identity signal of whole-head views, and
 # the only views through which even the oracle recovers a subject); CAMERA="" for the preset's whole-head views.
@@ -34,7 +36,8 @@ FACE_CAMERA="render.camera.target=[0.0,-0.15,0.25] render.camera.fov_deg=[18.0,2
 CAMERA=${CAMERA-$FACE_CAMERA}
 # read -a splits on white space without globbing the [..] of the values
 read -r -d '' -a CAMKV <<< "$CAMERA" || true
-read -r -d '' -a SDSKV <<< "${SDS:-}" || true
+LEARNED_SDS="prior.guidance.guidance_scale=1 geometry.t_range=[50,200] geometry.t_anneal_from=1"
+read -r -d '' -a SDSKV <<< "${SDS-$LEARNED_SDS}" || true
 CAM=(); for kv in "${CAMKV[@]}"; do CAM+=(--set "$kv"); done
 GEO=("${CAM[@]}" --set geometry.iterations="$GEO_ITERS" --set prior.guidance.latent_size="$LATENT")
 for kv in "${SDSKV[@]}"; do GEO+=(--set "$kv"); done
@@ -44,8 +47,9 @@ mkdir -p "$WORK"
 step() { echo; echo "== $(date +%T) $*"; }
 
 step "synthetic scans: $TRAIN train + $HELDOUT held-out subjects"
-$I synth-scans "$WORK/scans" --subjects "$TRAIN" --expressions "$EXPRESSIONS" --seed "$SEED"
-$I synth-scans "$WORK/heldout" --subjects "$HELDOUT" --first "$TRAIN" --expressions "$EXPRESSIONS" --seed "$SEED"
+$I synth-scans "$WORK/scans" --subjects "$TRAIN" --first $((FIRST + HELDOUT)) --expressions "$EXPRESSIONS" \
+  --seed "$SEED"
+$I synth-scans "$WORK/heldout" --subjects "$HELDOUT" --first "$FIRST" --expressions "$EXPRESSIONS" --seed "$SEED"
 step "identities ($ID_BACKEND)"
 $I synth-identities "$WORK/scans" -o "$WORK/ids" --backend "$ID_BACKEND"
 $I synth-identities "$WORK/heldout" -o "$WORK/ids_heldout" --backend "$ID_BACKEND"
@@ -97,8 +101,9 @@ step "metrics, gradient check, prior check, figure"
 $PY "$HERE/miniature_metrics.py" "$WORK"
 first=$(basename "$(ls "$WORK"/ids_heldout/*.safetensors | head -1)" .safetensors)
 if [[ ! -f "$WORK/grad_check.jsonl" ]]; then
-  $PY "$HERE/miniature_grad_check.py" "$WORK" "$first" --set prior.base_model="$WORK/base" "${CAM[@]}" \
-    > "$WORK/grad_check.part"
+  # from the start, from the truth (the prior's own error floor) and the ID tokens' part alone
+  GC=("$PY" "$HERE/miniature_grad_check.py" "$WORK" "$first" --set prior.base_model="$WORK/base" "${GEO[@]}")
+  { "${GC[@]}"; "${GC[@]}" --start truth; "${GC[@]}" --delta id; } > "$WORK/grad_check.part"
   mv "$WORK/grad_check.part" "$WORK/grad_check.jsonl"
 fi
 [[ -f "$WORK/prior_check.json" ]] || $PY "$HERE/miniature_prior_check.py" "$WORK" > /dev/null
