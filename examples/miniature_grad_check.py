@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         return guidance.encode(render_for_guidance(mesh, cams, cfg.render.resolution, None, conv))
 
     z0 = encode(resolve_template(cfg))
-    z = encode(start_mesh(cfg, args.start, truth))
+    z = z0 if args.start in (None, "template") else encode(start_mesh(cfg, args.start, truth))
     # The oracle's z*: the ground truth rendered exactly as the SDS start is (priors/mesh_oracle.py)
     z_star = encode(truth)
     cond = GuidanceCond(prompts=geometry_prompts(cams, args.prompt, conv), negative_prompt=conv.negative_prompt,
