@@ -80,6 +80,9 @@ def main(work: Path) -> Path:
     if metrics:
         page += ["<h2>Chamfer (working units; 0.01 = 2 mm)</h2>", _table(metrics),
                  f"<pre>{html.escape(json.dumps(metrics['summary'], indent=1))}</pre>"]
+        if metrics.get("seeds"):
+            page += ["<h2>Over SDS seeds (mean, min, max)</h2>",
+                     f"<pre>{html.escape(json.dumps(metrics['seeds'], indent=1))}</pre>"]
     if check.is_file():
         page += ["<h2>Prior check</h2>", f"<pre>{html.escape(check.read_text())}</pre>"]
     (work / "figure.html").write_text("\n".join(page) + "\n", encoding="utf-8")

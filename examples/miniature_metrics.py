@@ -4,6 +4,11 @@ subject's ground truth and to its own other expressions, over the whole head and
 
     python examples/miniature_metrics.py WORK   # reads WORK/scans, WORK/heldout, WORK/runs/<variant>/<subject>; writes WORK/metrics.json
 
+A variant folder named ``<variant>.s<k>`` holds the same SDS run under seed ``k`` (``<variant>`` itself is the
+config's seed, 0): the summary gives each seed's row and, under ``seeds``, their mean and range. Each row is kept in
+WORK/metrics_cache under a key of everything that makes it (the meshes' bytes, every ground-truth scan, the face
+box and the sampling), so adding a variant re-measures only that variant.
+
 The synthetic subjects differ from the template only where the face model was merged in, so a whole-head Chamfer
 is dominated by the (identical) skull, neck and ears. The **face region** is the box around the ground-truth
 vertices that differ most between scans (all subjects and expressions share the template's vertices: those moving
@@ -14,13 +19,17 @@ surface as a whole (so cutting the surface at the box adds no distance).
 from __future__ import annotations
 
 import json
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
+from idto3d.core.atomic import atomic_write_text
+from idto3d.core.digest import file_sha256
 from idto3d.core.expressions import EXPRESSION_NAMES
+from idto3d.core.run_manifest import json_digest
 from idto3d.geometry.mesh_io import load_mesh
 from idto3d.geometry.metrics import chamfer_distance, sample_surface, surface_distances
 from idto3d.render.mesh import Mesh
@@ -72,10 +81,6 @@ def gt(roots: list[Path], subject: str, expression: str) -> Mesh:
     return load_mesh(folder / f"{EXPRESSION_NAMES.index(expression):03d}" / "scan.ply")
 
 
-def _all_scans(roots: list[Path]) -> list[Mesh]:
-    return [load_mesh(p) for r in roots for p in sorted(r.glob("[0-9][0-9][0-9]/[0-9][0-9][0-9]/scan.ply"))]
-
-
 def _row(variant: str, run: Path, e: str, subjects: list[str], scans: list[Path], box) -> dict:
     s = run.name
     mesh, own = load_mesh(run / "geometry" / f"{e}.ply"), gt(scans, s, e)
@@ -94,6 +99,15 @@ def _row(variant: str, run: Path, e: str, subjects: list[str], scans: list[Path]
     return row
 
 
+def split_seed(variant: str) -> tuple[str, int]:
+    """``"id.s2"`` -> ``("id", 2)``; a name without the suffix is seed 0."""
+    m = re.fullmatch(r"(.+)\.s(\d+)", variant)
+    return (m.group(1), int(m.group(2))) if m else (variant, 0)
+
+
+_MEASURES = ("mean_gain", "closer_than_others", "closer_than_other_expressions")
+
+
 def summarise(rows: list[dict]) -> dict:
     """Per variant and region: mean gain vs the start, fraction of rows closer to own subject / expression."""
     summary = {}
@@ -109,20 +123,65 @@ def summarise(rows: list[dict]) -> dict:
     return summary
 
 
+def over_seeds(summary: dict) -> dict:
+    """For each variant run under several seeds: the seeds, and each measure's mean, min and max over them."""
+    groups: dict[str, dict[int, dict]] = {}
+    for v, s in summary.items():
+        base, seed = split_seed(v)
+        groups.setdefault(base, {})[seed] = s
+    out = {}
+    for base, by_seed in sorted(groups.items()):
+        if len(by_seed) < 2:
+            continue
+        out[base] = {"seeds": sorted(by_seed)}
+        for key in (f"{name}{m}" for name in ("", "face_") for m in _MEASURES):
+            vals = [by_seed[k][key] for k in sorted(by_seed)]
+            out[base][key] = {"mean": sum(vals) / len(vals), "min": min(vals), "max": max(vals)}
+    return out
+
+
+def _row_key(paths: list[Path], scans_digest: str, box) -> str:
+    return json_digest([scans_digest, [file_sha256(p) for p in paths], box[0].tolist(), box[1].tolist(),
+                        N_SAMPLES, FACE_MARGIN, FACE_FRACTION])
+
+
+def cached_row(work: Path, variant: str, run: Path, e: str, subjects: list[str], scans: list[Path], box,
+               scans_digest: str) -> dict:
+    """:func:`_row`, reused from WORK/metrics_cache when the meshes, the scans and the box are the same."""
+    geo = run / "geometry"
+    inputs = [geo / f"{e}.ply", geo / f"init_{e}.ply"] + sorted(
+        f for f in geo.glob("*.ply") if f.stem != e and f.stem in EXPRESSION_NAMES)
+    key = _row_key(inputs, scans_digest, box)
+    cache = work / "metrics_cache" / variant / run.name / f"{e}.json"
+    if cache.is_file():
+        stored = json.loads(cache.read_text())
+        if stored.get("key") == key:
+            return stored["row"]
+    row = _row(variant, run, e, subjects, scans, box)
+    atomic_write_text(cache, json.dumps({"key": key, "row": row}), record=False)
+    return row
+
+
 def main(work: Path) -> dict:
     scans = [work / "scans", work / "heldout"]  # train and held-out subjects: all count as "other subjects"
     subjects = sorted(p.name for r in scans for p in r.iterdir() if p.is_dir() and p.name.isdigit())
-    box = face_box(_all_scans(scans))
+    scan_files = [p for r in scans for p in sorted(r.glob("[0-9][0-9][0-9]/[0-9][0-9][0-9]/scan.ply"))]
+    box = face_box([load_mesh(p) for p in scan_files])
+    scans_digest = json_digest({p.relative_to(p.parents[2]).as_posix(): file_sha256(p) for p in scan_files})
     rows = []
     for variant_dir in sorted(p for p in (work / "runs").iterdir() if p.is_dir()):
         for run in sorted(p for p in variant_dir.iterdir() if p.is_dir()):
             for res in sorted((run / "geometry").glob("*.ply")):
                 if res.stem in EXPRESSION_NAMES and (run / "geometry" / f"init_{res.stem}.ply").is_file():
-                    rows.append(_row(variant_dir.name, run, res.stem, subjects, scans, box))
-    out = {"face_box": [box[0].tolist(), box[1].tolist()], "summary": summarise(rows), "rows": rows}
+                    rows.append(cached_row(work, variant_dir.name, run, res.stem, subjects, scans, box,
+                                           scans_digest))
+    summary = summarise(rows)
+    out = {"face_box": [box[0].tolist(), box[1].tolist()], "summary": summary, "seeds": over_seeds(summary),
+           "rows": rows}
     (work / "metrics.json").write_text(json.dumps(out, indent=1))
     return out
 
 
 if __name__ == "__main__":
-    print(json.dumps(main(Path(sys.argv[1]))["summary"], indent=1))
+    result = main(Path(sys.argv[1]))
+    print(json.dumps({"summary": result["summary"], "seeds": result["seeds"]}, indent=1))

@@ -120,3 +120,32 @@ def test_figure_puts_each_held_out_head_next_to_its_ground_truth(tmp_path):
     tiles = [img[:fig.SIZE, k * (fig.SIZE + 2):k * (fig.SIZE + 2) + fig.SIZE] for k in range(10)]
     assert all((t < 250).any() for k, t in enumerate(tiles) if k not in (4, 5, 6, 7))  # a head is drawn
     assert all((t >= 254).all() for t in tiles[4:8])
+
+
+def test_seeds_are_grouped_and_rows_reused_only_while_their_inputs_are_the_same(tmp_path, monkeypatch):
+    for s, h in {"000": 0.05, "001": -0.04, "002": 0.12}.items():
+        _write(tmp_path / ("heldout" if s == "002" else "scans") / s / "000" / "scan.ply", _mesh(_plateau(h)))
+    for variant, h in (("id", 0.11), ("id.s1", 0.06), ("no_id", 0.0)):
+        geo = tmp_path / "runs" / variant / "002" / "geometry"
+        _write(geo / "neutral.ply", _mesh(_plateau(h)))
+        _write(geo / "init_neutral.ply", _mesh())
+    assert mm.split_seed("id.s12") == ("id", 12) and mm.split_seed("no_id") == ("no_id", 0)
+    out = mm.main(tmp_path)
+    assert set(out["summary"]) == {"id", "id.s1", "no_id"} and set(out["seeds"]) == {"id"}
+    g, per = out["seeds"]["id"], out["summary"]
+    assert g["seeds"] == [0, 1]
+    gains = [per["id"]["face_mean_gain"], per["id.s1"]["face_mean_gain"]]
+    assert g["face_mean_gain"] == {"mean": pytest.approx(sum(gains) / 2), "min": min(gains), "max": max(gains)}
+    assert g["face_closer_than_others"]["min"] == 0.0 and g["face_closer_than_others"]["max"] == 1.0
+
+    calls = []
+    real = mm._row
+    monkeypatch.setattr(mm, "_row", lambda *a: calls.append(a[0]) or real(*a))
+    assert mm.main(tmp_path)["rows"] == out["rows"] and calls == []  # nothing changed: every row reused
+    _write(tmp_path / "runs" / "id.s1" / "002" / "geometry" / "neutral.ply", _mesh(_plateau(0.12)))
+    again = mm.main(tmp_path)
+    assert calls == ["id.s1"]  # only the changed result is measured again
+    assert next(r for r in again["rows"] if r["variant"] == "id.s1")["face_own"] < 0.005
+    _write(tmp_path / "scans" / "000" / "000" / "scan.ply", _mesh(_plateau(0.04)))
+    mm.main(tmp_path)
+    assert sorted(calls[1:]) == ["id", "id.s1", "no_id"]  # a ground truth changed: every row again
