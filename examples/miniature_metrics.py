@@ -178,7 +178,7 @@ def main(work: Path) -> dict:
     summary = summarise(rows)
     out = {"face_box": [box[0].tolist(), box[1].tolist()], "summary": summary, "seeds": over_seeds(summary),
            "rows": rows}
-    (work / "metrics.json").write_text(json.dumps(out, indent=1))
+    atomic_write_text(work / "metrics.json", json.dumps(out, indent=1), record=False)
     return out
 
 
