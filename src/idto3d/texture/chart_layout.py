@@ -113,14 +113,55 @@ def _edge_neighbours(f: np.ndarray) -> np.ndarray:
 
 def smooth_parts(f: np.ndarray, part: np.ndarray, rounds: int = 4) -> np.ndarray:
     """``part`` (a label per face) with every face whose edge neighbours mostly carry another label moved to it,
-    so seams run along edges without teeth and each part stays one disc."""
+    so seams run along edges without teeth, then every stray piece of a part merged into its neighbours, so each
+    part is one piece (one chart)."""
     nb = _edge_neighbours(f)
     labels_k = np.unique(part)
     for _ in range(rounds):
         labels = np.where(nb >= 0, part[np.maximum(nb, 0)], -1)
         votes = np.stack([(labels == k).sum(1) for k in labels_k], axis=1)
         part = np.where(votes.max(1) >= 2, labels_k[votes.argmax(1)], part)
+    return _absorb_strays(f, nb, part)
+
+
+def _absorb_strays(f: np.ndarray, nb: np.ndarray, part: np.ndarray) -> np.ndarray:
+    """``part`` with each piece of a label but its largest relabelled to the label it shares most edges with.
+
+    Where three seams meet, a face (or two) can keep a label none of its neighbours has a majority of; it would
+    be a chart of its own, a sliver an artist cannot paint on. Which faces that strands depends on the last bits
+    of the vertex positions, so the chart count would vary between machines."""
+    part = part.copy()
+    for _ in range(8):  # a relabelled piece can join another stray: a few passes settle it
+        piece = _components_within(f, nb, part)
+        sizes = np.bincount(piece)
+        largest = {}
+        for p in np.unique(piece):
+            label = part[piece == p][0]
+            if label not in largest or sizes[p] > sizes[largest[label]]:
+                largest[label] = p
+        strays = [p for p in np.unique(piece) if p not in set(largest.values())]
+        if not strays:
+            return part
+        for p in strays:
+            faces = np.flatnonzero(piece == p)
+            around = nb[faces].reshape(-1)
+            around = around[(around >= 0) & (piece[np.maximum(around, 0)] != p)]
+            if around.size:
+                values, counts = np.unique(part[around], return_counts=True)
+                part[faces] = values[counts.argmax()]
     return part
+
+
+def _components_within(f: np.ndarray, nb: np.ndarray, part: np.ndarray) -> np.ndarray:
+    """The edge-connected piece of each face, faces joined only to neighbours of their own label."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    rows = np.repeat(np.arange(f.shape[0]), 3)
+    cols = nb.reshape(-1)
+    ok = (cols >= 0) & (part[rows] == part[np.maximum(cols, 0)])
+    graph = coo_matrix((np.ones(int(ok.sum())), (rows[ok], cols[ok])), shape=(f.shape[0],) * 2)
+    return connected_components(graph, directed=False)[1]
 
 
 def _components(f: np.ndarray) -> np.ndarray:
