@@ -23,6 +23,7 @@ import torch
 
 from idto3d.core.config import AdapterConfig, dump_config, load_config
 from idto3d.core.run_layout import RunLayout
+from idto3d.geometry.mesh_io import load_mesh
 from idto3d.stages.generate import generate
 
 from priors_fixtures import isolated_cache  # noqa: F401  (fixture: the expression cache per test)
@@ -107,6 +108,38 @@ def test_the_checked_in_folder_is_an_old_run_stopped_in_the_texture_stage():
 
 
 @pytest.mark.slow
+def test_an_old_run_folder_resumes_on_a_machine_with_other_vector_units(tmp_path, priors):
+    """On a CPU with other vector units (AVX2 against AVX-512) the finished field gives meshes that differ in their
+    last bits, and the texture checkpoint is tied to the meshes' bits. Simulated: the field's every weight one ulp
+    up, so extracting gives other bits. The folder still resumes, on the meshes the geometry stage saved."""
+    run = tmp_path / "old"
+    shutil.copytree(OLD_RUN, run)
+    ckpt = RunLayout(run).geometry_sds.checkpoint
+    state = torch.load(ckpt, weights_only=True)
+    state["field"] = {k: torch.nextafter(v, torch.full_like(v, np.inf)) if v.is_floating_point() else v
+                      for k, v in state["field"].items()}
+    torch.save(state, ckpt)
+    cfg = load_config("preview", None, old.OVERRIDES)
+    before = _files(run)
+    resumed = generate([run / "identity.safetensors"], run, cfg, normal_prior=str(priors / "normal"),
+                       albedo_prior=str(priors / "albedo"), progress=False)
+    assert (resumed.geometry.resumed_from, resumed.texture.resumed_from) == (6, old.STOP_AFTER - 6)
+    assert resumed.texture.iterations == 4 and resumed.exported
+    layout = RunLayout(run)
+    for name in cfg.expressions:
+        saved = tmp_path / f"{name}.ply"
+        saved.write_bytes(before[layout.relative(layout.stage_mesh(name, ".ply"))])
+        assert torch.equal(resumed.geometry.meshes[name].vertices, load_mesh(saved, merge=False).vertices)
+
+
+def _made_on_this_cpu() -> tuple[bool, str]:
+    made = json.loads((DATA / old.MACHINE).read_text(encoding="utf-8"))["cpu_capability"]
+    here = torch.backends.cpu.get_cpu_capability()
+    return made == here, f"the old run was made on a {made} CPU, this one is {here}: floats differ in their last bits"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _made_on_this_cpu()[0], reason=_made_on_this_cpu()[1])
 def test_an_old_run_folder_resumes_to_the_uninterrupted_result(tmp_path, priors):
     cfg = load_config("preview", None, old.OVERRIDES)
     kw = dict(normal_prior=str(priors / "normal"), albedo_prior=str(priors / "albedo"), progress=False)

@@ -22,6 +22,7 @@ paths are spelled out here (not taken from ``core.run_layout``) because this is 
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 import tempfile
@@ -41,6 +42,7 @@ OVERRIDES = [
     "encoding.n_levels=1", "encoding.n_features_per_level=2", "encoding.base_resolution=8",
     "encoding.max_resolution=8", "field.d_model=8", "field.n_layers=1", "field.n_heads=1", "field.latent_dim=4")]
 RUN, TOKENIZER = "old_run", "old_run_tokenizer"  # the folders written under the output folder
+MACHINE = "old_run_machine.json"  # beside them: the CPU's vector units (a bit-for-bit comparison needs the same)
 TOKENIZER_FILES = ("vocab.json", "merges.txt")     # of the tiny base's tokenizer/ (the rest is deterministic)
 PREVIEWS = ("geometry/init_preview.png", "geometry/progress.png")  # left out of the checked-in folder
 STOP_AFTER = 8          # 6 geometry iterations (finished) + 2 texture iterations (a checkpoint), of 6 + 4
@@ -95,6 +97,8 @@ def main(data: Path) -> None:
     # Previews are for people: no step reads them back, and they are a third of the folder's bytes.
     for preview in PREVIEWS:
         (out / preview).unlink()
+    (data / MACHINE).write_text(json.dumps({"cpu_capability": torch.backends.cpu.get_cpu_capability()}) + "\n",
+                                encoding="utf-8")
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     print(f"{idto3d.__file__}: wrote {out} ({size / 1024:.0f} KiB): {result.missing}")
 

@@ -33,10 +33,11 @@ class MeshWarning(UserWarning):
 # --- loading --------------------------------------------------------------------------------------
 
 
-def load_mesh(path: str | Path) -> Mesh:
+def load_mesh(path: str | Path, merge: bool = True) -> Mesh:
     """Read a triangle mesh (OBJ, PLY, STL, OFF, GLB/GLTF) into a float32/int64 :class:`Mesh`.
 
-    Vertices split only by UVs or normals are merged so a closed surface reads as closed. A file
+    Vertices split only by UVs or normals are merged so a closed surface reads as closed (``merge=False``: read
+    the vertices and faces as stored, e.g. a mesh this program saved, to get it back bit for bit). A file
     holding several meshes is concatenated (with a :class:`MeshWarning`). Raises ``MeshError``
     for a missing, unreadable, corrupt or empty file and for NaN/inf coordinates; it does not
     check topology, see :func:`validate_mesh`.
@@ -81,7 +82,8 @@ def load_mesh(path: str | Path) -> Mesh:
     # Merge after the NaN check (merging would silently drop them) and only on positions: OBJ/GLB
     # vertices split at UV seams or normal creases would otherwise look like holes.
     tm = trimesh.Trimesh(vertices, faces, process=False)
-    tm.merge_vertices(merge_tex=True, merge_norm=True)
+    if merge:
+        tm.merge_vertices(merge_tex=True, merge_norm=True)
     return Mesh(
         torch.from_numpy(np.asarray(tm.vertices, dtype=np.float32).copy()),
         torch.from_numpy(np.asarray(tm.faces, dtype=np.int64).copy()),

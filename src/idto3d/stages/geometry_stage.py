@@ -18,11 +18,11 @@ from rich.console import Console
 
 from idto3d.core.config import Config, GeometryConfig
 from idto3d.core.device import resolve_device
-from idto3d.core.errors import IdtoError
+from idto3d.core.errors import IdtoError, MeshError
 from idto3d.core.run_layout import RunLayout, SDSFiles
 from idto3d.geometry.expression_field import ExpressionField
 from idto3d.geometry.laplacian import laplacian_loss
-from idto3d.geometry.mesh_io import save_mesh
+from idto3d.geometry.mesh_io import load_mesh, save_mesh
 from idto3d.nn.state import field_parameter_groups
 from idto3d.priors.conventions import LEGACY_PROMPTS, NORMAL_ENCODINGS, Conventions, legacy
 from idto3d.priors.guidance import GuidanceCond, ScoreDistillation, TimestepSchedule
@@ -136,6 +136,16 @@ def _save_meshes(layout: RunLayout, meshes: dict[str, Mesh]) -> None:
         save_mesh(mesh, layout.stage_mesh(name, ".obj"))
 
 
+def _handed_over(layout: RunLayout, field: ExpressionField, names: list[str]) -> dict[str, Mesh]:
+    """The finished stage's meshes as it saved them. Extracting them from the field again gives other last bits
+    on a CPU with other vector units, and the texture stage's checkpoint is tied to the meshes' bits: a run folder
+    finished on one machine must resume on another. Re-extracted only when a file is missing or unreadable."""
+    try:
+        return {name: load_mesh(layout.stage_mesh(name, ".ply"), merge=False) for name in names}
+    except MeshError:
+        return current_meshes(field, names)
+
+
 def run_geometry_stage(run_dir: str | Path, cfg: Config, guidance: ScoreDistillation, field: ExpressionField, *,
                        id_embedding: torch.Tensor | None = None, subject: str = "a person",
                        progress: bool = True, console: Console | None = None,
@@ -152,7 +162,7 @@ def run_geometry_stage(run_dir: str | Path, cfg: Config, guidance: ScoreDistilla
     key = conditioning_key(id_embedding, subject)
     done = finished(layout.geometry_sds, key, field, CONDITIONED_ON)
     if done is not None:
-        return GeometryStageResult(**asdict(done), meshes=current_meshes(field, names))
+        return GeometryStageResult(**asdict(done), meshes=_handed_over(layout, field, names))
 
     device = resolve_device(cfg.runtime.device)
     spec = _stage(layout.geometry_sds, cfg, guidance, field, key)
