@@ -132,15 +132,13 @@ def _absorb_strays(f: np.ndarray, nb: np.ndarray, part: np.ndarray) -> np.ndarra
     of the vertex positions, so the chart count would vary between machines."""
     part = part.copy()
     for _ in range(8):  # a relabelled piece can join another stray: a few passes settle it
-        piece = _components_within(f, nb, part)
-        sizes = np.bincount(piece)
-        largest = {}
-        for p in np.unique(piece):
-            label = part[piece == p][0]
-            if label not in largest or sizes[p] > sizes[largest[label]]:
-                largest[label] = p
-        strays = [p for p in np.unique(piece) if p not in set(largest.values())]
-        if not strays:
+        piece = _components(f, nb, part)
+        ids, first = np.unique(piece, return_index=True)
+        label, size = part[first], np.bincount(piece)[ids]
+        by_label = np.lexsort((-size, label))  # per label, its largest piece first
+        keep = by_label[np.r_[True, label[by_label][1:] != label[by_label][:-1]]]
+        strays = np.setdiff1d(ids, ids[keep])
+        if strays.size == 0:
             return part
         for p in strays:
             faces = np.flatnonzero(piece == p)
@@ -152,26 +150,19 @@ def _absorb_strays(f: np.ndarray, nb: np.ndarray, part: np.ndarray) -> np.ndarra
     return part
 
 
-def _components_within(f: np.ndarray, nb: np.ndarray, part: np.ndarray) -> np.ndarray:
-    """The edge-connected piece of each face, faces joined only to neighbours of their own label."""
+def _components(f: np.ndarray, nb: np.ndarray | None = None, part: np.ndarray | None = None) -> np.ndarray:
+    """The edge-connected piece of each face (``nb``: ``_edge_neighbours(f)``, when at hand); with ``part``,
+    faces join only neighbours of their own label."""
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
+    nb = _edge_neighbours(f) if nb is None else nb
     rows = np.repeat(np.arange(f.shape[0]), 3)
     cols = nb.reshape(-1)
-    ok = (cols >= 0) & (part[rows] == part[np.maximum(cols, 0)])
+    ok = cols >= 0
+    if part is not None:
+        ok &= part[rows] == part[np.maximum(cols, 0)]
     graph = coo_matrix((np.ones(int(ok.sum())), (rows[ok], cols[ok])), shape=(f.shape[0],) * 2)
-    return connected_components(graph, directed=False)[1]
-
-
-def _components(f: np.ndarray) -> np.ndarray:
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-
-    nb = _edge_neighbours(f)
-    rows = np.repeat(np.arange(f.shape[0]), 3)
-    ok = nb.reshape(-1) >= 0
-    graph = coo_matrix((np.ones(int(ok.sum())), (rows[ok], nb.reshape(-1)[ok])), shape=(f.shape[0],) * 2)
     return connected_components(graph, directed=False)[1]
 
 
