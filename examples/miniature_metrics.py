@@ -96,7 +96,18 @@ def _row(variant: str, run: Path, e: str, subjects: list[str], scans: list[Path]
                     f"{name}own_other_expressions": exprs,
                     f"{name}closer_than_others": bool(others) and d_own < min(others.values()),
                     f"{name}closer_than_other_expressions": bool(exprs) and d_own < min(exprs.values())})
+    row["face_expression_move"] = expression_move(run, e, other_exprs, scans, box)
     return row
+
+
+def expression_move(run: Path, e: str, other_exprs: list[str], scans: list[Path], box) -> dict[str, float]:
+    """How far apart the run's meshes of ``e`` and each other expression are (face region), as a fraction of how
+    far apart the subject's ground truths are: 0 = the expression codes changed nothing, 1 = as much as the truth
+    (in any direction; ``face_closer_than_other_expressions`` says whether it is the right one)."""
+    geo, s = run / "geometry", run.name
+    mesh = load_mesh(geo / f"{e}.ply")
+    return {x: region_cd(mesh, load_mesh(geo / f"{x}.ply"), box) / region_cd(gt(scans, s, e), gt(scans, s, x), box)
+            for x in other_exprs}
 
 
 def split_seed(variant: str) -> tuple[str, int]:
@@ -120,6 +131,8 @@ def summarise(rows: list[dict]) -> dict:
                 f"{name}closer_than_others": sum(r[f"{name}closer_than_others"] for r in rs) / len(rs),
                 f"{name}closer_than_other_expressions":
                     sum(r[f"{name}closer_than_other_expressions"] for r in rs) / len(rs)})
+        moves = [m for r in rs for m in r["face_expression_move"].values()]
+        summary[v]["face_expression_move"] = sum(moves) / len(moves) if moves else None
     return summary
 
 
@@ -134,8 +147,10 @@ def over_seeds(summary: dict) -> dict:
         if len(by_seed) < 2:
             continue
         out[base] = {"seeds": sorted(by_seed)}
-        for key in (f"{name}{m}" for name in ("", "face_") for m in _MEASURES):
+        for key in [f"{name}{m}" for name in ("", "face_") for m in _MEASURES] + ["face_expression_move"]:
             vals = [by_seed[k][key] for k in sorted(by_seed)]
+            if any(v is None for v in vals):
+                continue
             out[base][key] = {"mean": sum(vals) / len(vals), "min": min(vals), "max": max(vals)}
     return out
 
@@ -156,7 +171,12 @@ def cached_row(work: Path, variant: str, run: Path, e: str, subjects: list[str],
     if cache.is_file():
         stored = json.loads(cache.read_text())
         if stored.get("key") == key:
-            return stored["row"]
+            row = stored["row"]
+            if "face_expression_move" not in row:  # a row measured before the move was: add it alone
+                other_exprs = [f.stem for f in inputs[2:]]
+                row["face_expression_move"] = expression_move(run, e, other_exprs, scans, box)
+                atomic_write_text(cache, json.dumps({"key": key, "row": row}), record=False)
+            return row
     row = _row(variant, run, e, subjects, scans, box)
     atomic_write_text(cache, json.dumps({"key": key, "row": row}), record=False)
     return row

@@ -119,3 +119,27 @@ def test_normal_map_loss_backpropagates_through_render_and_marching_tets_to_the_
     (image - 0.5).square().mean().backward()
     assert field.codes.grad[0].abs().sum() > 0
     assert field.codes.grad[1].abs().sum() == 0
+
+
+def test_the_expression_codes_keep_their_rate_when_the_network_is_slowed():
+    """``geometry.code_lr_scale``: with the network at 1e-6 (the miniature experiment's slowed transformer), the
+    codes still move at 1e-4; at the default the field keeps its two groups, so older checkpoints still load."""
+    from idto3d.nn.state import field_parameter_groups
+
+    field = _small_field(n_expressions=2)
+    _fit_radius(field, 0, 0.5, steps=3)  # the zero-initialised head first: then gradients reach the codes
+    default = field_parameter_groups(field, 1e-4, 10.0)
+    assert len(default) == 2 and any(p is field.codes for p in default[0]["params"])
+    groups = field_parameter_groups(field, 1e-6, 1000.0, code_lr_scale=100.0)
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert len(ids) == len(set(ids)) == len(list(field.parameters()))
+    before = {n: p.detach().clone() for n, p in field.named_parameters()}
+    opt = torch.optim.Adam(groups)
+    sdf, _ = field.query(torch.rand(2000, 3, generator=torch.Generator().manual_seed(1)) * 2 - 1, 0)
+    sdf.square().mean().backward()
+    opt.step()
+    moved = {n: (p.detach() - before[n]).abs().max().item() for n, p in field.named_parameters()}
+    # Adam's first step moves each entry by about its group's lr.
+    assert 0.5e-4 < moved["codes"] < 1.05e-4, moved["codes"]
+    assert 0.5e-3 < max(v for n, v in moved.items() if n.startswith("encoding")) < 1.05e-3
+    assert max(v for n, v in moved.items() if n.startswith("blocks")) < 1.5e-6  # float32 weights near 1: ulp 1.2e-7

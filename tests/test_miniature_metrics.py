@@ -82,8 +82,12 @@ def test_table_compares_each_result_with_its_own_subject_start_others_and_expres
     for name, extra in (("neutral", 0.0), ("mouth_open", 0.03)):
         _write(geo / f"{name}.ply", _mesh(_plateau(0.11 + extra)))
         _write(geo / f"init_{name}.ply", _mesh())
+        # A run whose expression codes changed nothing: both expressions the same mesh.
+        still = tmp_path / "runs" / "still" / "002" / "geometry"
+        _write(still / f"{name}.ply", _mesh(_plateau(0.11)))
+        _write(still / f"init_{name}.ply", _mesh())
     out = mm.main(tmp_path)
-    rows = {r["expression"]: r for r in out["rows"]}
+    rows = {r["expression"]: r for r in out["rows"] if r["variant"] == "id"}
     assert set(rows) == {"neutral", "mouth_open"}
     n = rows["neutral"]
     assert n["face_own"] == pytest.approx(0.01, rel=0.25) and n["face_start"] == pytest.approx(0.12, rel=0.25)
@@ -97,6 +101,10 @@ def test_table_compares_each_result_with_its_own_subject_start_others_and_expres
         assert r["face_closer_than_other_expressions"]
     s = out["summary"]["id"]
     assert s["rows"] == 2 and s["face_closer_than_others"] == 1.0 and s["face_mean_gain"] > 0.85
+    # The result's expressions are as far apart as the truth's (0.03); the still run's not at all.
+    assert n["face_expression_move"]["mouth_open"] == pytest.approx(1.0, rel=0.1)
+    assert s["face_expression_move"] == pytest.approx(1.0, rel=0.1)
+    assert out["summary"]["still"]["face_expression_move"] == pytest.approx(0.0, abs=1e-6)
     assert (tmp_path / "metrics.json").is_file()
 
 

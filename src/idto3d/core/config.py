@@ -110,6 +110,9 @@ class GeometryConfig:
     # with a larger rate than the MLP after them, and the template fit already uses 3e-3 for all.
     encoding_lr_scale: float = _opt(10.0, gt=0.0, help="the encoding tables' lr = lr x this; keep lr x this <= ~3e-3: Adam's "
                                    "first steps move every table entry by about that much")
+    # A learned prior's noisy score reaches the whole head through the shared transformer; slowing the network
+    # (lr) keeps the face but would freeze the expression codes with it (README, miniature experiment run 6).
+    code_lr_scale: float = _opt(1.0, gt=0.0, help="the expression codes' lr = lr x this (1: the network's lr)")
     laplacian_weight: float = _opt(5000.0, ge=0.0)
     batch_size: int = _opt(1, ge=1, le=64, help="cameras rendered per SDS step (one expression per step)")
     checkpoint_every: int = _opt(100, ge=1, help="iterations between checkpoints (geometry/ckpt.pt)")

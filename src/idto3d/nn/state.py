@@ -21,9 +21,14 @@ def cpu_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu() if isinstance(v, torch.Tensor) else v for k, v in module.state_dict().items()}
 
 
-def field_parameter_groups(field: nn.Module, lr: float, encoding_lr_scale: float = 1.0) -> list[dict]:
-    """Optimizer groups of a field with an ``encoding``: the encoding's tables may need their own learning rate."""
+def field_parameter_groups(field: nn.Module, lr: float, encoding_lr_scale: float = 1.0,
+                           code_lr_scale: float = 1.0) -> list[dict]:
+    """Optimizer groups of a field with an ``encoding``: the encoding's tables may need their own learning rate,
+    and so may its expression ``codes`` (a third group only when ``code_lr_scale`` != 1, so checkpoints of
+    two-group runs still load)."""
     enc = list(field.encoding.parameters())
-    enc_ids = {id(p) for p in enc}
-    rest = [p for p in field.parameters() if id(p) not in enc_ids]
-    return [{"params": rest, "lr": lr}, {"params": enc, "lr": lr * encoding_lr_scale}]
+    codes = [field.codes] if code_lr_scale != 1.0 else []
+    own = {id(p) for p in enc + codes}
+    rest = [p for p in field.parameters() if id(p) not in own]
+    groups = [{"params": rest, "lr": lr}, {"params": enc, "lr": lr * encoding_lr_scale}]
+    return groups + ([{"params": codes, "lr": lr * code_lr_scale}] if codes else [])

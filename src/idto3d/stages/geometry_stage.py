@@ -123,7 +123,8 @@ class _GeometryStep:
 def _stage(files: SDSFiles, cfg: Config, guidance: ScoreDistillation, field: ExpressionField, key: str) -> SDSStage:
     gcfg = cfg.geometry
     # fused: one kernel per step, and it can skip a non-finite step on the device (found_inf)
-    opt = torch.optim.Adam(field_parameter_groups(field, gcfg.lr, gcfg.encoding_lr_scale), lr=gcfg.lr, fused=True)
+    groups = field_parameter_groups(field, gcfg.lr, gcfg.encoding_lr_scale, gcfg.code_lr_scale)
+    opt = torch.optim.Adam(groups, lr=gcfg.lr, fused=True)
     return SDSStage("geometry", files, CONDITIONED_ON, key, field, opt, {"guidance": guidance}, cfg.seed,
                     gcfg.iterations, gcfg.checkpoint_every, gcfg.preview_every, gcfg.max_bad_steps,
                     "Lower geometry.lr or prior.guidance.guidance_scale, or check the prior", cfg.runtime.log_every,
