@@ -19,7 +19,8 @@
 # are FIRST.., the train subjects follow them, so held-out 012 and 013 are the same subjects at every TRAIN)
 # Setting knobs (environment, space-separated key=value config overrides): CAMERA for render-dataset, the SDS runs
 # and the oracle (default: face-centred views, see FACE_CAMERA below; CAMERA="" = the preset's whole-head views);
-# SDS for the SDS runs and the oracle only (default: CFG 1, t in [50, 200] throughout, no Laplacian; run 4's best;
+# SDS for the SDS runs and the oracle only (default: CFG 1, t in [50, 200] throughout, no Laplacian, the slow
+# transformer with fast codes; runs 4-6's best;
 # SDS="" for the paper's CFG 10 and annealed schedule); LATENT=16 (latent size);
 # UNTIL=prior stops after training (then run again with other SDS settings).
 set -euo pipefail
@@ -37,9 +38,11 @@ CAMERA=${CAMERA-$FACE_CAMERA}
 # read -a splits on white space without globbing the [..] of the values
 read -r -d '' -a CAMKV <<< "$CAMERA" || true
 # No Laplacian (run 4: at grid 48 the paper's weight 5000, set for grid 256, smooths what the face views never see:
-# the oracle's whole-head gain +1 % with it, +34-39 % without, over 3 seeds)
+# the oracle's whole-head gain +1 % with it, +34-39 % without, over 3 seeds). The field's transformer 100x slower
+# than the paper's 1e-4, its encoding tables and expression codes at 1e-3 (runs 5-6: the learned prior's noisy step
+# distorts the whole head through the shared transformer; the codes, slowed with it, stop separating expressions).
 LEARNED_SDS="prior.guidance.guidance_scale=1 geometry.t_range=[50,200] geometry.t_anneal_from=1
-  geometry.laplacian_weight=0"
+  geometry.laplacian_weight=0 geometry.lr=1e-6 geometry.encoding_lr_scale=1000 geometry.code_lr_scale=1000"
 read -r -d '' -a SDSKV <<< "${SDS-$LEARNED_SDS}" || true
 CAM=(); for kv in "${CAMKV[@]}"; do CAM+=(--set "$kv"); done
 GEO=("${CAM[@]}" --set geometry.iterations="$GEO_ITERS" --set prior.guidance.latent_size="$LATENT")
