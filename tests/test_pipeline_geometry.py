@@ -291,7 +291,7 @@ def test_bench_geometry_rows(isolated_cache):  # noqa: F811
 
     rows = bench_geometry(repeats=1, quick=True)
     backends = {r["backend"] for r in rows}
-    assert backends == {"oracle", "tiny prior (vae)"}
+    assert backends == {"oracle", "tiny prior (vae)", "oracle, default kernels"}
     for b in backends:
         mine = {r["case"].rsplit(" ", 1)[-1]: r for r in rows if r["backend"] == b}
         assert set(mine) == set(PARTS) | {"total"}

@@ -3,7 +3,8 @@
 Parts: the field (transformer + marching tets), the normal-map render, the guidance call (encode, noise
 prediction), backward through all of them, and the Adam step. Two guidances: ``OracleGuidance`` toward a
 fixed target render (no network; the baseline) and the tiny random SD1.5-architecture prior through the
-real diffusers path. Ratios are each row over the oracle's total from the same run.
+real diffusers path; and the oracle again under torch's default (not reproducible) kernels, for what the stages'
+deterministic ones cost. Ratios are each row over the oracle's total from the same run.
 """
 
 from __future__ import annotations
@@ -71,6 +72,10 @@ def bench_geometry(repeats: int = 5, quick: bool = False) -> list[dict]:
             SDSGuidance(prior, gcfg, "geometry", cfg.geometry.iterations, seed=0), id_embedding)
         measured = {name: time_geometry_step(cfg, _fitted_field(cfg), g, ident, repeats)
                     for name, (g, ident) in runs.items()}
+        # What the stages' deterministic kernels cost (core.device.reproducible_kernels): the oracle's step again
+        # under torch's defaults, whose sums' last bits follow thread timing with more than one thread.
+        measured["oracle, default kernels"] = time_geometry_step(cfg, _fitted_field(cfg), runs["oracle"][0], None,
+                                                                 repeats, reproducible=False)
     baseline = sum(measured["oracle"].values())
     case = f"grid {cfg.geometry.grid_resolution} @{res}px x{cfg.geometry.batch_size}"
     meta = {"threads": torch.get_num_threads(), "torch": torch.__version__, "machine": platform.machine()}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ import torch
 
 from idto3d.core.config import Config
 from idto3d.stages.step_log import nonfinite_flag, step_unless
-from idto3d.core.device import rasterizer_name
+from idto3d.core.device import rasterizer_name, reproducible_kernels
 
 PARTS = ("field", "render", "guidance", "backward", "step")
 
@@ -58,8 +59,9 @@ def _prewarm(guidance: Any, prompts: list[str], cache_dir: Path | None) -> None:
 
 def time_geometry_step(cfg: Config, field: torch.nn.Module, guidance: Any, id_embedding: torch.Tensor | None,
                        repeats: int, device: torch.device | None = None, *, warmup: bool = True,
-                       prewarm_cache: Path | None = None) -> dict[str, float]:
-    """Median ms per part of a geometry iteration of ``field`` (on ``device``)."""
+                       prewarm_cache: Path | None = None, reproducible: bool = True) -> dict[str, float]:
+    """Median ms per part of a geometry iteration of ``field`` (on ``device``); with ``reproducible`` off, under
+    torch's default kernels instead of the stage's deterministic ones (to measure what determinism costs)."""
     from idto3d.nn.state import field_parameter_groups
     from idto3d.geometry.laplacian import laplacian_loss
     from idto3d.stages.geometry_stage import geometry_prompts, render_for_guidance, stage_conventions
@@ -76,31 +78,33 @@ def time_geometry_step(cfg: Config, field: torch.nn.Module, guidance: Any, id_em
     gen = torch.Generator().manual_seed(0)
     cam = cfg.render.camera
     times: dict[str, list[float]] = {p: [] for p in PARTS}
-    for i, timed in enumerate(_schedule(repeats, warmup)):
-        host_cams = sample_orbit_cameras(cfg.geometry.batch_size, cam.elevation_deg, cam.azimuth_deg, cam.radius,
-                                         cam.fov_deg, generator=gen)
-        conv = stage_conventions(guidance)  # the prior's prompts, negative prompt and normal-map background
-        prompts = geometry_prompts(host_cams, "a person", conv)
-        cams = host_cams.to(device)
-        _prewarm(guidance, prompts + [conv.negative_prompt], prewarm_cache)
-        cond = GuidanceCond(prompts=prompts, id_embedding=id_embedding, expressions=[cfg.expressions[0]] * len(cams),
-                            cameras=cams, expression_indices=[0], negative_prompt=conv.negative_prompt)
-        opt.zero_grad(set_to_none=True)
-        watch = Stopwatch(device)
-        mesh = field(0)
-        watch.lap()
-        images = render_for_guidance(mesh, cams, cfg.render.resolution, rast, conv)
-        watch.lap()
-        out = guidance(images, cond, i)
-        loss = out.loss + cfg.geometry.laplacian_weight * laplacian_loss(mesh)
-        watch.lap()
-        loss.backward()
-        watch.lap()
-        step_unless(opt, nonfinite_flag(field.parameters(), loss, finite=out.finite))
-        watch.lap()
-        if timed:
-            for p, ms in zip(PARTS, watch.laps):
-                times[p].append(ms)
+    with reproducible_kernels(device) if reproducible else nullcontext():  # as the stages run
+        for i, timed in enumerate(_schedule(repeats, warmup)):
+            host_cams = sample_orbit_cameras(cfg.geometry.batch_size, cam.elevation_deg, cam.azimuth_deg, cam.radius,
+                                             cam.fov_deg, generator=gen)
+            conv = stage_conventions(guidance)  # the prior's prompts, negative prompt and normal-map background
+            prompts = geometry_prompts(host_cams, "a person", conv)
+            cams = host_cams.to(device)
+            _prewarm(guidance, prompts + [conv.negative_prompt], prewarm_cache)
+            cond = GuidanceCond(prompts=prompts, id_embedding=id_embedding,
+                                expressions=[cfg.expressions[0]] * len(cams), cameras=cams, expression_indices=[0],
+                                negative_prompt=conv.negative_prompt)
+            opt.zero_grad(set_to_none=True)
+            watch = Stopwatch(device)
+            mesh = field(0)
+            watch.lap()
+            images = render_for_guidance(mesh, cams, cfg.render.resolution, rast, conv)
+            watch.lap()
+            out = guidance(images, cond, i)
+            loss = out.loss + cfg.geometry.laplacian_weight * laplacian_loss(mesh)
+            watch.lap()
+            loss.backward()
+            watch.lap()
+            step_unless(opt, nonfinite_flag(field.parameters(), loss, finite=out.finite))
+            watch.lap()
+            if timed:
+                for p, ms in zip(PARTS, watch.laps):
+                    times[p].append(ms)
     return {p: statistics.median(v) for p, v in times.items()}
 
 
@@ -129,32 +133,34 @@ def time_texture_step(cfg: Config, expr: Any, guidance: Any, shading: str, id_em
     cam = cfg.render.camera
     guidance.schedule = get_schedule("texture_diffuse" if shading == "diffuse" else "texture_pbr")
     times: dict[str, list[float]] = {p: [] for p in PARTS}
-    for i, timed in enumerate(_schedule(repeats, warmup)):
-        host_cams = sample_orbit_cameras(tcfg.batch_size, cam.elevation_deg, cam.azimuth_deg, cam.radius,
-                                         cam.fov_deg, generator=gen)
-        env = lighting.sample(gen)
-        conv = getattr(guidance, "conventions", None) or legacy("albedo")
-        prompts = texture_prompts(host_cams, "a person", conv)
-        cams = host_cams.to(device)
-        _prewarm(guidance, prompts + [conv.negative_prompt], prewarm_cache)
-        cond = GuidanceCond(prompts=prompts, id_embedding=id_embedding, expressions=[cfg.expressions[0]] * len(cams),
-                            cameras=cams, expression_indices=[0], lighting=env, shading=shading,
-                            negative_prompt=conv.negative_prompt)
-        opt.zero_grad(set_to_none=True)
-        watch = Stopwatch(device)
-        maps = field.bake(0, expr.texels)
-        watch.lap()
-        images = render_pseudo_albedo(expr.mesh, cams, cfg.render.resolution, maps["albedo"], maps["roughness"],
-                                      maps["metallic"], env, uv=expr.uv, attribute_faces=expr.attribute_faces,
-                                      diffuse_only=shading == "diffuse", rasterizer=rast).for_guidance()
-        watch.lap()
-        out = guidance(images, cond, i)
-        watch.lap()
-        out.loss.backward()
-        watch.lap()
-        step_unless(opt, nonfinite_flag(field.parameters(), out.loss, finite=out.finite))
-        watch.lap()
-        if timed:
-            for p, ms in zip(PARTS, watch.laps):
-                times[p].append(ms)
+    with reproducible_kernels(device):  # as the stages run
+        for i, timed in enumerate(_schedule(repeats, warmup)):
+            host_cams = sample_orbit_cameras(tcfg.batch_size, cam.elevation_deg, cam.azimuth_deg, cam.radius,
+                                             cam.fov_deg, generator=gen)
+            env = lighting.sample(gen)
+            conv = getattr(guidance, "conventions", None) or legacy("albedo")
+            prompts = texture_prompts(host_cams, "a person", conv)
+            cams = host_cams.to(device)
+            _prewarm(guidance, prompts + [conv.negative_prompt], prewarm_cache)
+            cond = GuidanceCond(prompts=prompts, id_embedding=id_embedding,
+                                expressions=[cfg.expressions[0]] * len(cams), cameras=cams, expression_indices=[0],
+                                lighting=env, shading=shading,
+                                negative_prompt=conv.negative_prompt)
+            opt.zero_grad(set_to_none=True)
+            watch = Stopwatch(device)
+            maps = field.bake(0, expr.texels)
+            watch.lap()
+            images = render_pseudo_albedo(expr.mesh, cams, cfg.render.resolution, maps["albedo"], maps["roughness"],
+                                          maps["metallic"], env, uv=expr.uv, attribute_faces=expr.attribute_faces,
+                                          diffuse_only=shading == "diffuse", rasterizer=rast).for_guidance()
+            watch.lap()
+            out = guidance(images, cond, i)
+            watch.lap()
+            out.loss.backward()
+            watch.lap()
+            step_unless(opt, nonfinite_flag(field.parameters(), out.loss, finite=out.finite))
+            watch.lap()
+            if timed:
+                for p, ms in zip(PARTS, watch.laps):
+                    times[p].append(ms)
     return {p: statistics.median(v) for p, v in times.items()}

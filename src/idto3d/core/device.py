@@ -3,7 +3,11 @@ this machine (an unavailable device is an error naming what is there, not a sile
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
+import torch.utils.deterministic
 
 from idto3d.core.errors import IdtoError
 
@@ -67,3 +71,27 @@ def to_device(x: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     if device.type == "cuda" and x.device.type == "cpu":
         return x.pin_memory().to(device, non_blocking=True)
     return x.to(device)
+
+
+@contextmanager
+def reproducible_kernels(device: torch.device | str) -> Iterator[None]:
+    """On the CPU, torch's deterministic kernels while the block runs; elsewhere nothing changes.
+
+    Why: the backward of tensor indexing (``x[idx]``, everywhere a mesh gathers its vertices) accumulates with
+    ``index_put_``, which on the CPU, from 32768 elements up and with more than one thread, adds floats
+    atomically from every thread: the sum's last bits follow thread timing, and an SDS run at grid 48 drifts
+    from the 17th iteration on. The deterministic kernel sorts the indices and adds in order (the same bits as
+    one thread). Uninitialised memory stays unfilled (nothing here reads it; filling costs every allocation).
+    Not on CUDA: there some kernels have no deterministic version and cuBLAS needs its workspace configured."""
+    if torch.device(device).type != "cpu":
+        yield
+        return
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+              torch.utils.deterministic.fill_uninitialized_memory)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        torch.utils.deterministic.fill_uninitialized_memory = before[2]

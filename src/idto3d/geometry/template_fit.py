@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from idto3d.core.config import TemplateConfig
+from idto3d.core.device import reproducible_kernels
 from idto3d.geometry.expression_field import ExpressionField
 from idto3d.nn.state import field_parameter_groups
 from idto3d.geometry.metrics import bbox_diagonal, chamfer_distance
@@ -130,25 +131,26 @@ def fit_field_to_mesh(field_: ExpressionField, template: Mesh | Sequence[Mesh], 
     n_grid = cfg.points_per_step - n_near_step
     history = torch.empty(cfg.iterations, device=device)
     latest = float("nan")
-    for step in range(cfg.iterations):
-        expression = step % field_.n_expressions
-        pool = pools[expression]
-        i_near = _host_to_device(torch.randint(0, pool.near_points.shape[0], (n_near_step,), generator=gen), device)
-        i_grid = _host_to_device(torch.randint(0, pool.grid_points.shape[0], (n_grid,), generator=gen), device)
-        pts = torch.cat([pool.near_points[i_near], pool.grid_points[i_grid]])
-        target = torch.cat([pool.near_sdf[i_near], pool.grid_sdf[i_grid]])
-        sdf, raw_offset = field_.query(pts, expression)
-        # Offsets stay ~0 during initialisation; the SDS stage is what moves vertices.
-        loss = sdf_regression_loss(sdf, target, band) + 1e-3 * raw_offset.square().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        history[step] = loss.detach()
-        if on_step is not None:
-            if step % log_every == 0 or step == cfg.iterations - 1:
-                latest = float(history[step])
-            on_step(step, latest)
+    with reproducible_kernels(device):
+        for step in range(cfg.iterations):
+            expression = step % field_.n_expressions
+            pool = pools[expression]
+            i_near = _host_to_device(torch.randint(0, pool.near_points.shape[0], (n_near_step,), generator=gen), device)
+            i_grid = _host_to_device(torch.randint(0, pool.grid_points.shape[0], (n_grid,), generator=gen), device)
+            pts = torch.cat([pool.near_points[i_near], pool.grid_points[i_grid]])
+            target = torch.cat([pool.near_sdf[i_near], pool.grid_sdf[i_grid]])
+            sdf, raw_offset = field_.query(pts, expression)
+            # Offsets stay ~0 during initialisation; the SDS stage is what moves vertices.
+            loss = sdf_regression_loss(sdf, target, band) + 1e-3 * raw_offset.square().mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            history[step] = loss.detach()
+            if on_step is not None:
+                if step % log_every == 0 or step == cfg.iterations - 1:
+                    latest = float(history[step])
+                on_step(step, latest)
     losses = history.tolist()
     diag = bbox_diagonal(targets[0])
     chamfers = _chamfers(field_, targets, seed)

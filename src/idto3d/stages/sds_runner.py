@@ -23,7 +23,7 @@ from rich.console import Console
 from idto3d.core.atomic import atomic_write_text, note_write
 from idto3d.core.stored_files import load_torch_file, read_json_file
 from idto3d.core.config import CameraConfig, Config
-from idto3d.core.device import rasterizer_name, to_device
+from idto3d.core.device import rasterizer_name, reproducible_kernels, to_device
 from idto3d.core.errors import IdtoError
 from idto3d.core.progress import progress_bar
 from idto3d.core.run_layout import SDSFiles
@@ -150,7 +150,8 @@ def run_sds(spec: SDSStage, step: Callable[[int], SDSStep], preview: Callable[[]
         if g is not None:
             g.deferred_checks = True
     end = spec.iterations if stop_after is None else min(spec.iterations, start + max(stop_after, 0))
-    _loop(spec, state, counters, step, preview, start, end, console, progress)
+    with reproducible_kernels(next(spec.field.parameters()).device):
+        _loop(spec, state, counters, step, preview, start, end, console, progress)
     _checkpoint(state, counters, files, end)
     if end == spec.iterations:
         preview()

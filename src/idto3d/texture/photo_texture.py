@@ -81,6 +81,7 @@ from scipy.spatial import ConvexHull, QhullError, cKDTree
 from skimage.draw import polygon2mask
 
 from idto3d.core.config import PhotoTextureConfig
+from idto3d.core.device import reproducible_kernels
 from idto3d.core.errors import IdtoError
 from idto3d.render import rasterize_torch
 from idto3d.render.albedo import sample_texture
@@ -683,18 +684,19 @@ def _optimise(field: TextureField, cfg: PhotoTextureConfig, step_loss: Callable[
     opt = texture_optimizer(field, cfg.lr)
     base_lr = [g["lr"] for g in opt.param_groups]
     latest = float("nan")
-    for step in range(cfg.iterations):
-        scale = _lr_scale(step, cfg.iterations)
-        for group, lr in zip(opt.param_groups, base_lr):
-            group["lr"] = lr * scale
-        loss = step_loss()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if progress is not None:
-            if step % log_every == 0 or step == cfg.iterations - 1:
-                latest = float(loss.detach())  # waits for the device: only every log_every steps
-            progress(step + 1, latest)
+    with reproducible_kernels(next(field.parameters()).device):
+        for step in range(cfg.iterations):
+            scale = _lr_scale(step, cfg.iterations)
+            for group, lr in zip(opt.param_groups, base_lr):
+                group["lr"] = lr * scale
+            loss = step_loss()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if progress is not None:
+                if step % log_every == 0 or step == cfg.iterations - 1:
+                    latest = float(loss.detach())  # waits for the device: only every log_every steps
+                progress(step + 1, latest)
 
 
 @torch.no_grad()

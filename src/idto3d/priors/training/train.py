@@ -36,6 +36,7 @@ import torch
 
 from idto3d.core.atomic import atomic_write_text
 from idto3d.core.config import Config, PriorTrainConfig
+from idto3d.core.device import reproducible_kernels
 from idto3d.priors.training.dataset import PriorDataset
 from idto3d.priors.training.objective import (
     DenoisingObjective, StepBatches, denoising_loss, generator_for, prepare_inputs,
@@ -325,7 +326,7 @@ def _train_loop(t: _Training, start: int, batches: Iterator, t0: float, progress
     # Only the main process writes the log; the others get None and never touch it.
     log_file = t.log_path.open("a", encoding="utf-8") if t.main else nullcontext()
     with progress_bar(f"train-prior {t.domain}", total=tc.steps, enabled=progress and t.main,
-                      console=console) as update, log_file as log:
+                      console=console) as update, log_file as log, reproducible_kernels(t.accelerator.device):
         if start:
             update(advance=min(start, tc.steps))
         for step in range(start + 1, tc.steps + 1):
