@@ -18,6 +18,8 @@
 # ORACLE=1 SEEDS="0 1 2" (the SDS seeds: every SDS run is repeated under each) FIRST=12 (the held-out subjects
 # are FIRST.., the train subjects follow them, so held-out 012 and 013 are the same subjects at every TRAIN)
 # LAMBDA_ID=1.0: the weight of the ID tokens' branch in the ID-on runs (runs/id; runs/no_id is always 0)
+# ID_GUIDANCE=0: the ID-only guidance term's scale in the ID-on runs (prior.guidance.id_guidance_scale; README run 8)
+# EXP_GUIDANCE=0: the expression-only guidance term's scale in all SDS runs but the oracle (exp_guidance_scale)
 # Setting knobs (environment, space-separated key=value config overrides): CAMERA for render-dataset, the SDS runs
 # and the oracle (default: face-centred views, see FACE_CAMERA below; CAMERA="" = the preset's whole-head views);
 # SDS for the SDS runs and the oracle only (default: CFG 1, t in [50, 200] throughout, no Laplacian, the slow
@@ -31,7 +33,7 @@ if [[ "${2:-}" == "--device" ]]; then DEVICE=${3:?--device needs a value}; fi
 TRAIN=${TRAIN:-48}; HELDOUT=${HELDOUT:-2}; EXPRESSIONS=${EXPRESSIONS:-neutral,mouth_open}; FIRST=${FIRST:-12}
 VIEWS=${VIEWS:-8}; STEPS=${STEPS:-5000}; GEO_ITERS=${GEO_ITERS:-60}; ID_BACKEND=${ID_BACKEND:-synthetic}
 SEED=${SEED:-0}; PY=${PY:-python}; ORACLE=${ORACLE:-1}; LATENT=${LATENT:-16}; SEEDS=${SEEDS:-0 1 2}
-LAMBDA_ID=${LAMBDA_ID:-1.0}
+LAMBDA_ID=${LAMBDA_ID:-1.0}; ID_GUIDANCE=${ID_GUIDANCE:-0}; EXP_GUIDANCE=${EXP_GUIDANCE:-0}
 # Face-centred views by default (README "Miniature experiment": 2.8x the identity signal of whole-head views, and
 # the only views through which even the oracle recovers a subject); CAMERA="" for the preset's whole-head views.
 FACE_CAMERA="render.camera.target=[0.0,-0.15,0.25] render.camera.fov_deg=[18.0,22.0]
@@ -95,14 +97,15 @@ seed_init() {  # seed_init RUN SUFFIX
 for k in $SEEDS; do
   SUF=""; [[ "$k" != 0 ]] && SUF=".s$k"
   for variant in id no_id; do
-    LAMBDA=$LAMBDA_ID; [[ $variant == no_id ]] && LAMBDA=0.0
+    LAMBDA=$LAMBDA_ID; IDG=$ID_GUIDANCE; [[ $variant == no_id ]] && LAMBDA=0.0 && IDG=0
     for f in "$WORK"/ids_heldout/*.safetensors; do
       s=$(basename "$f" .safetensors)
       step "generate $s ($variant, lambda_id=$LAMBDA, seed $k)"
       seed_init "$WORK/runs/$variant$SUF/$s" "$SUF"
       $I generate "$f" -o "$WORK/runs/$variant$SUF/$s" --normal-prior "$WORK/prior" -p miniature \
         --set prior.base_model="$WORK/base" --set face_model.enabled=false --expressions "$EXPRESSIONS" \
-        "${GEO[@]}" --set prior.guidance.lambda_id="$LAMBDA" --set seed="$k" --device "$DEVICE" \
+        "${GEO[@]}" --set prior.guidance.lambda_id="$LAMBDA" --set prior.guidance.id_guidance_scale="$IDG" \
+        --set prior.guidance.exp_guidance_scale="$EXP_GUIDANCE" --set seed="$k" --device "$DEVICE" \
         --set texture.iterations=5 --set texture.refine_iterations=1
     done
   done

@@ -14,6 +14,7 @@ from idto3d.core.config import load_config
 
 SCRIPT = Path(__file__).parents[1] / "examples" / "miniature_experiment.sh"
 TINY = {"TRAIN": "2", "HELDOUT": "1", "VIEWS": "1", "STEPS": "2", "GEO_ITERS": "2", "SEEDS": "0 1", "LAMBDA_ID": "3",
+        "ID_GUIDANCE": "0.5", "EXP_GUIDANCE": "2",
         "SDS": "prior.guidance.guidance_scale=1 template.iterations=40 template.build_resolution=32"}
 
 
@@ -32,8 +33,10 @@ def test_the_experiment_runs_every_sds_run_under_every_seed(tmp_path):
     # seeds' fits differ (the seed is in the fit's key).
     assert fits["id"] == fits["no_id"] == fits["oracle"] != fits["id.s1"] == fits["no_id.s1"] == fits["oracle.s1"]
     assert json.loads(fits["id"])["key"] != json.loads(fits["id.s1"])["key"]
-    lambdas = {v: load_config(file=tmp_path / "runs" / v / "012" / "config.yaml").prior.guidance.lambda_id
-               for v in ("id", "no_id", "id.s1")}
-    assert lambdas == {"id": 3.0, "no_id": 0.0, "id.s1": 3.0}
+    guidance = {v: load_config(file=tmp_path / "runs" / v / "012" / "config.yaml").prior.guidance
+                for v in ("id", "no_id", "id.s1")}
+    assert {v: g.lambda_id for v, g in guidance.items()} == {"id": 3.0, "no_id": 0.0, "id.s1": 3.0}
+    assert {v: g.id_guidance_scale for v, g in guidance.items()} == {"id": 0.5, "no_id": 0.0, "id.s1": 0.5}
+    assert {g.exp_guidance_scale for g in guidance.values()} == {2.0}
     assert (tmp_path / "figure.png").is_file() and (tmp_path / "grad_check.jsonl").is_file()
     assert "Over SDS seeds" in (tmp_path / "figure.html").read_text()

@@ -155,5 +155,34 @@ def test_bench_guidance_quick_reports_the_tiny_prior():
     from idto3d.bench.sds_guidance import bench_guidance
 
     rows = bench_guidance(repeats=1, quick=True)
-    assert [r["baseline"] for r in rows] == ["tiny vae"] * 2 and rows[0]["ratio"] == 1.0
+    assert [r["baseline"] for r in rows] == ["tiny vae"] * 3 and rows[0]["ratio"] == 1.0
+    assert "guidance terms" in rows[2]["case"]
     assert all(r["ms"] > 0 and r["stage"] == "guidance" for r in rows)
+
+
+@pytest.mark.parametrize("scale", [7.5, 1.0])
+@pytest.mark.parametrize("s_id,s_exp", [(2.0, 0.0), (0.0, 1.5), (2.0, 1.5)])
+def test_branch_guidance_adds_each_branch_only_direction_to_the_cfg_estimate(prior, scale, s_id, s_exp):
+    randomize_adapters(prior)
+    cfg = GuidanceConfig(latent_size=8, guidance_scale=scale, lambda_id=0.8, lambda_exp=0.6,
+                         id_guidance_scale=s_id, exp_guidance_scale=s_exp)
+    guidance = SDSGuidance(prior, cfg, "texture_diffuse", total_steps=10)
+    z_t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    cond = GuidanceCond(prompts=[PROMPT], id_embedding=id_vector(0), expressions=["smile"])
+    with torch.no_grad():
+        got = guidance.predict_noise(z_t, 400, cond)
+        text, exp = prior.encode_text([PROMPT]).expand(2, -1, -1), prior.encode_expressions(["smile"])
+
+        def eps(lam_id: float, lam_exp: float) -> torch.Tensor:
+            return prior.predict_noise(z_t, 400, text, id_vector(0), exp, lambda_id=lam_id, lambda_exp=lam_exp)
+
+        e_c, e_no_id, e_no_exp = eps(0.8, 0.6), eps(0.0, 0.6), eps(0.8, 0.0)
+        e_u = prior.predict_noise(z_t, 400, prior.encode_text([""]).expand(2, -1, -1))
+    plain = e_u + scale * (e_c - e_u) if scale != 1.0 else e_c
+    # both branches matter, so each term is tested
+    assert (e_c - e_no_id).abs().max() > 1e-3 and (e_c - e_no_exp).abs().max() > 1e-3
+    torch.testing.assert_close(got, plain + s_id * (e_c - e_no_id) + s_exp * (e_c - e_no_exp), rtol=1e-4, atol=2e-5)
+    # Off (the default), the estimate is plain CFG again.
+    guidance.config.id_guidance_scale = guidance.config.exp_guidance_scale = 0.0
+    with torch.no_grad():
+        torch.testing.assert_close(guidance.predict_noise(z_t, 400, cond), plain, rtol=1e-4, atol=2e-5)

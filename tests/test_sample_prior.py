@@ -38,3 +38,9 @@ def test_samples_are_deterministic_and_follow_the_identity_only_through_its_bran
                "--steps", "3", "--lambda-id", "0"]
     assert np.array_equal(off, _grid([*swapped, "-o", str(tmp_path / "d.png")]))
     assert not np.array_equal(a, _grid([*swapped[:-2], "-o", str(tmp_path / "e.png")]))
+    # the ID-only guidance term moves the samples, and vanishes with the ID branch off (nothing to extrapolate)
+    # (up to float noise: the term adds a part to the batched UNet call, which sums in another order)
+    moved = np.abs(_grid([*base, "--id-guidance", "2", "-o", str(tmp_path / "f.png")]) - a).max()
+    vanished = np.abs(_grid([*base, "--lambda-id", "0", "--id-guidance", "2", "-o", str(tmp_path / "g.png")]) - off)
+    assert vanished.max() <= 1 < moved, (vanished.max(), moved)
+    assert np.abs(_grid([*base, "--exp-guidance", "2", "-o", str(tmp_path / "h.png")]) - a).max() > 0

@@ -2,8 +2,9 @@
 
 Rows: the tiny SD1.5-architecture prior (VAE latents of a 64x64 render: the baseline), the tiny prior with
 downsampled-normal latents, and a full-size SD1.5 UNet (random weights from its config, with our adapters)
-at 64x64 latents, classifier-free guidance (batch 2) as in a run. The full-size UNet's text, ID and
-expression inputs are random tensors of the real sizes, and its latents are the Fantasia3D-style
+at 64x64 latents, classifier-free guidance (batch 2) as in a run; and the tiny prior with the two branch-only
+guidance terms on (batch 4: the cost of ``id_guidance_scale`` / ``exp_guidance_scale``). The full-size UNet's
+text, ID and expression inputs are random tensors of the real sizes, and its latents are the Fantasia3D-style
 downsampled renders: the SD1.5 VAE alone would add ~20 s per step on this CPU (DESIGN.md), and no
 weights are downloaded. ``quick`` skips the full-size row (tens of seconds per step on 2 CPU cores).
 """
@@ -53,7 +54,10 @@ def bench_guidance(repeats: int = 5, quick: bool = False) -> list[dict]:
         cases = [("tiny SD1.5 (1M UNet), vae latents 8x8 of a 64x64 render",
                   GuidanceConfig(latent_mode="vae", latent_size=8), 64),
                  ("tiny SD1.5 (1M UNet), downsampled latents 64x64",
-                  GuidanceConfig(latent_mode="downsample", latent_size=64), 256)]
+                  GuidanceConfig(latent_mode="downsample", latent_size=64), 256),
+                 ("tiny, vae latents 8x8, + ID and expression guidance terms (batch 4)",
+                  GuidanceConfig(latent_mode="vae", latent_size=8, id_guidance_scale=1.0, exp_guidance_scale=1.0),
+                  64)]
         base_ms = None
         for case, cfg, res in cases:
             images = torch.rand(1, 3, res, res, requires_grad=True)

@@ -306,6 +306,10 @@ def sample_prior_cmd(
     steps: Annotated[int, typer.Option(help="DDIM steps.")] = 25,
     cfg_scale: Annotated[float, typer.Option("--cfg", help="Classifier-free guidance scale.")] = 3.0,
     lambda_id: Annotated[float, typer.Option(help="Weight of the ID branch (0 = off).")] = 1.0,
+    id_guidance: Annotated[float, typer.Option(help="ID-only guidance scale (prior.guidance.id_guidance_scale; "
+                                               "0 = off).")] = 0.0,
+    exp_guidance: Annotated[float, typer.Option(help="Expression-only guidance scale "
+                                                "(prior.guidance.exp_guidance_scale; 0 = off).")] = 0.0,
     seed: Annotated[int, typer.Option(help="Seed of the initial noise.")] = 0,
     device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda when present).")] = None,
 ) -> None:
@@ -324,7 +328,8 @@ def sample_prior_cmd(
     exps = list(expression) if expression else ["neutral"]
     specs = [SampleSpec(prompt.format(view=v, what=what), i, e) for i in ids for v in (view or ["front"])
              for e in exps]
-    images = ddim_samples(prior, specs, steps=steps, guidance_scale=cfg_scale, lambda_id=lambda_id, seed=seed)
+    images = ddim_samples(prior, specs, steps=steps, guidance_scale=cfg_scale, lambda_id=lambda_id,
+                          id_guidance_scale=id_guidance, exp_guidance_scale=exp_guidance, seed=seed)
     save_png(image_grid(images, len(exps)), out)
     console.print(f"{len(specs)} samples ({len(ids)} identities x {len(view or ['front'])} views x {len(exps)} "
                   f"expressions) -> {out}")

@@ -280,6 +280,12 @@ class GuidanceConfig:
     guidance_scale: float = _opt(10.0, ge=0.0, help="classifier-free guidance weight (paper: 10)")
     lambda_id: float = _opt(1.0, ge=0.0, help="weight of the ID cross-attention branch (eq. 4)")
     lambda_exp: float = _opt(1.0, ge=0.0, help="weight of the expression cross-attention branch (eq. 4)")
+    id_guidance_scale: float = _opt(0.0, ge=0.0,
+                                    help="an ID-only guidance term, s_id (eps_cond - eps_cond without ID), added "
+                                         "to the CFG estimate (one more UNet batch element; 0 = off, the paper)")
+    exp_guidance_scale: float = _opt(0.0, ge=0.0,
+                                     help="the same for the expression branch: s_exp (eps_cond - eps_cond without "
+                                          "expression tokens) (0 = off, the paper)")
     latent_mode: str = _opt("vae", choices=("vae", "downsample"),
                             help="vae: encode renders with the VAE; downsample: renders (+mask) resized to "
                                  "latent_size and used as the 4 latent channels (Fantasia3D, cheap on CPU)")

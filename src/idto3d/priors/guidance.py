@@ -240,8 +240,10 @@ class SDSGuidance(ScoreDistillation):
     """SDS with a ``Prior`` and classifier-free guidance (scale ``config.guidance_scale``, paper: 10).
 
     The unconditional half uses the negative prompt and no expression tokens; its ID branch is off, or (prior
-    conventions ``uncond_id: zero``, as IP-Adapter FaceID) attends to the projected zero embedding. Both halves
-    run in one batched UNet call with per-sample branch weights.
+    conventions ``uncond_id: zero``, as IP-Adapter FaceID) attends to the projected zero embedding. With
+    ``config.id_guidance_scale`` (``exp_guidance_scale``) > 0 another part, the conditional one with its ID
+    (expression) branch off, adds an ID-only (expression-only) guidance term (not in the paper). All parts run
+    in one batched UNet call with per-sample branch weights.
     """
 
     def __init__(self, prior: Any, config: GuidanceConfig | None = None,
@@ -279,29 +281,68 @@ class SDSGuidance(ScoreDistillation):
         exp = cond.expression_embeddings
         if exp is None and cond.expressions is not None:
             exp = prior.encode_expressions(list(cond.expressions))
-        if cfg.guidance_scale == 1.0:
+        ids = None if cond.id_embedding is None else prior.id_tokens(cond.id_embedding, b)
+        # Branch-only guidance terms, s (eps_cond - eps_cond with that branch off): one more batch part each.
+        id_guided = ids is not None and cfg.id_guidance_scale > 0
+        exp_guided = exp is not None and cfg.exp_guidance_scale > 0
+        cfg_guided = cfg.guidance_scale != 1.0
+        if not (cfg_guided or id_guided or exp_guided):
             return prior.predict_noise(z_t, t, text, cond.id_embedding, exp, cfg.lambda_id, cfg.lambda_exp)
+        parts = self._parts(cond, text, ids, b, cfg_guided, id_guided, exp_guided)
+        exp_tokens = None if exp is None else prior.exp_tokens(exp, b)
+        eps = prior.predict_noise_tokens(
+            torch.cat([z_t] * len(parts)), t, torch.cat([p[0] for p in parts]),
+            id_tokens=None if ids is None else torch.cat([p[1] for p in parts]),
+            exp_tokens=None if exp_tokens is None else torch.cat([exp_tokens] * len(parts)),
+            lambda_id=torch.cat([p[2] for p in parts]), lambda_exp=torch.cat([p[3] for p in parts]))
+        chunks = list(eps.chunk(len(parts)))
+        eps_u = chunks.pop(0) if cfg_guided else None
+        eps_c = chunks.pop(0)
+        out = eps_c if eps_u is None else eps_u + cfg.guidance_scale * (eps_c - eps_u)
+        # Output-space extrapolation along one branch's direction alone (as CFG does for all conditions at once),
+        # where a larger lambda would push that branch's attention off what the prior was trained on.
+        if id_guided:
+            out = out + cfg.id_guidance_scale * (eps_c - chunks.pop(0))
+        if exp_guided:
+            out = out + cfg.exp_guidance_scale * (eps_c - chunks.pop(0))
+        return out
+
+    def _parts(self, cond: GuidanceCond, text: torch.Tensor, ids: torch.Tensor | None, b: int,
+               cfg_guided: bool, id_guided: bool, exp_guided: bool) -> list[tuple]:
+        """The batch's parts, each (text, ID tokens, lambda_id, lambda_exp): unconditional, conditional, no ID,
+        no expression (those asked for, in this order)."""
+        cfg, device = self.config, self.prior.device
+        # Per-sample branch weights made on the prior's device: host tensors would be copied in every layer.
+        off, on = torch.zeros(b, device=device), torch.ones(b, device=device)
+        conditional = (text, ids, on * cfg.lambda_id, on * cfg.lambda_exp)
+        parts = [self._unconditional_part(cond, ids, b, off, on)] if cfg_guided else []
+        parts.append(conditional)
+        if id_guided:
+            parts.append((text, *self._id_off(ids, b, off, on), on * cfg.lambda_exp))
+        if exp_guided:
+            parts.append((*conditional[:3], off))
+        return parts
+
+    def _unconditional_part(self, cond: GuidanceCond, ids: torch.Tensor | None, b: int,
+                            off: torch.Tensor, on: torch.Tensor) -> tuple:
+        """The CFG branch: the negative prompt, no expression, and the ID branch off (or, prior conventions
+        ``uncond_id: zero`` as IP-Adapter FaceID, attending to the projected zero embedding)."""
+        prior = self.prior
         if cond.negative_text_embeddings is not None:
             uncond = cond.negative_text_embeddings.to(prior.device, prior.dtype)
         else:
             uncond = prior.encode_text([cond.negative_prompt])
         uncond = uncond.expand(b, -1, -1) if uncond.shape[0] == 1 else uncond
-        ids = None if cond.id_embedding is None else prior.id_tokens(cond.id_embedding, b)
-        # Per-sample branch weights made on the prior's device: host tensors would be copied in every layer.
-        off, on = torch.zeros(b, device=prior.device), torch.ones(b, device=prior.device)
-        uncond_ids, uncond_lam_id = ids, off
+        return uncond, *self._id_off(ids, b, off, on), off
+
+    def _id_off(self, ids: torch.Tensor | None, b: int, off: torch.Tensor,
+                on: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """ID tokens and branch weight of "no identity", as the prior was trained to read it."""
         if ids is not None and getattr(self.conventions, "uncond_id", "off") == "zero":
-            # IP-Adapter FaceID's unconditional branch: the projection of a zero embedding, attended as usual
-            uncond_ids = prior.id_tokens(torch.zeros(prior.spec.id_dim, device=prior.device), b,
-                                           unconditional=True)
-            uncond_lam_id = on * cfg.lambda_id
-        eps = prior.predict_noise_tokens(
-            torch.cat([z_t, z_t]), t, torch.cat([uncond, text]),
-            id_tokens=None if ids is None else torch.cat([uncond_ids, ids]),
-            exp_tokens=None if exp is None else torch.cat([prior.exp_tokens(exp, b)] * 2),
-            lambda_id=torch.cat([uncond_lam_id, on * cfg.lambda_id]), lambda_exp=torch.cat([off, on * cfg.lambda_exp]))
-        eps_u, eps_c = eps.chunk(2)
-        return eps_u + cfg.guidance_scale * (eps_c - eps_u)
+            prior = self.prior
+            zero = prior.id_tokens(torch.zeros(prior.spec.id_dim, device=prior.device), b, unconditional=True)
+            return zero, on * self.config.lambda_id
+        return ids, off
 
 
 class OracleGuidance(ScoreDistillation):

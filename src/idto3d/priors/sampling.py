@@ -28,13 +28,15 @@ class SampleSpec:
 
 
 def ddim_samples(prior, specs: Sequence[SampleSpec], *, steps: int = 25, guidance_scale: float = 3.0,
-                 lambda_id: float = 1.0, seed: int = 0, eta: float = 0.0) -> torch.Tensor:
+                 lambda_id: float = 1.0, id_guidance_scale: float = 0.0, exp_guidance_scale: float = 0.0,
+                 seed: int = 0, eta: float = 0.0) -> torch.Tensor:
     """``[N, H, W, 3]`` images in [0, 1], one per spec; sample ``i`` is a function of ``(seed, i)`` only."""
     from diffusers import DDIMScheduler
 
     from idto3d.priors.guidance import GuidanceCond, SDSGuidance
 
-    cfg = GuidanceConfig(guidance_scale=guidance_scale, lambda_id=lambda_id)
+    cfg = GuidanceConfig(guidance_scale=guidance_scale, lambda_id=lambda_id, id_guidance_scale=id_guidance_scale,
+                         exp_guidance_scale=exp_guidance_scale)
     guide = SDSGuidance(prior, cfg)
     downsampled = guide.config.latent_mode == "downsample"  # the prior records it: latents are the image
     size = guide.config.latent_size if downsampled else prior.resolution // prior.vae_scale_factor
