@@ -54,6 +54,17 @@ def test_plain_lines_are_throttled_and_carry_stage_loss_and_eta():
     assert len(out) == 3 and "it 52/100" in out[2]
 
 
+def test_a_resumed_loop_rates_only_the_iterations_this_process_ran():
+    clock, out = FakeClock(), []
+    lines = prog.PlainLines("train-prior normal", 20000, out.append, every=10.0, clock=clock, done=10000)
+    lines.start()
+    assert out[0] == "train-prior normal: it 10000/20000 (50%) | stage ETA ?"  # no rate before a step here
+    for _ in range(25):  # 25 steps in 10 s: 2.5 it/s, 10000 - 25 steps left
+        clock.t += 0.4
+        lines.update()
+    assert out[1] == f"train-prior normal: it 10025/20000 (50%) 2.5 it/s | stage ETA {prog.format_duration(9975 / 2.5)}"
+
+
 def test_pipeline_counts_stages_and_skips_unneeded_ones():
     clock = FakeClock()
     plan = prog.Pipeline(["a", "b", "c", "d"], clock)

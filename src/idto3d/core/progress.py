@@ -177,8 +177,10 @@ class PlainLines:
     fields: dict[str, float] = field(default_factory=dict)
     started: float = 0.0
     last: float = 0.0
+    resumed_at: int = 0                 # iterations done before this process started (a resumed run)
 
     def start(self) -> None:
+        self.resumed_at = self.done
         self.started = self.last = self.clock()
         self.write(self._line())
 
@@ -194,7 +196,9 @@ class PlainLines:
 
     def _line(self) -> str:
         elapsed = self.clock() - self.started
-        rate = self.done / elapsed if elapsed > 0 and self.done else None
+        # Only this process's iterations make the rate: a resumed run's earlier ones took no time here.
+        ran = self.done - self.resumed_at
+        rate = ran / elapsed if elapsed > 0 and ran else None
         remaining = (self.total - self.done) / rate if rate else None
         where = f"{self.plan.label()} / {self.description}" if self.plan and self.plan.index else self.description
         pct = f" ({100 * self.done / self.total:.0f}%)" if self.total else ""
@@ -210,15 +214,19 @@ class PlainLines:
 
 @contextmanager
 def progress_bar(description: str, total: int, console: Console | None = None,
-                 enabled: bool = True) -> Iterator[Callable[..., None]]:
-    """Yield ``update(advance=1, **fields)``; fields (e.g. ``loss``) are shown after the bar (or in the line)."""
+                 enabled: bool = True, completed: int = 0) -> Iterator[Callable[..., None]]:
+    """Yield ``update(advance=1, **fields)``; fields (e.g. ``loss``) are shown after the bar (or in the line).
+
+    ``completed``: iterations a resumed run did before; counted in the bar, not in the rate or the ETA.
+    """
     if not enabled:
         yield lambda advance=1, **fields: None
         return
     console = console or Console(stderr=True)
     plan = _PIPELINE.get()
     if _plain(console):
-        lines = PlainLines(description, total, lambda line: _emit(console, line), progress_every(), plan=plan)
+        lines = PlainLines(description, total, lambda line: _emit(console, line), progress_every(), plan=plan,
+                           done=completed)
         lines.start()
         yield lines.update
         lines.finish()
@@ -227,7 +235,7 @@ def progress_bar(description: str, total: int, console: Console | None = None,
                TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn()]
     title = f"{plan.short()} {description}" if plan is not None and plan.index else description
     with Progress(*columns, console=console, transient=False) as prog:
-        task = prog.add_task(title, total=total, info="")
+        task = prog.add_task(title, total=total, info="", completed=completed)
 
         def update(advance: int = 1, **fields: float) -> None:
             t = prog.tasks[task]

@@ -325,10 +325,9 @@ def _train_loop(t: _Training, start: int, batches: Iterator, t0: float, progress
     t.objective.train()
     # Only the main process writes the log; the others get None and never touch it.
     log_file = t.log_path.open("a", encoding="utf-8") if t.main else nullcontext()
-    with progress_bar(f"train-prior {t.domain}", total=tc.steps, enabled=progress and t.main,
-                      console=console) as update, log_file as log, reproducible_kernels(t.accelerator.device):
-        if start:
-            update(advance=min(start, tc.steps))
+    with progress_bar(f"train-prior {t.domain}", total=tc.steps, enabled=progress and t.main, console=console,
+                      completed=min(start, tc.steps)) as update, log_file as log, \
+            reproducible_kernels(t.accelerator.device):
         for step in range(start + 1, tc.steps + 1):
             last = _train_step(t, step, batches)
             if t.main:
