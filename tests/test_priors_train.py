@@ -169,6 +169,7 @@ def test_cli_renders_then_trains_and_resumes_end_to_end(base, tmp_path):
     res = runner.invoke(app, args + ["--set", "prior.train.steps=3", "--resume"])
     assert res.exit_code == 0, res.output
     assert "trained steps 2..3 on 4 images" in res.output
+    assert "train-prior albedo: it 2/3 (67%) | stage ETA ?" in res.output  # resumed: counted, not rated
     ckpts = sorted(p.name for p in (tmp_path / "prior" / "checkpoints").iterdir())
     assert ckpts == ["step_000002", "step_000003"]
     prior = load_prior(tmp_path / "prior")
