@@ -166,13 +166,12 @@ def _checkpoint(state: StageState, counters: StageCounters, files: SDSFiles, ite
 def _loop(spec: SDSStage, state: StageState, counters: StageCounters, step: Callable[[int], SDSStep],
           preview: Callable[[], None], start: int, end: int, console: Console | None, progress: bool) -> None:
     files, total = spec.files, spec.iterations
-    title = spec.title if start == 0 else f"{spec.name} SDS (resumed at {start}/{total})"
 
     def too_many(at: int, c: StageCounters) -> IdtoError:
         return bad_steps_error(spec.name, at, c, files.checkpoint, spec.hint)
 
     note_write(files.log)  # appended to in place (a killed run's tail is cut on resume), not written atomically
-    with progress_bar(title, end - start, console, enabled=progress) as update, \
+    with progress_bar(spec.title, end, console, enabled=progress, completed=start) as update, \
             files.log.open("a", encoding="utf-8") as log_file:
         log = StepLog(log_file, spec.log_every, counters, spec.max_bad_steps, too_many)
         for it in range(start, end):
