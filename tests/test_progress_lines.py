@@ -65,6 +65,20 @@ def test_a_resumed_loop_rates_only_the_iterations_this_process_ran():
     assert out[1] == f"train-prior normal: it 10025/20000 (50%) 2.5 it/s | stage ETA {prog.format_duration(9975 / 2.5)}"
 
 
+def test_a_resumed_sds_stage_counts_its_earlier_iterations_but_does_not_rate_them(tmp_path, monkeypatch):
+    from geometry_stage_driver import oracle_guidance, run_geometry, sphere_field, stage_config
+
+    monkeypatch.setenv(prog.EVERY_ENV, "0")
+    cfg = stage_config(["geometry.iterations=4", "geometry.checkpoint_every=2"])
+    run_geometry(tmp_path / "run", cfg, oracle_guidance(cfg), sphere_field(cfg), stop_after=2, progress=False)
+    stream = io.StringIO()
+    run_geometry(tmp_path / "run", cfg, oracle_guidance(cfg), sphere_field(cfg),
+                 console=Console(file=stream, force_terminal=False), progress=True)
+    lines = [x for x in stream.getvalue().splitlines() if ": it " in x]
+    assert lines[0].endswith(": it 2/4 (50%) | stage ETA ?"), lines  # the resume: counted, no rate yet
+    assert re.search(r": it 3/4 \(75%\) .* it/s \| stage ETA ", lines[1]), lines
+
+
 def test_pipeline_counts_stages_and_skips_unneeded_ones():
     clock = FakeClock()
     plan = prog.Pipeline(["a", "b", "c", "d"], clock)
