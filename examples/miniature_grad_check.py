@@ -17,9 +17,16 @@ knows the subject leaves it where it is). ``--delta id`` measures only what the 
 eps_hat(ID on) - eps_hat(ID off) over the same noises (does the identity conditioning point at the subject,
 whatever error the rest of the prior carries?). Every row also gives ``step``, |g| in units of |d0|, the oracle's step
 from the template, so steps from different starts compare; from ``truth`` d = 0, so along / across / cos are
-measured against d0 (along < 0: the prior pushes the truth back toward the template). Usage:
+measured against d0 (along < 0: the prior pushes the truth back toward the template).
 
-    python examples/miniature_grad_check.py WORK SUBJECT [--prior WORK/prior] [--start MESH|truth] [--set k=v ...]
+``--expression E`` makes the subject's scan in expression E the target and conditions the prior on E, as SDS does
+for that expression's mesh. ``--start truth:neutral`` then starts from the subject's neutral scan, so d is exactly
+the expression's own change, rendered from the same cameras; ``--delta expression`` keeps only what the expression
+condition adds (eps_hat(E) - eps_hat(neutral) over the same noises): does asking for E point from neutral toward E,
+and how far? Usage:
+
+    python examples/miniature_grad_check.py WORK SUBJECT [--prior WORK/prior] [--expression E]
+        [--start MESH|truth|truth:EXPR] [--delta id|expression] [--set k=v ...]
 
 SUBJECT's identity is read from WORK/ids or WORK/ids_heldout; prints one JSON row per timestep.
 """
@@ -35,6 +42,7 @@ from pathlib import Path
 import torch
 
 from idto3d.core.config import load_config
+from idto3d.core.expressions import EXPRESSION_NAMES
 from idto3d.geometry.mesh_io import load_mesh
 from idto3d.identity.io import load_identity
 from idto3d.priors.guidance import GuidanceCond, SDSGuidance
@@ -81,12 +89,15 @@ def split(g: torch.Tensor, d: torch.Tensor, d0: torch.Tensor | None = None) -> d
             "step": float(step.mean())}
 
 
-def start_mesh(cfg, start: str | None, truth):
-    """The surface the steps are measured from: the generic template (SDS's start), the truth, or a mesh file."""
+def start_mesh(cfg, start: str | None, truth, scans=None):
+    """The surface the steps are measured from: the generic template (SDS's start), the truth, the subject's scan
+    in another expression (``truth:EXPR``, through ``scans(EXPR)``), or a mesh file."""
     if start in (None, "template"):
         return resolve_template(cfg)
     if start == "truth":
         return truth
+    if start.startswith("truth:") and scans is not None:
+        return scans(start.removeprefix("truth:"))
     if not Path(start).is_file():
         raise SystemExit(f"error: --start {start}: no such mesh file (or 'truth')")
     return load_mesh(start)
@@ -101,8 +112,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--draws", type=int, default=8)
     ap.add_argument("--timesteps", default="100,300,500")
     ap.add_argument("--prompt", default="a person", help="the subject text, as generate's --prompt")
-    ap.add_argument("--start", default=None, help="a mesh file or 'truth' (default: the generic template)")
-    ap.add_argument("--delta", choices=("id",), default=None, help="only the ID tokens' part of the step")
+    ap.add_argument("--start", default=None,
+                    help="a mesh file, 'truth' or 'truth:EXPR' (default: the generic template)")
+    ap.add_argument("--expression", default="neutral", help="the target scan's expression and the prior's condition")
+    ap.add_argument("--delta", choices=("id", "expression"), default=None,
+                    help="only the ID tokens' (or the expression condition's) part of the step")
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     args = ap.parse_args(argv)
     cfg = load_config("miniature", overrides=EXPERIMENT + args.overrides)
@@ -110,7 +124,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     guidance = SDSGuidance(prior, cfg.prior.guidance)
     from miniature_oracle import subject_scans  # the examples folder is on sys.path when run as a script
 
-    truth = subject_scans(args.work, args.subject, ["neutral"])[0]
+    if args.expression not in EXPRESSION_NAMES:
+        raise SystemExit(f"error: --expression {args.expression}: not one of {', '.join(EXPRESSION_NAMES)}")
+    if args.delta == "expression" and args.expression == "neutral":
+        raise SystemExit("error: --delta expression needs --expression other than neutral")
+    def scans(expression: str):
+        if expression not in EXPRESSION_NAMES:
+            raise SystemExit(f"error: --start truth:{expression}: not an expression")
+        return subject_scans(args.work, args.subject, [expression])[0]
+
+    truth = scans(args.expression)
     gen = torch.Generator().manual_seed(cfg.seed)
     cam = cfg.render.camera
     cams = sample_orbit_cameras(args.views, cam.elevation_deg, cam.azimuth_deg, cam.radius, cam.fov_deg,
@@ -120,19 +143,23 @@ def main(argv: list[str] | None = None) -> list[dict]:
         return guidance.encode(render_for_guidance(mesh, cams, cfg.render.resolution, None, conv))
 
     z0 = encode(resolve_template(cfg))
-    z = z0 if args.start in (None, "template") else encode(start_mesh(cfg, args.start, truth))
+    z = z0 if args.start in (None, "template") else encode(start_mesh(cfg, args.start, truth, scans))
     # The oracle's z*: the ground truth rendered exactly as the SDS start is (priors/mesh_oracle.py)
     z_star = encode(truth)
     cond = GuidanceCond(prompts=geometry_prompts(cams, args.prompt, conv), negative_prompt=conv.negative_prompt,
-                        id_embedding=_identity(args.work, args.subject), expressions=["neutral"] * len(cams))
-    off = SDSGuidance(prior, dataclasses.replace(cfg.prior.guidance, lambda_id=0.0)) if args.delta else None
+                        id_embedding=_identity(args.work, args.subject), expressions=[args.expression] * len(cams))
+    off, off_cond = guidance, cond
+    if args.delta == "id":
+        off = SDSGuidance(prior, dataclasses.replace(cfg.prior.guidance, lambda_id=0.0))
+    elif args.delta == "expression":
+        off_cond = dataclasses.replace(cond, expressions=["neutral"] * len(cams))
 
     def step(t: int) -> torch.Tensor:
-        if off is None:
+        if args.delta is None:
             return mean_steps(guidance, z, t, cond, args.draws, gen)
-        state = gen.get_state()  # the same noises for both halves: their difference is the ID tokens' alone
+        state = gen.get_state()  # the same noises for both halves: their difference is the condition's alone
         on = mean_steps(guidance, z, t, cond, args.draws, gen)
-        return on - mean_steps(off, z, t, cond, args.draws, torch.Generator().set_state(state))
+        return on - mean_steps(off, z, t, off_cond, args.draws, torch.Generator().set_state(state))
 
     rows = []
     for t in (int(x) for x in args.timesteps.split(",")):
@@ -140,7 +167,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         scale = math.sqrt(abar / (1 - abar))
         d0 = scale * (z0 - z_star)
         d = d0 if args.start == "truth" else scale * (z - z_star)
-        row = {"t": t, "start": args.start or "template", "delta": args.delta, "cfg": cfg.prior.guidance.guidance_scale,
+        row = {"t": t, "start": args.start or "template", "expression": args.expression, "delta": args.delta, "cfg": cfg.prior.guidance.guidance_scale,
                "lambda_id": cfg.prior.guidance.lambda_id, "latent_size": guidance.config.latent_size,
                "d_rms": float((scale * (z - z_star)).square().mean().sqrt()),
                **split(step(t), d, d0)}

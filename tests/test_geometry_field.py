@@ -143,3 +143,31 @@ def test_the_expression_codes_keep_their_rate_when_the_network_is_slowed():
     assert 0.5e-4 < moved["codes"] < 1.05e-4, moved["codes"]
     assert 0.5e-3 < max(v for n, v in moved.items() if n.startswith("encoding")) < 1.05e-3
     assert max(v for n, v in moved.items() if n.startswith("blocks")) < 1.5e-6  # float32 weights near 1: ulp 1.2e-7
+
+
+def test_the_code_path_moves_at_the_codes_rate_and_the_vertices_route_stays_slow():
+    """``geometry.code_path``: the layers only the codes pass through (``code_in``, the code norms and MLPs) join
+    the codes' group; every layer a vertex's features pass through stays at the network's rate."""
+    from idto3d.nn.state import field_parameter_groups
+
+    field = _small_field(n_expressions=2)
+    _fit_radius(field, 0, 0.5, steps=3)
+    groups = field_parameter_groups(field, 1e-6, 1000.0, code_lr_scale=100.0, code_path=True)
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert len(ids) == len(set(ids)) == len(list(field.parameters()))
+    before = {n: p.detach().clone() for n, p in field.named_parameters()}
+    opt = torch.optim.Adam(groups)
+    sdf, _ = field.query(torch.rand(2000, 3, generator=torch.Generator().manual_seed(1)) * 2 - 1, 0)
+    sdf.square().mean().backward()
+    opt.step()
+    moved = {n: (p.detach() - before[n]).abs().max().item() for n, p in field.named_parameters()}
+    code_path = [n for n in moved if n == "codes" or n.startswith("code_in")
+                 or any(f".{m}." in n for m in ("norm_c", "norm_code_mlp", "code_mlp"))]
+    # The last block's code MLP feeds nothing (the codes are not read after it): no gradient, no move.
+    live = [n for n in code_path if (g := field.get_parameter(n).grad) is not None and g.abs().max() > 0]
+    assert {"codes", "code_in.weight", "blocks.0.norm_c.weight", "blocks.0.code_mlp.0.weight",
+            "blocks.1.norm_c.weight"} <= set(live)
+    for n in live:
+        assert 0.5e-4 < moved[n] < 1.05e-4, (n, moved[n])
+    vertex_route = [n for n in moved if n not in code_path and not n.startswith("encoding")]
+    assert vertex_route and all(moved[n] < 1.5e-6 for n in vertex_route), vertex_route

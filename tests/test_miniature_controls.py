@@ -142,3 +142,52 @@ def test_render_dataset_records_a_face_centred_camera_and_keeps_older_datasets_r
     assert refused.exit_code != 0 and "different settings (camera)" in refused.output
     assert render(tmp_path / "face", *FACE).exit_code == 0
     assert json.loads((tmp_path / "face" / "dataset.json").read_text())["camera"]["target"] == [0.0, -0.15, 0.25]
+
+
+def test_expression_check_measures_progress_along_the_truths_gap():
+    check = _example("miniature_expression_check")
+    gen = torch.Generator().manual_seed(0)
+    n, e, orth = (torch.randn(2, 4, 8, 8, generator=gen) for _ in range(3))
+    gap = e - n
+    orth -= (orth * gap).sum() / (gap * gap).sum() * gap
+    assert check.progress(n, n, e) == pytest.approx((0.0, 0.0), abs=1e-9)
+    assert check.progress(e, n, e) == pytest.approx((1.0, 0.0), abs=1e-9)
+    p, off = check.progress(n + 0.3 * gap + orth, n, e)
+    assert p == pytest.approx(0.3, abs=1e-6) and off == pytest.approx(float(orth.norm() / gap.norm()), rel=1e-6)
+
+
+def test_expression_check_puts_a_run_of_the_truths_at_0_and_1_and_a_swapped_one_on_the_wrong_side(work, monkeypatch):
+    import shutil
+
+    from idto3d.core.expressions import EXPRESSION_NAMES
+
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    check = _example("miniature_expression_check")
+    scans = work / "scans" / "001"
+    neutral, mouth = (scans / f"{EXPRESSION_NAMES.index(e):03d}" / "scan.ply" for e in ("neutral", "mouth_open"))
+    for variant, (for_neutral, for_mouth) in {"truths": (neutral, mouth), "swapped": (mouth, neutral)}.items():
+        geo = work / "runs" / variant / "001" / "geometry"
+        geo.mkdir(parents=True)
+        shutil.copy(for_neutral, geo / "neutral.ply")
+        shutil.copy(for_mouth, geo / "mouth_open.ply")
+    runs = [str(work / "runs" / v / "001") for v in ("truths", "swapped")]
+    rows = check.main([str(work), *runs, "--views", "3"] + [a for kv in FACE for a in ("--set", kv)])
+    got = {(r["variant"], r["mesh"]): r for r in rows if "run" in r}
+    assert got["truths", "neutral"]["progress"] == pytest.approx(0.0, abs=1e-9)
+    assert got["truths", "mouth_open"]["progress"] == pytest.approx(1.0, abs=1e-9)
+    assert got["swapped", "neutral"]["progress"] == pytest.approx(1.0, abs=1e-9)
+    assert all(r["closer_to_own"] for (v, _), r in got.items() if v == "truths")
+    assert not any(r["closer_to_own"] for (v, _), r in got.items() if v == "swapped")
+    means = {(r["variant"], r["mesh"]): r for r in rows if "runs" in r}
+    assert means["swapped", "mouth_open"]["closer_to_own"] == 0.0 and means["truths", "neutral"]["runs"] == 1
+    with pytest.raises(SystemExit, match="not an expression other than neutral"):
+        check.main([str(work), "--expression", "neutral"])
+
+
+def test_gradient_check_can_start_from_the_subjects_scan_in_another_expression():
+    check = _example("miniature_grad_check")
+    scans = {"neutral": "neutral scan", "mouth_open": "mouth_open scan"}.__getitem__
+    assert check.start_mesh(None, "truth:neutral", "target scan", scans) == "neutral scan"
+    assert check.start_mesh(None, "truth", "target scan", scans) == "target scan"
+    with pytest.raises(SystemExit, match="no such mesh file"):
+        check.start_mesh(None, "nowhere.ply", "target scan", scans)

@@ -71,7 +71,7 @@ def time_geometry_step(cfg: Config, field: torch.nn.Module, guidance: Any, id_em
 
     device = device or torch.device("cpu")
     opt = torch.optim.Adam(field_parameter_groups(field, cfg.geometry.lr, cfg.geometry.encoding_lr_scale,
-                                                  cfg.geometry.code_lr_scale),
+                                                  cfg.geometry.code_lr_scale, cfg.geometry.code_path),
                            fused=True)
     rast = get_rasterizer(rasterizer_name(cfg.render.backend, cfg.runtime.fast_paths), device)
     guidance.deferred_checks = True  # as the stage runs it: no per-step wait for the device

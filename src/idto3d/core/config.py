@@ -113,6 +113,10 @@ class GeometryConfig:
     # A learned prior's noisy score reaches the whole head through the shared transformer; slowing the network
     # (lr) keeps the face but would freeze the expression codes with it (README, miniature experiment run 6).
     code_lr_scale: float = _opt(1.0, gt=0.0, help="the expression codes' lr = lr x this (1: the network's lr)")
+    # With the transformer slowed, a code alone can only pick among the few global deformations the frozen
+    # layers map it to (README, miniature experiment run 10); the layers only codes pass through may follow.
+    code_path: bool = _opt(False, help="the codes' rate also for the layers only the codes pass through (code_in, "
+                           "each block's code norms and code MLP)")
     laplacian_weight: float = _opt(5000.0, ge=0.0)
     batch_size: int = _opt(1, ge=1, le=64, help="cameras rendered per SDS step (one expression per step)")
     checkpoint_every: int = _opt(100, ge=1, help="iterations between checkpoints (geometry/ckpt.pt)")

@@ -62,6 +62,12 @@ class ExpressionField(nn.Module):
     def n_expressions(self) -> int:
         return int(self.codes.shape[0])
 
+    def code_path_parameters(self) -> list[nn.Parameter]:
+        """The codes and the layers only they pass through (``code_in``, each block's code norms and ``code_mlp``):
+        what an expression can change without touching the vertices' own route through the transformer."""
+        only = [self.code_in] + [m for b in self.blocks for m in (b.norm_c, b.norm_code_mlp, b.code_mlp)]
+        return [self.codes] + [q for m in only for q in m.parameters()]
+
     def _check_index(self, expression: int) -> None:
         if not 0 <= int(expression) < self.n_expressions:
             raise IndexError(f"expression index {expression} out of range [0, {self.n_expressions})")

@@ -22,12 +22,13 @@ def cpu_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def field_parameter_groups(field: nn.Module, lr: float, encoding_lr_scale: float = 1.0,
-                           code_lr_scale: float = 1.0) -> list[dict]:
+                           code_lr_scale: float = 1.0, code_path: bool = False) -> list[dict]:
     """Optimizer groups of a field with an ``encoding``: the encoding's tables may need their own learning rate,
     and so may its expression ``codes`` (a third group only when ``code_lr_scale`` != 1, so checkpoints of
-    two-group runs still load)."""
+    two-group runs still load); with ``code_path`` that group also holds the layers only the codes pass through
+    (``field.code_path_parameters()``)."""
     enc = list(field.encoding.parameters())
-    codes = [field.codes] if code_lr_scale != 1.0 else []
+    codes = [] if code_lr_scale == 1.0 else field.code_path_parameters() if code_path else [field.codes]
     own = {id(p) for p in enc + codes}
     rest = [p for p in field.parameters() if id(p) not in own]
     groups = [{"params": rest, "lr": lr}, {"params": enc, "lr": lr * encoding_lr_scale}]

@@ -123,7 +123,7 @@ class _GeometryStep:
 def _stage(files: SDSFiles, cfg: Config, guidance: ScoreDistillation, field: ExpressionField, key: str) -> SDSStage:
     gcfg = cfg.geometry
     # fused: one kernel per step, and it can skip a non-finite step on the device (found_inf)
-    groups = field_parameter_groups(field, gcfg.lr, gcfg.encoding_lr_scale, gcfg.code_lr_scale)
+    groups = field_parameter_groups(field, gcfg.lr, gcfg.encoding_lr_scale, gcfg.code_lr_scale, gcfg.code_path)
     opt = torch.optim.Adam(groups, lr=gcfg.lr, fused=True)
     return SDSStage("geometry", files, CONDITIONED_ON, key, field, opt, {"guidance": guidance}, cfg.seed,
                     gcfg.iterations, gcfg.checkpoint_every, gcfg.preview_every, gcfg.max_bad_steps,
