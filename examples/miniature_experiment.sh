@@ -10,7 +10,8 @@
 # lambda_id=0) -> WORK/metrics.json (examples/miniature_metrics.py: whole-head and face-region Chamfer),
 # WORK/prior_check.json (miniature_prior_check.py: is the prior a denoiser, does its conditioning act) and
 # WORK/figure.html + figure.png (miniature_figure.py: held-out heads next to their ground truth, the samples),
-# WORK/grad_check.jsonl (miniature_grad_check.py: the prior's mean SDS step along / across the oracle's).
+# WORK/grad_check.jsonl (miniature_grad_check.py: the prior's mean SDS step along / across the oracle's) and
+# WORK/expression_check.jsonl (miniature_expression_check.py: each run's meshes along the gap between the truths).
 # With ORACLE=1 (default) each held-out subject is also run through the same geometry SDS guided by the exact
 # score of its own ground truth (runs/oracle, miniature_oracle.py): the control that separates schedule from prior.
 # Size knobs (environment), defaults = the README's run 4 (~55 min on 2 cores): TRAIN=48 HELDOUT=2
@@ -122,11 +123,19 @@ done
 step "metrics, gradient check, prior check, figure"
 $PY "$HERE/miniature_metrics.py" "$WORK"
 first=$(basename "$(ls "$WORK"/ids_heldout/*.safetensors | head -1)" .safetensors)
+OTHER=$(tr ',' '\n' <<< "$EXPRESSIONS" | grep -v '^neutral$' | head -1 || true)
 if [[ ! -f "$WORK/grad_check.jsonl" ]]; then
   # from the start, from the truth (the prior's own error floor) and the ID tokens' part alone
   GC=("$PY" "$HERE/miniature_grad_check.py" "$WORK" "$first" --set prior.base_model="$WORK/base" "${GEO[@]}")
-  { "${GC[@]}"; "${GC[@]}" --start truth; "${GC[@]}" --delta id; } > "$WORK/grad_check.part"
+  { "${GC[@]}"; "${GC[@]}" --start truth; "${GC[@]}" --delta id
+    # what asking for the other expression adds, from the neutral truth (README run 10)
+    [[ -z "$OTHER" ]] || "${GC[@]}" --expression "$OTHER" --start truth:neutral --delta expression; } > "$WORK/grad_check.part"
   mv "$WORK/grad_check.part" "$WORK/grad_check.jsonl"
+fi
+if [[ -n "$OTHER" && ",$EXPRESSIONS," == *",neutral,"* && ! -f "$WORK/expression_check.jsonl" ]]; then
+  # how far each run's meshes get along the gap from the neutral truth to the other expression's (README run 10)
+  $PY "$HERE/miniature_expression_check.py" "$WORK" --expression "$OTHER" "${GEO[@]}" > "$WORK/expression_check.part"
+  mv "$WORK/expression_check.part" "$WORK/expression_check.jsonl"
 fi
 [[ -f "$WORK/prior_check.json" ]] || $PY "$HERE/miniature_prior_check.py" "$WORK" > /dev/null
 $PY "$HERE/miniature_figure.py" "$WORK"

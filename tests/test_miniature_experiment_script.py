@@ -39,4 +39,11 @@ def test_the_experiment_runs_every_sds_run_under_every_seed(tmp_path):
     assert {v: g.id_guidance_scale for v, g in guidance.items()} == {"id": 0.5, "no_id": 0.0, "id.s1": 0.5}
     assert {g.exp_guidance_scale for g in guidance.values()} == {2.0}
     assert (tmp_path / "figure.png").is_file() and (tmp_path / "grad_check.jsonl").is_file()
+    grad = [json.loads(x) for x in (tmp_path / "grad_check.jsonl").read_text().splitlines()]
+    assert {(r["delta"], r["start"], r["expression"]) for r in grad} == {
+        (None, "template", "neutral"), (None, "truth", "neutral"), ("id", "template", "neutral"),
+        ("expression", "truth:neutral", "mouth_open")}
+    expr = [json.loads(x) for x in (tmp_path / "expression_check.jsonl").read_text().splitlines()]
+    assert {(r["variant"], r["mesh"]) for r in expr if "run" in r} == {
+        (v, m) for v in variants for m in ("neutral", "mouth_open")}
     assert "Over SDS seeds" in (tmp_path / "figure.html").read_text()
