@@ -121,6 +121,18 @@ def test_normal_map_loss_backpropagates_through_render_and_marching_tets_to_the_
     assert field.codes.grad[1].abs().sum() == 0
 
 
+def _first_adam_step(field, groups: list[dict]) -> dict[str, float]:
+    """Each parameter's largest change in one Adam step on an SDF loss (every parameter in exactly one group)."""
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert len(ids) == len(set(ids)) == len(list(field.parameters()))
+    before = {n: p.detach().clone() for n, p in field.named_parameters()}
+    opt = torch.optim.Adam(groups)
+    sdf, _ = field.query(torch.rand(2000, 3, generator=torch.Generator().manual_seed(1)) * 2 - 1, 0)
+    sdf.square().mean().backward()
+    opt.step()
+    return {n: (p.detach() - before[n]).abs().max().item() for n, p in field.named_parameters()}
+
+
 def test_the_expression_codes_keep_their_rate_when_the_network_is_slowed():
     """``geometry.code_lr_scale``: with the network at 1e-6 (the miniature experiment's slowed transformer), the
     codes still move at 1e-4; at the default the field keeps its two groups, so older checkpoints still load."""
@@ -131,14 +143,7 @@ def test_the_expression_codes_keep_their_rate_when_the_network_is_slowed():
     default = field_parameter_groups(field, 1e-4, 10.0)
     assert len(default) == 2 and any(p is field.codes for p in default[0]["params"])
     groups = field_parameter_groups(field, 1e-6, 1000.0, code_lr_scale=100.0)
-    ids = [id(p) for g in groups for p in g["params"]]
-    assert len(ids) == len(set(ids)) == len(list(field.parameters()))
-    before = {n: p.detach().clone() for n, p in field.named_parameters()}
-    opt = torch.optim.Adam(groups)
-    sdf, _ = field.query(torch.rand(2000, 3, generator=torch.Generator().manual_seed(1)) * 2 - 1, 0)
-    sdf.square().mean().backward()
-    opt.step()
-    moved = {n: (p.detach() - before[n]).abs().max().item() for n, p in field.named_parameters()}
+    moved = _first_adam_step(field, groups)
     # Adam's first step moves each entry by about its group's lr.
     assert 0.5e-4 < moved["codes"] < 1.05e-4, moved["codes"]
     assert 0.5e-3 < max(v for n, v in moved.items() if n.startswith("encoding")) < 1.05e-3
@@ -153,14 +158,7 @@ def test_the_code_path_moves_at_the_codes_rate_and_the_vertices_route_stays_slow
     field = _small_field(n_expressions=2)
     _fit_radius(field, 0, 0.5, steps=3)
     groups = field_parameter_groups(field, 1e-6, 1000.0, code_lr_scale=100.0, code_path=True)
-    ids = [id(p) for g in groups for p in g["params"]]
-    assert len(ids) == len(set(ids)) == len(list(field.parameters()))
-    before = {n: p.detach().clone() for n, p in field.named_parameters()}
-    opt = torch.optim.Adam(groups)
-    sdf, _ = field.query(torch.rand(2000, 3, generator=torch.Generator().manual_seed(1)) * 2 - 1, 0)
-    sdf.square().mean().backward()
-    opt.step()
-    moved = {n: (p.detach() - before[n]).abs().max().item() for n, p in field.named_parameters()}
+    moved = _first_adam_step(field, groups)
     code_path = [n for n in moved if n == "codes" or n.startswith("code_in")
                  or any(f".{m}." in n for m in ("norm_c", "norm_code_mlp", "code_mlp"))]
     # The last block's code MLP feeds nothing (the codes are not read after it): no gradient, no move.
