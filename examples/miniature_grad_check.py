@@ -114,7 +114,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--prompt", default="a person", help="the subject text, as generate's --prompt")
     ap.add_argument("--start", default=None,
                     help="a mesh file, 'truth' or 'truth:EXPR' (default: the generic template)")
-    ap.add_argument("--expression", default="neutral", help="the target scan's expression and the prior's condition")
+    ap.add_argument("--expression", default="neutral", choices=EXPRESSION_NAMES,
+                    help="the target scan's expression and the prior's condition")
     ap.add_argument("--delta", choices=("id", "expression"), default=None,
                     help="only the ID tokens' (or the expression condition's) part of the step")
     ap.add_argument("--set", dest="overrides", action="append", default=[])
@@ -124,10 +125,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     guidance = SDSGuidance(prior, cfg.prior.guidance)
     from miniature_oracle import subject_scans  # the examples folder is on sys.path when run as a script
 
-    if args.expression not in EXPRESSION_NAMES:
-        raise SystemExit(f"error: --expression {args.expression}: not one of {', '.join(EXPRESSION_NAMES)}")
     if args.delta == "expression" and args.expression == "neutral":
         raise SystemExit("error: --delta expression needs --expression other than neutral")
+
     def scans(expression: str):
         if expression not in EXPRESSION_NAMES:
             raise SystemExit(f"error: --start truth:{expression}: not an expression")
@@ -167,8 +167,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         scale = math.sqrt(abar / (1 - abar))
         d0 = scale * (z0 - z_star)
         d = d0 if args.start == "truth" else scale * (z - z_star)
-        row = {"t": t, "start": args.start or "template", "expression": args.expression, "delta": args.delta, "cfg": cfg.prior.guidance.guidance_scale,
-               "lambda_id": cfg.prior.guidance.lambda_id, "latent_size": guidance.config.latent_size,
+        row = {"t": t, "start": args.start or "template", "expression": args.expression, "delta": args.delta,
+               "cfg": cfg.prior.guidance.guidance_scale, "lambda_id": cfg.prior.guidance.lambda_id, "latent_size": guidance.config.latent_size,
                "d_rms": float((scale * (z - z_star)).square().mean().sqrt()),
                **split(step(t), d, d0)}
         print(json.dumps(row))

@@ -28,7 +28,9 @@ def field_parameter_groups(field: nn.Module, lr: float, encoding_lr_scale: float
     two-group runs still load); with ``code_path`` that group also holds the layers only the codes pass through
     (``field.code_path_parameters()``)."""
     enc = list(field.encoding.parameters())
-    codes = [] if code_lr_scale == 1.0 else field.code_path_parameters() if code_path else [field.codes]
+    codes = []
+    if code_lr_scale != 1.0:
+        codes = field.code_path_parameters() if code_path else [field.codes]
     own = {id(p) for p in enc + codes}
     rest = [p for p in field.parameters() if id(p) not in own]
     groups = [{"params": rest, "lr": lr}, {"params": enc, "lr": lr * encoding_lr_scale}]
