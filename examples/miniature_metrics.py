@@ -18,6 +18,7 @@ surface as a whole (so cutting the surface at the box adds no distance).
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import sys
@@ -31,7 +32,7 @@ from idto3d.core.digest import file_sha256
 from idto3d.core.expressions import EXPRESSION_NAMES
 from idto3d.core.run_manifest import json_digest
 from idto3d.geometry.mesh_io import load_mesh
-from idto3d.geometry.metrics import chamfer_distance, sample_surface, surface_distances
+from idto3d.geometry.metrics import SurfaceIndex, chamfer_distance, sample_surface, surface_distances
 from idto3d.render.mesh import Mesh
 
 N_SAMPLES = 5000
@@ -45,7 +46,7 @@ def _gen() -> torch.Generator:
     return torch.Generator().manual_seed(0)
 
 
-def cd(a: Mesh, b: Mesh) -> float:
+def cd(a: Mesh | SurfaceIndex, b: Mesh | SurfaceIndex) -> float:
     return chamfer_distance(a, b, n_samples=N_SAMPLES, generator=_gen())
 
 
@@ -64,11 +65,11 @@ def _inside(points: torch.Tensor, box: tuple[torch.Tensor, torch.Tensor]) -> tor
     return ((points >= box[0]) & (points <= box[1])).all(dim=1)
 
 
-def region_cd(a: Mesh, b: Mesh, box: tuple[torch.Tensor, torch.Tensor]) -> float:
+def region_cd(a: Mesh | SurfaceIndex, b: Mesh | SurfaceIndex, box: tuple[torch.Tensor, torch.Tensor]) -> float:
     """Symmetric Chamfer of the two surfaces' samples inside ``box``, each to the whole other surface."""
     parts = []
     for x, y in ((a, b), (b, a)):
-        p = sample_surface(x, N_SAMPLES * 4, generator=_gen()).float()
+        p = sample_surface(x.mesh if isinstance(x, SurfaceIndex) else x, N_SAMPLES * 4, generator=_gen()).float()
         p = p[_inside(p, box)]
         if len(p) == 0:
             raise ValueError("a surface has no samples in the face region")
@@ -76,15 +77,21 @@ def region_cd(a: Mesh, b: Mesh, box: tuple[torch.Tensor, torch.Tensor]) -> float
     return float(0.5 * (parts[0] + parts[1]))
 
 
-def gt(roots: list[Path], subject: str, expression: str) -> Mesh:
+def gt(roots: list[Path], subject: str, expression: str) -> SurfaceIndex:
     folder = next(r / subject for r in roots if (r / subject).is_dir())
-    return load_mesh(folder / f"{EXPRESSION_NAMES.index(expression):03d}" / "scan.ply")
+    return _surface(folder / f"{EXPRESSION_NAMES.index(expression):03d}" / "scan.ply")
+
+
+@functools.lru_cache(maxsize=None)
+def _surface(path: Path) -> SurfaceIndex:
+    # Every row measures against every scan: load each scan and build its distance tree once per main() call.
+    return SurfaceIndex(load_mesh(path))
 
 
 def _row(variant: str, run: Path, e: str, subjects: list[str], scans: list[Path], box) -> dict:
     s = run.name
-    mesh, own = load_mesh(run / "geometry" / f"{e}.ply"), gt(scans, s, e)
-    start = load_mesh(run / "geometry" / f"init_{e}.ply")
+    mesh, own = SurfaceIndex(load_mesh(run / "geometry" / f"{e}.ply")), gt(scans, s, e)
+    start = SurfaceIndex(load_mesh(run / "geometry" / f"init_{e}.ply"))
     other_exprs = sorted(f.stem for f in (run / "geometry").glob("*.ply") if f.stem != e and f.stem in EXPRESSION_NAMES)
     row = {"variant": variant, "subject": s, "expression": e}
     for name, dist in (("", cd), ("face_", lambda a, b: region_cd(a, b, box))):
@@ -105,7 +112,7 @@ def expression_move(run: Path, e: str, other_exprs: list[str], scans: list[Path]
     far apart the subject's ground truths are: 0 = the expression codes changed nothing, 1 = as much as the truth
     (in any direction; ``face_closer_than_other_expressions`` says whether it is the right one)."""
     geo, s = run / "geometry", run.name
-    mesh = load_mesh(geo / f"{e}.ply")
+    mesh = SurfaceIndex(load_mesh(geo / f"{e}.ply"))
     return {x: region_cd(mesh, load_mesh(geo / f"{x}.ply"), box) / region_cd(gt(scans, s, e), gt(scans, s, x), box)
             for x in other_exprs}
 
@@ -183,6 +190,7 @@ def cached_row(work: Path, variant: str, run: Path, e: str, subjects: list[str],
 
 
 def main(work: Path) -> dict:
+    _surface.cache_clear()  # a scan rewritten since the last call is read again
     scans = [work / "scans", work / "heldout"]  # train and held-out subjects: all count as "other subjects"
     subjects = sorted(p.name for r in scans for p in r.iterdir() if p.is_dir() and p.name.isdigit())
     scan_files = [p for r in scans for p in sorted(r.glob("[0-9][0-9][0-9]/[0-9][0-9][0-9]/scan.ply"))]

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from idto3d.core.errors import MeshError
-from idto3d.geometry.metrics import bbox_diagonal, chamfer_distance, sample_surface
+from idto3d.geometry.metrics import SurfaceIndex, bbox_diagonal, chamfer_distance, sample_surface, surface_distances
 from idto3d.geometry.sdf import mesh_sdf, sample_sdf_training_points
 from idto3d.render.mesh import Mesh
 
@@ -82,6 +83,24 @@ def test_chamfer_of_point_sets_without_scipy_matches_the_kd_tree(monkeypatch) ->
 
     monkeypatch.setattr(builtins, "__import__", no_scipy)
     assert chamfer_distance(a, b) == pytest.approx(with_tree, rel=1e-9)
+
+
+def test_a_surface_index_gives_the_meshes_distances_bit_for_bit_and_reuses_its_tree() -> None:
+    a, b = _sphere(1.0, 3), _sphere(1.1, 2)
+    q = torch.randn(500, 3, generator=_gen(1))
+    index = SurfaceIndex(b)
+    import igl  # the one-shot libigl query, the reference the index must reproduce
+
+    sq = igl.point_mesh_squared_distance(q.double().numpy(), b.vertices.double().numpy(), b.faces.numpy())[0]
+    assert torch.equal(index.distances(q), torch.from_numpy(np.sqrt(np.maximum(sq, 0.0))))
+    assert torch.equal(surface_distances(q, index), surface_distances(q, b))
+    assert float(index.distances(b.vertices).abs().max()) < 1e-6
+    plain = chamfer_distance(a, b, 2000, _gen())
+    assert chamfer_distance(SurfaceIndex(a), index, 2000, _gen()) == plain
+    assert chamfer_distance(a, index, 2000, _gen()) == plain
+    tree = index._tree
+    index.distances(q)
+    assert index._tree is tree
 
 
 def test_bbox_diagonal() -> None:
