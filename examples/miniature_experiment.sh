@@ -8,7 +8,8 @@
 # sample-prior grid -> for each held-out subject: generate from its identity with the normal prior, geometry SDS
 # from the generic template (face_model.enabled=false), with the ID tokens on (runs/id) and off (runs/no_id,
 # lambda_id=0) -> WORK/metrics.json (examples/miniature_metrics.py: whole-head and face-region Chamfer),
-# WORK/prior_check.json (miniature_prior_check.py: is the prior a denoiser, does its conditioning act) and
+# WORK/prior_check.json (miniature_prior_check.py: is the prior a denoiser, does its conditioning act, does it
+# denoise the held-out subjects' renders, WORK/data_heldout, as well as the training ones) and
 # WORK/figure.html + figure.png (miniature_figure.py: held-out heads next to their ground truth, the samples),
 # WORK/grad_check.jsonl (miniature_grad_check.py: the prior's mean SDS step along / across the oracle's) and
 # WORK/expression_check.jsonl (miniature_expression_check.py: each run's meshes along the gap between the truths).
@@ -18,6 +19,8 @@
 # EXPRESSIONS=neutral,mouth_open VIEWS=8 STEPS=5000 GEO_ITERS=60 ID_BACKEND=synthetic (or dlib) SEED=0 PY=python
 # ORACLE=1 SEEDS="0 1 2" (the SDS seeds: every SDS run is repeated under each) FIRST=12 (the held-out subjects
 # are FIRST.., the train subjects follow them, so held-out 012 and 013 are the same subjects at every TRAIN)
+# FIRST=4 HELDOUT=10: ten held-out subjects (004-013) with the same train subjects: README run 11 (two subjects
+# misled runs 1-10), about 70 min more SDS on 2 cores
 # LAMBDA_ID=1.0: the weight of the ID tokens' branch in the ID-on runs (runs/id; runs/no_id is always 0)
 # ID_GUIDANCE=0: the ID-only guidance term's scale in the ID-on runs (prior.guidance.id_guidance_scale; README run 8)
 # EXP_GUIDANCE=0: the expression-only guidance term's scale in all SDS runs but the oracle (exp_guidance_scale)
@@ -64,9 +67,12 @@ $I synth-scans "$WORK/heldout" --subjects "$HELDOUT" --first "$FIRST" --expressi
 step "identities ($ID_BACKEND)"
 $I synth-identities "$WORK/scans" -o "$WORK/ids" --backend "$ID_BACKEND"
 $I synth-identities "$WORK/heldout" -o "$WORK/ids_heldout" --backend "$ID_BACKEND"
-step "render-dataset (train subjects only)"
+step "render-dataset (train subjects; held-out subjects apart, for the prior check only)"
 $I render-dataset "$WORK/scans" -o "$WORK/data" --metadata "$WORK/scans/subjects.csv" --views "$VIEWS" \
   --resolution 64 --normals-only --identities "$WORK/ids" --seed "$SEED" -p miniature "${CAM[@]}"
+# The held-out subjects' renders, never trained on: the prior check's denoising loss on unseen identities.
+$I render-dataset "$WORK/heldout" -o "$WORK/data_heldout" --metadata "$WORK/heldout/subjects.csv" --views "$VIEWS" \
+  --resolution 64 --normals-only --identities "$WORK/ids_heldout" --seed "$SEED" -p miniature "${CAM[@]}"
 step "base model (miniature, random weights from config)"
 [[ -f "$WORK/base/model_index.json" ]] || $I make-base "$WORK/base" --size miniature --seed "$SEED"
 step "train-prior normal ($STEPS steps)"

@@ -9,6 +9,10 @@
   latent image space, [0, 1]); a sample of noise is far from both, a memorised or generalising one near the first.
 - **Conditioning acts**: RMSE between samples from the same initial noise for two identities (ID branch on, and
   off), for the same identity from other noise, and ID on vs off from the same noise; at CFG 1 and 3.
+- **Held-out subjects** (when WORK/data_heldout exists: ``render-dataset`` of the held-out scans with their
+  identities and the training cameras): the same denoising loss on their images, with the ID branch on and off,
+  and on the training images with it off. A prior that memorised its subjects denoises held-out ones worse; one
+  whose ID branch generalises denoises them better with it on (README run 9).
 """
 
 from __future__ import annotations
@@ -29,8 +33,8 @@ from idto3d.priors.training.objective import training_latents
 TIMESTEPS = (50, 200, 500, 800)
 
 
-def _data(prior, work: Path) -> tuple[dict, torch.Tensor]:
-    ds = PriorDataset(work / "data", "normal", 64, id_dim=prior.spec.id_dim)
+def _data(prior, folder: Path) -> tuple[dict, torch.Tensor]:
+    ds = PriorDataset(folder, "normal", 64, id_dim=prior.spec.id_dim)
     batch = torch.utils.data.default_collate([ds[i] for i in range(len(ds))])
     return batch, training_latents(prior, batch["image"])
 
@@ -48,6 +52,18 @@ def denoising_losses(prior, batch: dict, z0: torch.Tensor) -> dict[int, float]:
                                    lambda_id=batch["has_id"].float(), lambda_exp=1.0)
         out[t] = float(torch.nn.functional.mse_loss(pred, noise))
     return out
+
+
+def _id_off(batch: dict) -> dict:
+    return {**batch, "has_id": torch.zeros_like(batch["has_id"])}
+
+
+def generalisation(prior, batch: dict, z0: torch.Tensor, heldout: Path) -> dict:
+    """Denoising loss on the held-out subjects' images (ID branch on / off) next to the training images' (off)."""
+    h_batch, h_z0 = _data(prior, heldout)
+    return {"heldout": denoising_losses(prior, h_batch, h_z0),
+            "heldout_id_off": denoising_losses(prior, _id_off(h_batch), h_z0),
+            "train_id_off": denoising_losses(prior, _id_off(batch), z0), "heldout_images": len(h_z0)}
 
 
 def _rmse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -101,12 +117,14 @@ def _offdiag_mean(d: torch.Tensor) -> float:
 def main(work: Path) -> dict:
     torch.set_num_threads(1)
     prior = load_prior(work / "prior")
-    batch, z0 = _data(prior, work)
+    batch, z0 = _data(prior, work / "data")
     base = build_prior(work / "base", "normal", prior.spec.id_dim)
     base.spec = dataclasses.replace(base.spec, latents=prior.spec.latents)
     out = {"denoising_loss": {"trained": denoising_losses(prior, batch, z0),
                               "untrained_base": denoising_losses(base, batch, z0)},
            "samples": sample_checks(prior, batch, z0, work), "images": len(z0)}
+    if (work / "data_heldout").is_dir():
+        out["generalisation"] = generalisation(prior, batch, z0, work / "data_heldout")
     (work / "prior_check.json").write_text(json.dumps(out, indent=1))
     return out
 

@@ -47,3 +47,8 @@ def test_the_experiment_runs_every_sds_run_under_every_seed(tmp_path):
     assert {(r["variant"], r["mesh"]) for r in expr if "run" in r} == {
         (v, m) for v in variants for m in ("neutral", "mouth_open")}
     assert "Over SDS seeds" in (tmp_path / "figure.html").read_text()
+    # The prior check also denoises the held-out subject's renders (1 subject x 2 expressions x 1 view), with the
+    # ID branch on and off: off drops the subject's identity tokens, so the loss changes.
+    gen = json.loads((tmp_path / "prior_check.json").read_text())["generalisation"]
+    assert gen["heldout_images"] == 2 and set(gen["heldout"]) == {"50", "200", "500", "800"}
+    assert all(gen["heldout"][t] != gen["heldout_id_off"][t] for t in gen["heldout"])
